@@ -1,0 +1,214 @@
+//! The admin API: a unix socket speaking one JSON object per line, and the
+//! client side used by `loopgate status`.
+//!
+//! The socket is mode 0600 (or 0660 with `admin_group`), and every connection
+//! is checked again with `SO_PEERCRED`: root, the agent's own uid, and members
+//! of `admin_group` are served; anyone else gets a `permission denied` answer.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader},
+    net::{UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin group `{0}` does not exist")]
+    UnknownGroup(String),
+    #[error("cannot reach the agent at {path}: {source} (is `loopgate agent` running with this config?)")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent answered: {0}")]
+    Remote(String),
+    #[error("bad answer from the agent: {0}")]
+    Protocol(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+}
+
+/// Answers requests; implemented by the daemon.
+pub trait Handler: Send + Sync + 'static {
+    fn status(&self) -> serde_json::Value;
+}
+
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+    group: Option<u32>,
+}
+
+/// Looks a group up by name.
+pub fn group_id(name: &str) -> Result<u32, AdminError> {
+    let c = std::ffi::CString::new(name).map_err(|_| AdminError::UnknownGroup(name.into()))?;
+    // SAFETY: getgrnam returns a pointer into static storage or null; we only read gr_gid.
+    let g = unsafe { libc::getgrnam(c.as_ptr()) };
+    if g.is_null() {
+        return Err(AdminError::UnknownGroup(name.into()));
+    }
+    Ok(unsafe { (*g).gr_gid })
+}
+
+impl Server {
+    pub fn bind(path: &Path, group: Option<&str>) -> Result<Self, AdminError> {
+        let io = |source| AdminError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let gid = group.map(group_id).transpose()?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        // A stale socket from a crashed agent: only remove it when nobody answers.
+        if path.exists() {
+            if StdUnixStream::connect(path).is_ok() {
+                return Err(io(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another agent is listening on it",
+                )));
+            }
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        // Create the socket with no access for anyone, then open it up as configured.
+        // SAFETY: umask is process-wide but we restore it right after bind.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(path);
+        unsafe { libc::umask(old) };
+        let listener = listener.map_err(io)?;
+        let mode = if let Some(gid) = gid {
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+                .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+            // SAFETY: chown on a path we just created; -1 keeps the owner.
+            if unsafe { libc::chown(c.as_ptr(), u32::MAX, gid) } != 0 {
+                return Err(io(std::io::Error::last_os_error()));
+            }
+            0o660
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+            group: gid,
+        })
+    }
+
+    pub async fn serve(self, handler: Arc<dyn Handler>, stop: CancellationToken) {
+        loop {
+            let conn = tokio::select! {
+                _ = stop.cancelled() => break,
+                c = self.listener.accept() => c,
+            };
+            let (stream, _) = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let h = handler.clone();
+            let group = self.group;
+            tokio::spawn(async move {
+                if let Err(e) = serve_one(stream, h, group).await {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                }
+            });
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn authorised(uid: u32, pid: Option<i32>, group: Option<u32>) -> bool {
+    // SAFETY: geteuid has no failure mode.
+    if uid == 0 || uid == unsafe { libc::geteuid() } {
+        return true;
+    }
+    let (Some(gid), Some(pid)) = (group, pid) else {
+        return false;
+    };
+    // The peer's groups, from the kernel's view of the process.
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status.lines().any(|l| {
+        (l.starts_with("Groups:") || l.starts_with("Gid:"))
+            && l.split_whitespace()
+                .skip(1)
+                .any(|g| g.parse::<u32>().ok() == Some(gid))
+    })
+}
+
+async fn serve_one(
+    stream: UnixStream,
+    handler: Arc<dyn Handler>,
+    group: Option<u32>,
+) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (r, mut w) = stream.into_split();
+    if !authorised(cred.uid(), cred.pid(), group) {
+        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an administrator");
+        let msg = serde_json::json!({
+            "error": format!("permission denied: uid {} may not use the admin socket", cred.uid())
+        });
+        w.write_all(format!("{msg}\n").as_bytes()).await?;
+        return Ok(());
+    }
+    let mut lines = TokioBufReader::new(r.take(64 * 1024)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Status) => handler.status(),
+            Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
+        };
+        w.write_all(format!("{answer}\n").as_bytes()).await?;
+    }
+    Ok(())
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Sends one request and returns the answer (blocking; used by the CLI).
+pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, AdminError> {
+    let mut s = StdUnixStream::connect(path).map_err(|source| AdminError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let io = |source| AdminError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    let line = serde_json::to_string(req).map_err(|e| AdminError::Protocol(e.to_string()))?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).map_err(io)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&answer).map_err(|e| AdminError::Protocol(e.to_string()))?;
+    if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(AdminError::Remote(err.to_owned()));
+    }
+    Ok(v)
+}

@@ -1,0 +1,290 @@
+//! `loopgate agent`: assembles the pieces and runs until SIGTERM/SIGINT.
+//!
+//! Order matters: the proxy listeners and the admin socket are bound before the
+//! kernel programs are attached, so a redirected loop never meets a closed
+//! port while the agent is healthy; and the programs stay attached (pinned)
+//! after the agent exits, so loops fail closed while it is down.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use uuid::Uuid;
+
+use crate::{
+    admin,
+    audit::{timestamp, AuditRecord, AuditSink, LocalStore, Peer},
+    cgroup::{self, WorkloadResolver},
+    config::{Config, Protocol},
+    ebpf::{self, AttachPoint, Kernel, LoadOptions},
+    proxy::{self, Proxy, SessionTable},
+    targets::TargetTable,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::EbpfError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("proxy listener on port {port}: {source}")]
+    Listen {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {file}: key `workloads[{index}].cgroup`: {path} does not exist")]
+    MissingWorkloadCgroup {
+        file: PathBuf,
+        index: usize,
+        path: PathBuf,
+    },
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+struct Status {
+    started: Instant,
+    cfg: Config,
+    mount: PathBuf,
+    kernel: Arc<Kernel>,
+    proxy: Arc<Proxy>,
+    audit: Arc<LocalStore>,
+    listeners: Vec<String>,
+}
+
+impl admin::Handler for Status {
+    fn status(&self) -> serde_json::Value {
+        let stats: serde_json::Map<String, serde_json::Value> = self
+            .kernel
+            .stats()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.into()))
+            .collect();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "cgroup2_mount": self.mount.display().to_string(),
+            "cgroup_root": self.mount.join(self.cfg.agent.cgroup_root.trim_matches('/')).display().to_string(),
+            "pin_dir": self.kernel.pin_dir.display().to_string(),
+            "proxy_listeners": self.listeners,
+            "egress": self.cfg.agent.egress.as_str(),
+            "programs": self.kernel.attached,
+            "targets": self.proxy.targets.status(),
+            "workloads": self.cfg.workloads.iter().map(|w| serde_json::json!({"name": w.name, "cgroup": w.cgroup})).collect::<Vec<_>>(),
+            "active_sessions": self.proxy.sessions.len(),
+            "sessions": self.proxy.sessions.list(),
+            "kernel_counters": stats,
+            "audit": self.audit.stats(),
+            "spool_depth": 0,
+        })
+    }
+}
+
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let mount = cgroup::cgroup2_mount()?;
+    let root = mount.join(cfg.agent.cgroup_root.trim_matches('/'));
+    cgroup::create_dir(&root)?;
+    let mut attach = vec![AttachPoint {
+        label: "root".into(),
+        cgroup: root.clone(),
+    }];
+    for (index, w) in cfg.workloads.iter().enumerate() {
+        let path = mount.join(w.cgroup.trim_matches('/'));
+        if !path.is_dir() {
+            return Err(DaemonError::MissingWorkloadCgroup {
+                file: cfg.source.clone(),
+                index,
+                path,
+            });
+        }
+        attach.push(AttachPoint {
+            label: format!("workload-{}", w.name),
+            cgroup: path,
+        });
+    }
+
+    let targets = Arc::new(TargetTable::new(&cfg.targets));
+    let t = targets.clone();
+    let target_map = tokio::task::spawn_blocking(move || t.resolve())
+        .await
+        .unwrap_or_default();
+
+    let audit = Arc::new(LocalStore::open(&cfg.agent.state_dir)?);
+    if cfg.audit.clickhouse_url.is_some() {
+        tracing::warn!("audit.clickhouse_url is set, but the ClickHouse sink is not built yet; records go to the local store in state_dir");
+    }
+
+    let port = cfg.agent.proxy_port;
+    let listeners = proxy::bind(port)
+        .await
+        .map_err(|source| DaemonError::Listen { port, source })?;
+    let listener_addrs: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let admin_server =
+        admin::Server::bind(&cfg.agent.admin_socket, cfg.agent.admin_group.as_deref())?;
+
+    let kernel = Arc::new(Kernel::load(&LoadOptions {
+        pin_dir: &cfg.pin_dir(),
+        attach: &attach,
+        proxy_port: port,
+        egress: cfg.agent.egress,
+        targets: &target_map,
+        log_level: ebpf::parse_log_level(&cfg.agent.ebpf_log).unwrap_or(3),
+    })?);
+    for p in &kernel.attached {
+        tracing::info!(program = p.program, cgroup = %p.cgroup, link_id = p.link_id, program_id = p.program_id, how = p.how, "program attached");
+    }
+    for (name, proto) in targets.protocols() {
+        if proto != Protocol::Tcp {
+            tracing::warn!(target_name = name, protocol = %proto, "no {proto} handler yet: sessions to this target are relayed and recorded as raw TCP");
+        }
+    }
+
+    let workloads = Arc::new(WorkloadResolver::new(
+        mount.clone(),
+        &cfg.agent.cgroup_root,
+        cfg.workloads
+            .iter()
+            .map(|w| (w.name.clone(), w.cgroup.clone()))
+            .collect(),
+    ));
+    let stop = CancellationToken::new();
+    let proxy = Arc::new(Proxy {
+        kernel: kernel.clone(),
+        workloads: workloads.clone(),
+        targets: targets.clone(),
+        audit: audit.clone(),
+        sessions: SessionTable::default(),
+        connect_timeout: Duration::from_secs(cfg.agent.connect_timeout_secs),
+        stop_accepting: stop.clone(),
+        abort: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+    for l in listeners {
+        tokio::spawn(proxy.clone().serve(l));
+    }
+
+    if let Some(rb) = kernel.take_denials() {
+        let audit = audit.clone();
+        let workloads = workloads.clone();
+        tokio::spawn(async move {
+            let r = ebpf::read_denials(rb, |rec| {
+                let wl = workloads.resolve(rec.cgroup_id);
+                let destination = ebpf::original_destination(&rec);
+                let workload = wl.as_ref().map(|w| w.workload.clone()).unwrap_or_else(|| format!("(cgroup {})", rec.cgroup_id));
+                tracing::info!(%workload, %destination, pid = rec.tgid, comm = %ebpf::comm(&rec), "egress connect denied");
+                audit.record(AuditRecord::ConnectionDenied {
+                    denial_id: Uuid::now_v7(),
+                    peer: Peer {
+                        workload,
+                        cgroup: wl.map(|w| w.cgroup).unwrap_or_default(),
+                        pid: rec.pid,
+                        tgid: rec.tgid,
+                        uid: rec.uid,
+                        gid: rec.gid,
+                        comm: ebpf::comm(&rec),
+                        cgroup_id: rec.cgroup_id,
+                        netns_cookie: rec.netns_cookie,
+                        destination: destination.to_string(),
+                    },
+                    at: timestamp(ebpf::ktime_to_system(rec.ktime_ns)),
+                    reason: "egress deny: destination is not a registered target".into(),
+                });
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "denial reader stopped");
+            }
+        });
+    }
+    if let Some(logger) = kernel.take_logger() {
+        tokio::spawn(async move {
+            if let Err(e) = ebpf::pump_logs(logger).await {
+                tracing::warn!(error = %e, "kernel log reader stopped");
+            }
+        });
+    }
+    {
+        let targets = targets.clone();
+        let kernel = kernel.clone();
+        let every = Duration::from_secs(cfg.agent.resolve_interval_secs);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let t = targets.clone();
+                let Ok(map) = tokio::task::spawn_blocking(move || t.resolve()).await else {
+                    continue;
+                };
+                if let Err(e) = kernel.set_targets(&map) {
+                    tracing::error!(error = %e, "updating the target map failed");
+                }
+            }
+        });
+    }
+
+    let status = Arc::new(Status {
+        started,
+        cfg: cfg.clone(),
+        mount,
+        kernel: kernel.clone(),
+        proxy: proxy.clone(),
+        audit: audit.clone(),
+        listeners: listener_addrs.clone(),
+    });
+    tokio::spawn(admin_server.serve(status, stop.clone()));
+
+    tracing::info!(
+        listeners = ?listener_addrs,
+        cgroup_root = %root.display(),
+        egress = cfg.agent.egress.as_str(),
+        targets = cfg.targets.len(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "loopgate agent ready"
+    );
+
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    stop.cancel();
+    proxy.tracker.close();
+    let grace = Duration::from_secs(cfg.agent.shutdown_grace_secs);
+    if tokio::time::timeout(grace, proxy.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = proxy.sessions.len(),
+            "grace period over; closing open sessions"
+        );
+        proxy.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), proxy.tracker.wait()).await;
+    }
+    let a = audit.clone();
+    let _ = tokio::task::spawn_blocking(move || a.close()).await;
+    tracing::info!(
+        at = %timestamp(SystemTime::now()),
+        "agent stopped; programs stay attached, so tagged loops fail closed until it is back"
+    );
+    Ok(())
+}

@@ -1,0 +1,643 @@
+//! The kernel side, seen from userspace: loading the programs, pinning their
+//! links and maps in bpffs, and the only code that writes to the maps.
+//!
+//! Start-up is restart-safe. Maps are pinned under `<pin_dir>/maps-v<ABI>` and
+//! re-used by the next agent; links are pinned under `<pin_dir>/links/<attach
+//! point>/<program>`. When a link pin already exists the freshly loaded program
+//! is swapped in with `BPF_LINK_UPDATE` (same link, no gap); otherwise the
+//! program is attached and the link pinned. Because the links outlive the agent,
+//! a tagged loop whose agent died keeps being redirected to a port nobody
+//! listens on: its connections are refused (fail closed), never direct.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    ffi::CString,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, Program},
+    Ebpf, EbpfLoader,
+};
+use loopgate_common::{
+    ConnRecord, FlowKey, Settings, TargetKey, TargetValue, EGRESS_ALLOW, EGRESS_AUDIT, EGRESS_DENY,
+    MAPS_ABI, STAT_COUNT, V4_MAPPED_WORD,
+};
+use serde::Serialize;
+
+use crate::config::Egress;
+
+/// The kernel object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopgate-ebpf"));
+
+/// Programs, in attach order: the getpeername, sockops and release hooks go in
+/// before connect starts redirecting.
+pub const PROGRAMS: &[(&str, &str)] = &[
+    ("lg_getpeername4", "cgroup/getpeername4"),
+    ("lg_getpeername6", "cgroup/getpeername6"),
+    ("lg_sock_release", "cgroup/sock_release"),
+    ("lg_sockops", "sockops"),
+    ("lg_connect4", "cgroup/connect4"),
+    ("lg_connect6", "cgroup/connect6"),
+];
+
+pub const STAT_NAMES: &[&str] = &[
+    "redirected",
+    "denied",
+    "denial_events_lost",
+    "record_failed",
+    "flows_rekeyed",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("mounting bpffs at /sys/fs/bpf: {0}")]
+    MountBpffs(std::io::Error),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the kernel object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {0} is missing from the kernel object")]
+    MissingProgram(&'static str),
+    #[error("map {0} is missing from the kernel object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("link {path}: {reason}")]
+    Link { path: PathBuf, reason: String },
+}
+
+/// Where the programs are attached: the agent's cgroup root, and each SRE-named
+/// workload cgroup.
+#[derive(Debug, Clone)]
+pub struct AttachPoint {
+    /// Directory name under `<pin_dir>/links`.
+    pub label: String,
+    pub cgroup: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttachedProgram {
+    pub program: &'static str,
+    pub attach_type: &'static str,
+    pub cgroup: String,
+    pub link_id: u32,
+    pub program_id: u32,
+    /// `attached` (new link) or `updated` (existing pinned link re-used).
+    pub how: &'static str,
+}
+
+/// Loaded programs and handles to their maps.
+pub struct Kernel {
+    /// Keeps the loaded programs' fds for the life of the agent.
+    _ebpf: Ebpf,
+    targets: Mutex<HashMap<MapData, TargetKey, TargetValue>>,
+    flows: Mutex<HashMap<MapData, FlowKey, ConnRecord>>,
+    stats: PerCpuArray<MapData, u64>,
+    denials: Mutex<Option<RingBuf<MapData>>>,
+    logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
+    pub attached: Vec<AttachedProgram>,
+    pub pin_dir: PathBuf,
+}
+
+pub struct LoadOptions<'a> {
+    pub pin_dir: &'a Path,
+    pub attach: &'a [AttachPoint],
+    pub proxy_port: u16,
+    pub egress: Egress,
+    pub targets: &'a StdHashMap<TargetKey, TargetValue>,
+    pub log_level: u8,
+}
+
+pub fn parse_log_level(s: &str) -> Option<u8> {
+    Some(match s {
+        "off" => 0,
+        "error" => 1,
+        "warn" => 2,
+        "info" => 3,
+        "debug" => 4,
+        "trace" => 5,
+        _ => return None,
+    })
+}
+
+pub fn egress_code(e: Egress) -> u32 {
+    match e {
+        Egress::Allow => EGRESS_ALLOW,
+        Egress::Audit => EGRESS_AUDIT,
+        Egress::Deny => EGRESS_DENY,
+    }
+}
+
+impl Kernel {
+    pub fn load(opts: &LoadOptions<'_>) -> Result<Self, EbpfError> {
+        ensure_bpffs()?;
+        let maps_dir = opts.pin_dir.join(format!("maps-v{MAPS_ABI}"));
+        let links_dir = opts.pin_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(d).map_err(|source| EbpfError::Io {
+                what: "creating",
+                path: d.clone(),
+                source,
+            })?;
+        }
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .override_global(aya_log::LEVEL, &opts.log_level, false)
+            .load(OBJECT)?;
+        // The logger owns the only fd of the AYA_LOGS map: keep it for the life
+        // of the agent (see EBPF.md).
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel program logs unavailable");
+                None
+            }
+        };
+
+        let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, "SETTINGS")?;
+        let targets: HashMap<MapData, TargetKey, TargetValue> = take_map(&mut ebpf, "TARGETS")?;
+        let flows: HashMap<MapData, FlowKey, ConnRecord> = take_map(&mut ebpf, "FLOWS")?;
+        let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "STATS")?;
+        let denials: RingBuf<MapData> = take_map(&mut ebpf, "DENIALS")?;
+
+        // Settings and targets are in place before any program is attached, so a
+        // loop never sees a half-configured redirect.
+        settings
+            .set(
+                0,
+                Settings {
+                    proxy_port: opts.proxy_port,
+                    _pad: 0,
+                    egress: egress_code(opts.egress),
+                },
+                0,
+            )
+            .map_err(|source| EbpfError::Map {
+                name: "SETTINGS",
+                source,
+            })?;
+        let kernel_targets = Mutex::new(targets);
+        sync_targets(&kernel_targets, opts.targets)?;
+
+        for (name, _) in PROGRAMS {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::MissingProgram(name))?;
+            let r = match prog {
+                Program::CgroupSockAddr(p) => p.load(),
+                Program::SockOps(p) => p.load(),
+                Program::CgroupSock(p) => p.load(),
+                _ => return Err(EbpfError::MissingProgram(name)),
+            };
+            r.map_err(|source| EbpfError::Program { name, source })?;
+        }
+
+        let mut attached = Vec::new();
+        for point in opts.attach {
+            let cgroup = File::open(&point.cgroup).map_err(|source| EbpfError::Io {
+                what: "opening cgroup",
+                path: point.cgroup.clone(),
+                source,
+            })?;
+            let dir = links_dir.join(&point.label);
+            std::fs::create_dir_all(&dir).map_err(|source| EbpfError::Io {
+                what: "creating",
+                path: dir.clone(),
+                source,
+            })?;
+            for (name, attach_type) in PROGRAMS {
+                let pin = dir.join(name);
+                let how = attach_or_update(&mut ebpf, name, &cgroup, &pin)?;
+                let info = PinnedLink::from_pin(&pin)
+                    .map(FdLink::from)
+                    .and_then(|l| l.info())
+                    .map_err(|e| EbpfError::Link {
+                        path: pin.clone(),
+                        reason: e.to_string(),
+                    })?;
+                attached.push(AttachedProgram {
+                    program: name,
+                    attach_type,
+                    cgroup: point.cgroup.display().to_string(),
+                    link_id: info.id(),
+                    program_id: info.program_id(),
+                    how,
+                });
+            }
+        }
+        remove_stale_links(&links_dir, opts.attach);
+
+        Ok(Self {
+            _ebpf: ebpf,
+            targets: kernel_targets,
+            flows: Mutex::new(flows),
+            stats,
+            denials: Mutex::new(Some(denials)),
+            logger: Mutex::new(logger),
+            attached,
+            pin_dir: opts.pin_dir.to_owned(),
+        })
+    }
+
+    /// Replaces the registered destinations with `desired`.
+    pub fn set_targets(
+        &self,
+        desired: &StdHashMap<TargetKey, TargetValue>,
+    ) -> Result<(), EbpfError> {
+        sync_targets(&self.targets, desired)
+    }
+
+    /// Takes (looks up and deletes) the record of an accepted connection.
+    pub fn take_flow(&self, peer: SocketAddr) -> Option<ConnRecord> {
+        let key = flow_key(peer);
+        let mut flows = self.flows.lock().ok()?;
+        let rec = flows.get(&key, 0).ok()?;
+        let _ = flows.remove(&key);
+        Some(rec)
+    }
+
+    /// Kernel counters, summed over CPUs.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        STAT_NAMES
+            .iter()
+            .enumerate()
+            .take(STAT_COUNT as usize)
+            .map(|(i, name)| {
+                let v = self
+                    .stats
+                    .get(&(i as u32), 0)
+                    .map(|vals| vals.iter().sum())
+                    .unwrap_or(0);
+                (*name, v)
+            })
+            .collect()
+    }
+
+    pub fn take_denials(&self) -> Option<RingBuf<MapData>> {
+        self.denials.lock().ok()?.take()
+    }
+
+    pub fn take_logger(&self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.lock().ok()?.take()
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+fn sync_targets(
+    map: &Mutex<HashMap<MapData, TargetKey, TargetValue>>,
+    desired: &StdHashMap<TargetKey, TargetValue>,
+) -> Result<(), EbpfError> {
+    let mut m = map.lock().map_err(|_| EbpfError::MissingMap("TARGETS"))?;
+    let existing: Vec<TargetKey> = m.keys().filter_map(Result::ok).collect();
+    for k in existing {
+        if !desired.contains_key(&k) {
+            m.remove(&k).map_err(|source| EbpfError::Map {
+                name: "TARGETS",
+                source,
+            })?;
+        }
+    }
+    for (k, v) in desired {
+        if m.get(k, 0).ok().as_ref() != Some(v) {
+            m.insert(k, v, 0).map_err(|source| EbpfError::Map {
+                name: "TARGETS",
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn attach_or_update(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    pin: &Path,
+) -> Result<&'static str, EbpfError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?;
+    let prog_fd = match &*prog {
+        Program::CgroupSockAddr(p) => p.fd(),
+        Program::SockOps(p) => p.fd(),
+        Program::CgroupSock(p) => p.fd(),
+        _ => return Err(EbpfError::MissingProgram(name)),
+    }
+    .map_err(|source| EbpfError::Program { name, source })?
+    .as_fd()
+    .as_raw_fd();
+
+    if pin.exists() {
+        match link_update(pin, prog_fd) {
+            Ok(()) => return Ok("updated"),
+            Err(e) => {
+                // A link whose cgroup was removed cannot be updated: replace it.
+                tracing::warn!(link = %pin.display(), error = %e, "pinned link unusable; attaching anew");
+                let _ = std::fs::remove_file(pin);
+            }
+        }
+    }
+    let link: FdLink = match prog {
+        Program::CgroupSockAddr(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|source| EbpfError::Program { name, source })?;
+            let link = p
+                .take_link(id)
+                .map_err(|source| EbpfError::Program { name, source })?;
+            FdLink::try_from(link).map_err(|e| EbpfError::Link {
+                path: pin.to_owned(),
+                reason: e.to_string(),
+            })?
+        }
+        Program::SockOps(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|source| EbpfError::Program { name, source })?;
+            let link = p
+                .take_link(id)
+                .map_err(|source| EbpfError::Program { name, source })?;
+            FdLink::try_from(link).map_err(|e| EbpfError::Link {
+                path: pin.to_owned(),
+                reason: e.to_string(),
+            })?
+        }
+        Program::CgroupSock(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|source| EbpfError::Program { name, source })?;
+            let link = p
+                .take_link(id)
+                .map_err(|source| EbpfError::Program { name, source })?;
+            FdLink::try_from(link).map_err(|e| EbpfError::Link {
+                path: pin.to_owned(),
+                reason: e.to_string(),
+            })?
+        }
+        _ => return Err(EbpfError::MissingProgram(name)),
+    };
+    link.pin(pin).map_err(|e| EbpfError::Link {
+        path: pin.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok("attached")
+}
+
+/// Unpins links of attach points that are no longer configured (which detaches them).
+fn remove_stale_links(links_dir: &Path, keep: &[AttachPoint]) {
+    let Ok(rd) = std::fs::read_dir(links_dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let label = e.file_name().to_string_lossy().into_owned();
+        if keep.iter().any(|p| p.label == label) {
+            continue;
+        }
+        tracing::info!(attach_point = %label, "detaching programs of a removed workload cgroup");
+        if let Err(err) = std::fs::remove_dir_all(e.path()) {
+            tracing::warn!(path = %e.path().display(), error = %err, "could not remove stale links");
+        }
+    }
+}
+
+// --- raw bpf(2) for what aya 0.14 has no public API for -----------------------
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a zero-initialised 128-byte union bpf_attr.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    attr[0] = c.as_ptr() as u64; // pathname; bpf_fd = 0, file_flags = 0
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Swaps the program behind a pinned link (`BPF_LINK_UPDATE`).
+fn link_update(pin: &Path, prog_fd: i32) -> std::io::Result<()> {
+    let link = obj_get(pin)?;
+    let mut attr = [0u64; 16];
+    // struct { __u32 link_fd; __u32 new_prog_fd; __u32 flags; __u32 old_prog_fd; }
+    attr[0] = (link.as_raw_fd() as u32 as u64) | ((prog_fd as u32 as u64) << 32);
+    sys_bpf(BPF_LINK_UPDATE, &mut attr)?;
+    Ok(())
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not mounted there.
+pub fn ensure_bpffs() -> Result<(), EbpfError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(EbpfError::MountBpffs)?;
+    let mounted = info.lines().any(|l| {
+        let Some((left, right)) = l.split_once(" - ") else {
+            return false;
+        };
+        right.split_whitespace().next() == Some("bpf")
+            && left.split_whitespace().nth(4) == Some("/sys/fs/bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").map_err(EbpfError::MountBpffs)?;
+    let src = CString::new("bpf").expect("static string");
+    let target = CString::new("/sys/fs/bpf").expect("static string");
+    // SAFETY: plain mount(2) with valid C strings and no data.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(EbpfError::MountBpffs(std::io::Error::last_os_error()));
+    }
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+// --- conversions ------------------------------------------------------------
+
+pub fn to_words(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+pub fn from_words(w: [u32; 4]) -> IpAddr {
+    if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD {
+        return IpAddr::V4(Ipv4Addr::from(w[3].to_ne_bytes()));
+    }
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    IpAddr::V6(Ipv6Addr::from(o))
+}
+
+pub fn target_key(addr: SocketAddr) -> TargetKey {
+    TargetKey {
+        addr: to_words(addr.ip()),
+        port: addr.port(),
+        _pad: 0,
+    }
+}
+
+pub fn flow_key(peer: SocketAddr) -> FlowKey {
+    let ip = match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    FlowKey {
+        addr: to_words(ip),
+        port: peer.port() as u32,
+    }
+}
+
+pub fn original_destination(rec: &ConnRecord) -> SocketAddr {
+    SocketAddr::new(from_words(rec.orig_addr), rec.orig_port)
+}
+
+pub fn comm(rec: &ConnRecord) -> String {
+    let end = rec
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(rec.comm.len());
+    String::from_utf8_lossy(&rec.comm[..end]).into_owned()
+}
+
+/// Converts a `bpf_ktime_get_ns()` timestamp to wall-clock time.
+pub fn ktime_to_system(ktime_ns: u64) -> std::time::SystemTime {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let mono_now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let now = std::time::SystemTime::now();
+    now - std::time::Duration::from_nanos(mono_now.saturating_sub(ktime_ns))
+}
+
+fn register<T: AsRawFd>(inner: T) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd and keeps it open for as long as the AsyncFd
+    // (which owns `inner`) is registered.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}
+
+/// Reads the ring buffer of denied connects, calling `f` for each.
+pub async fn read_denials(
+    rb: RingBuf<MapData>,
+    mut f: impl FnMut(ConnRecord),
+) -> std::io::Result<()> {
+    let mut fd = register(rb)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let rb = guard.get_inner_mut();
+        while let Some(item) = rb.next() {
+            if item.len() >= std::mem::size_of::<ConnRecord>() {
+                // SAFETY: the kernel wrote a ConnRecord; read_unaligned copes with alignment.
+                let rec = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnRecord) };
+                f(rec);
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Forwards the kernel programs' aya-log records to `tracing` (via `log`).
+pub async fn pump_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> std::io::Result<()> {
+    let mut fd = register(logger)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_words_round_trip() {
+        for s in ["127.10.0.5", "::1", "fd00::5", "10.1.2.3"] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(from_words(to_words(ip)), ip, "{s}");
+        }
+        // IPv4 is stored in its mapped form, as the kernel programs expect.
+        let w = to_words("127.0.0.1".parse().unwrap());
+        assert_eq!(w[2], V4_MAPPED_WORD);
+        assert_eq!(w[3], u32::from_ne_bytes([127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn flow_key_of_mapped_peer_equals_v4() {
+        let a = flow_key("127.0.0.1:40000".parse().unwrap());
+        let b = flow_key("[::ffff:127.0.0.1]:40000".parse().unwrap());
+        assert_eq!(a, b);
+    }
+}

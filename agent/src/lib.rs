@@ -1,0 +1,30 @@
+//! loopgate: a per-host node agent that puts a policy enforcement point in the
+//! data path of agent loops, without reconfiguring their clients.
+//!
+//! Module map (see ARCHITECTURE.md for the data path):
+//!
+//! - [`config`]: `agent.toml`, strict parsing with file/key/line errors.
+//! - [`cgroup`]: the cgroup2 mount, the agent's subtree, cgroup id → workload.
+//! - [`ebpf`]: loading, pinning and attaching the kernel programs; the only
+//!   writer to their maps; the denial ring buffer and aya-log pump.
+//! - [`targets`]: registered targets, host name resolution, the target map.
+//! - [`proxy`]: accept, original destination + identity, session tracking.
+//! - [`protocol`]: protocol handlers (raw TCP so far).
+//! - [`audit`]: the audit sink trait and the local append-only store.
+//! - [`admin`]: the admin unix socket (server and client).
+//! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
+//! - [`daemon`]: `loopgate agent`, wiring it all together.
+//! - [`cli`], [`telemetry`]: the command line and logging.
+
+pub mod admin;
+pub mod audit;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod ebpf;
+pub mod exec;
+pub mod protocol;
+pub mod proxy;
+pub mod targets;
+pub mod telemetry;

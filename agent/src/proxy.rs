@@ -1,0 +1,262 @@
+//! The local proxy: accepts redirected connections, finds out who made them
+//! and where they were going, and hands them to a protocol handler.
+//!
+//! Each accepted connection's peer address is the loop's own socket address,
+//! which the kernel's sockops program used as the key of its record; the proxy
+//! takes that record (identity + original destination) and deletes it. A
+//! connection without a record (someone dialled the proxy port directly) is
+//! closed at once.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{
+    audit::{timestamp, AuditRecord, AuditSink, Peer},
+    cgroup::WorkloadResolver,
+    ebpf::{comm, original_destination, Kernel},
+    protocol::tcp::{self, Counters},
+    targets::TargetTable,
+};
+
+pub struct Proxy {
+    pub kernel: Arc<Kernel>,
+    pub workloads: Arc<WorkloadResolver>,
+    pub targets: Arc<TargetTable>,
+    pub audit: Arc<dyn AuditSink>,
+    pub sessions: SessionTable,
+    pub connect_timeout: Duration,
+    /// Stops accepting (graceful shutdown begins).
+    pub stop_accepting: CancellationToken,
+    /// Closes open sessions (the grace period is over).
+    pub abort: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Sessions in flight, for `loopgate status`.
+#[derive(Default)]
+pub struct SessionTable {
+    inner: Mutex<HashMap<Uuid, ActiveSession>>,
+}
+
+struct ActiveSession {
+    workload: String,
+    target: String,
+    protocol: String,
+    pid: u32,
+    started_at: String,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ActiveSessionStatus {
+    pub session_id: Uuid,
+    pub workload: String,
+    pub target: String,
+    pub protocol: String,
+    pub pid: u32,
+    pub started_at: String,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+impl SessionTable {
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn list(&self) -> Vec<ActiveSessionStatus> {
+        let Ok(m) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = m
+            .iter()
+            .map(|(id, s)| ActiveSessionStatus {
+                session_id: *id,
+                workload: s.workload.clone(),
+                target: s.target.clone(),
+                protocol: s.protocol.clone(),
+                pid: s.pid,
+                started_at: s.started_at.clone(),
+                bytes_up: s.counters.up.load(Ordering::Relaxed),
+                bytes_down: s.counters.down.load(Ordering::Relaxed),
+            })
+            .collect();
+        v.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        v
+    }
+
+    fn insert(&self, id: Uuid, s: ActiveSession) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.insert(id, s);
+        }
+    }
+
+    fn remove(&self, id: &Uuid) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.remove(id);
+        }
+    }
+}
+
+/// Binds the proxy listeners on 127.0.0.1 and ::1.
+pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
+    let mut out = vec![TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?];
+    let v6 = tokio::net::TcpSocket::new_v6().and_then(|s| {
+        socket2_v6only(&s)?;
+        s.set_reuseaddr(true)?;
+        s.bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)))?;
+        s.listen(4096)
+    });
+    match v6 {
+        Ok(l) => out.push(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "no IPv6 proxy listener on [::1]; IPv6 targets will be refused")
+        }
+    }
+    Ok(out)
+}
+
+fn socket2_v6only(s: &tokio::net::TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a valid socket with an int option.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Proxy {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let local = listener.local_addr().ok();
+        loop {
+            let accepted = tokio::select! {
+                _ = self.stop_accepting.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((sock, peer)) => {
+                    let this = self.clone();
+                    self.tracker
+                        .spawn(async move { this.handle(sock, peer).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = ?local, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        tracing::debug!(listener = ?local, "stopped accepting");
+    }
+
+    async fn handle(self: Arc<Self>, sock: TcpStream, peer: SocketAddr) {
+        let Some(rec) = self.kernel.take_flow(peer) else {
+            tracing::warn!(%peer, "connection to the proxy without a redirect record; closing");
+            return;
+        };
+        let destination = original_destination(&rec);
+        let wl = self.workloads.resolve(rec.cgroup_id);
+        let (workload, cgroup) = match wl {
+            Some(w) => (w.workload, w.cgroup),
+            None => (format!("(cgroup {})", rec.cgroup_id), String::new()),
+        };
+        let (target, protocol) = match self.targets.get(rec.target_id) {
+            Some((name, p)) => (name.to_owned(), p.as_str()),
+            None => ("(egress)".to_owned(), "tcp"),
+        };
+        let session_id = Uuid::now_v7();
+        let started = crate::ebpf::ktime_to_system(rec.ktime_ns);
+        let started_at = timestamp(started);
+        let counters = Arc::new(Counters::default());
+        let span = tracing::info_span!("session", id = %session_id, %workload, %target);
+        self.audit.record(AuditRecord::SessionStart {
+            session_id,
+            target: target.clone(),
+            protocol: protocol.to_owned(),
+            peer: Peer {
+                workload: workload.clone(),
+                cgroup,
+                pid: rec.pid,
+                tgid: rec.tgid,
+                uid: rec.uid,
+                gid: rec.gid,
+                comm: comm(&rec),
+                cgroup_id: rec.cgroup_id,
+                netns_cookie: rec.netns_cookie,
+                destination: destination.to_string(),
+            },
+            started_at: started_at.clone(),
+        });
+        self.sessions.insert(
+            session_id,
+            ActiveSession {
+                workload,
+                target,
+                protocol: protocol.to_owned(),
+                pid: rec.tgid,
+                started_at,
+                counters: counters.clone(),
+            },
+        );
+        let out = tcp::relay(
+            sock,
+            destination,
+            self.connect_timeout,
+            counters.clone(),
+            self.abort.clone(),
+        )
+        .instrument(span.clone())
+        .await;
+        let (up, down) = (
+            counters.up.load(Ordering::Relaxed),
+            counters.down.load(Ordering::Relaxed),
+        );
+        self.sessions.remove(&session_id);
+        let ended = SystemTime::now();
+        span.in_scope(|| {
+            tracing::info!(
+                outcome = out.outcome,
+                detail = out.detail.as_deref().unwrap_or(""),
+                bytes_up = up,
+                bytes_down = down,
+                duration_ms = ended
+                    .duration_since(started)
+                    .unwrap_or_default()
+                    .as_millis() as u64,
+                "session closed"
+            )
+        });
+        self.audit.record(AuditRecord::SessionEnd {
+            session_id,
+            ended_at: timestamp(ended),
+            bytes_up: up,
+            bytes_down: down,
+            outcome: out.outcome.to_owned(),
+            detail: out.detail,
+        });
+    }
+}

@@ -1,0 +1,187 @@
+//! `cargo xtask demo`: the main job, end to end, on loopback.
+//!
+//! Starts a real HTTP server (python3 http.server) on the loopback alias
+//! 127.10.0.80, the loopgate agent with that server registered as a target and
+//! egress mode `deny`, then runs `curl` as a tagged loop twice: once to the
+//! target (redirected through the proxy and recorded) and once to an address
+//! that is not a target (refused in the kernel and recorded). It prints what the
+//! loop saw and what loopgate recorded, then stops everything and detaches.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{build_debug, env, setup};
+
+const ROOT: &str = "loopgate-demo";
+const PORT: u16 = 15091;
+const SERVER: &str = "127.10.0.80";
+
+struct Guard {
+    children: Vec<Child>,
+    pin_dir: String,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc_kill(c.id() as i32, 15) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Detach: removing the pins removes the links.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if let Some(m) = env::cgroup2_mount() {
+            env::remove_cgroup_tree(&m.join(ROOT));
+        }
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub fn run() -> Result<()> {
+    setup()?;
+    let bin = build_debug()?;
+    let dir = std::env::temp_dir().join(format!("loopgate-demo-{}", std::process::id()));
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(
+        www.join("orders.json"),
+        "{\"orders\": [{\"id\": 1, \"item\": \"widget\"}, {\"id\": 2, \"item\": \"gadget\"}]}\n",
+    )?;
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[agent]
+cgroup_root = "{ROOT}"
+proxy_port = {PORT}
+admin_socket = "{d}/admin.sock"
+state_dir = "{d}/state"
+egress = "deny"
+
+[[targets]]
+name = "orders-api"
+address = "{SERVER}:8080"
+protocol = "http"
+"#,
+            d = dir.display()
+        ),
+    )?;
+    let mut guard = Guard {
+        children: Vec::new(),
+        pin_dir: format!("/sys/fs/bpf/loopgate/{ROOT}"),
+    };
+    println!("== starting an HTTP server on {SERVER}:8080 (python3 -m http.server)");
+    guard.children.push(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "http.server", "8080", "--bind", SERVER])
+            .current_dir(&www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting python3 http.server")?,
+    );
+    println!("== starting the loopgate agent ({})", config.display());
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    guard.children.push(
+        Command::new(&bin)
+            .args(["--config"])
+            .arg(&config)
+            .arg("agent")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting loopgate agent")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = Command::new(&bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+            bail!("the agent did not come up within 20 s; its log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lg = |args: &[&str]| -> Result<std::process::Output> {
+        Command::new(&bin)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .context("running loopgate")
+    };
+
+    println!("\n== loop 1: `loopgate exec --workload orders-bot -- curl http://{SERVER}:8080/orders.json`");
+    let out = lg(&[
+        "exec",
+        "--workload",
+        "orders-bot",
+        "--",
+        "curl",
+        "-sS",
+        "-m",
+        "10",
+        &format!("http://{SERVER}:8080/orders.json"),
+    ])?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("the tagged curl to the registered target failed");
+    }
+
+    println!("\n== loop 2: the same loop tries 127.10.0.81:8080, which is not a registered target (egress = deny)");
+    let out = lg(&[
+        "exec",
+        "--workload",
+        "orders-bot",
+        "--",
+        "curl",
+        "-sS",
+        "-m",
+        "10",
+        "http://127.10.0.81:8080/",
+    ])?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        bail!("the connect to an unregistered destination was not refused");
+    }
+
+    // The denial reaches the store through the kernel's ring buffer.
+    std::thread::sleep(Duration::from_millis(300));
+    println!("\n== loopgate sessions");
+    print!("{}", String::from_utf8_lossy(&lg(&["sessions"])?.stdout));
+    println!("\n== loopgate status");
+    print!("{}", String::from_utf8_lossy(&lg(&["status"])?.stdout));
+    drop(guard);
+    println!(
+        "\n== stopped the agent and detached its programs; state kept in {}",
+        dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! Clean-up of what an interrupted test run can leave behind: pinned programs
+//! of test agents (`/sys/fs/bpf/loopgate/lgt-*`) and their cgroups (`lgt-*`
+//! below the cgroup2 mount).
+
+use std::path::{Path, PathBuf};
+
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next() == Some("cgroup2"))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// Kills every process in a cgroup subtree and removes it, deepest first.
+pub fn remove_cgroup_tree(dir: &Path) {
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+pub fn clean_leftovers() {
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf/loopgate") {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("lgt-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if let Some(m) = cgroup2_mount() {
+        if let Ok(rd) = std::fs::read_dir(&m) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("lgt-") {
+                    remove_cgroup_tree(&e.path());
+                }
+            }
+        }
+    }
+}
