@@ -14,6 +14,8 @@
 pub const MAPS_ABI: u32 = 1;
 
 pub const MAX_TARGETS: u32 = 4096;
+/// Ancestor cgroup levels recorded per connection (see `ConnRecord::ancestors`).
+pub const ANCESTOR_LEVELS: usize = 8;
 pub const MAX_CONNS: u32 = 65536;
 pub const DENIALS_RING_BYTES: u32 = 256 * 1024;
 
@@ -96,6 +98,10 @@ pub struct ConnRecord {
     pub gid: u32,
     pub _pad: u32,
     pub cgroup_id: u64,
+    /// Ids of the caller's ancestor cgroups at levels 1..=ANCESTOR_LEVELS (0 when
+    /// shallower). An instance cgroup can be gone by the time userspace looks
+    /// at a record; its workload's cgroup is still there.
+    pub ancestors: [u64; ANCESTOR_LEVELS],
     pub netns_cookie: u64,
     pub socket_cookie: u64,
     /// `bpf_ktime_get_ns()` at connect.

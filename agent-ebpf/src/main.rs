@@ -20,7 +20,10 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+            bpf_get_socket_cookie,
+        },
     },
     macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -29,10 +32,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info};
 use loopgate_common::{
-    v4_mapped, ConnRecord, FlowKey, Settings, TargetKey, TargetValue, DENIALS_RING_BYTES,
-    EGRESS_AUDIT, EGRESS_DENY, MAX_CONNS, MAX_TARGETS, STAT_COUNT, STAT_DENIAL_EVENTS_LOST,
-    STAT_DENIED, STAT_FLOW_REKEYED, STAT_RECORD_FAILED, STAT_REDIRECTED, TARGET_ID_EGRESS,
-    V4_MAPPED_WORD,
+    v4_mapped, ConnRecord, FlowKey, Settings, TargetKey, TargetValue, ANCESTOR_LEVELS,
+    DENIALS_RING_BYTES, EGRESS_AUDIT, EGRESS_DENY, MAX_CONNS, MAX_TARGETS, STAT_COUNT,
+    STAT_DENIAL_EVENTS_LOST, STAT_DENIED, STAT_FLOW_REKEYED, STAT_RECORD_FAILED, STAT_REDIRECTED,
+    TARGET_ID_EGRESS, V4_MAPPED_WORD,
 };
 
 const AF_INET: u16 = 2;
@@ -113,6 +116,10 @@ fn make_record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, family: u16) 
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     let ptr = ctx.as_ptr();
+    let mut ancestors = [0u64; ANCESTOR_LEVELS];
+    for (i, a) in ancestors.iter_mut().enumerate() {
+        *a = unsafe { bpf_get_current_ancestor_cgroup_id(i as i32 + 1) };
+    }
     ConnRecord {
         orig_addr: addr,
         orig_port: port,
@@ -125,6 +132,7 @@ fn make_record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, family: u16) 
         gid: (uid_gid >> 32) as u32,
         _pad: 0,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        ancestors,
         netns_cookie: unsafe { bpf_get_netns_cookie(ptr) },
         socket_cookie: unsafe { bpf_get_socket_cookie(ptr) },
         ktime_ns: unsafe { bpf_ktime_get_ns() },

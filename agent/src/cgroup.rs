@@ -95,6 +95,8 @@ pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
         })
 }
 
+const MAX_CACHED: usize = 100_000;
+
 /// Who a cgroup id belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadId {
@@ -125,14 +127,28 @@ impl WorkloadResolver {
         }
     }
 
-    pub fn resolve(&self, id: u64) -> Option<WorkloadId> {
-        if let Some(w) = self.cache.read().ok()?.get(&id) {
-            return Some(w.clone());
+    /// Resolves the first of `ids` (most specific first: the caller's cgroup,
+    /// then its ancestors from the deepest up) that belongs to a workload.
+    /// Rescans the subtree once when none is known yet.
+    pub fn resolve(&self, ids: &[u64]) -> Option<WorkloadId> {
+        let find = |m: &HashMap<u64, WorkloadId>| {
+            ids.iter()
+                .filter(|&&id| id != 0)
+                .find_map(|id| m.get(id).cloned())
+        };
+        if let Some(w) = self.cache.read().ok().and_then(|c| find(&c)) {
+            return Some(w);
         }
         let fresh = self.scan();
-        let found = fresh.get(&id).cloned();
+        let found = find(&fresh);
         if let Ok(mut c) = self.cache.write() {
-            *c = fresh;
+            // Keep ids of cgroups that are gone (records can arrive late), up to
+            // a bound; past it, start over from what exists now.
+            if c.len() + fresh.len() > MAX_CACHED {
+                *c = fresh;
+            } else {
+                c.extend(fresh);
+            }
         }
         found
     }

@@ -90,8 +90,27 @@ impl admin::Handler for Status {
     }
 }
 
+/// Each session holds two sockets: raise the soft fd limit to the hard one.
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            let old = r.rlim_cur;
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
+                tracing::debug!(from = old, to = r.rlim_max, "raised the open file limit");
+            }
+        }
+    }
+}
+
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let started = Instant::now();
+    raise_fd_limit();
     let mount = cgroup::cgroup2_mount()?;
     let root = mount.join(cfg.agent.cgroup_root.trim_matches('/'));
     cgroup::create_dir(&root)?;
@@ -183,7 +202,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let workloads = workloads.clone();
         tokio::spawn(async move {
             let r = ebpf::read_denials(rb, |rec| {
-                let wl = workloads.resolve(rec.cgroup_id);
+                let wl = workloads.resolve(&crate::ebpf::cgroup_ids(&rec));
                 let destination = ebpf::original_destination(&rec);
                 let workload = wl.as_ref().map(|w| w.workload.clone()).unwrap_or_else(|| format!("(cgroup {})", rec.cgroup_id));
                 tracing::info!(%workload, %destination, pid = rec.tgid, comm = %ebpf::comm(&rec), "egress connect denied");

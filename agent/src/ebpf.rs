@@ -557,6 +557,20 @@ pub fn original_destination(rec: &ConnRecord) -> SocketAddr {
     SocketAddr::new(from_words(rec.orig_addr), rec.orig_port)
 }
 
+/// The cgroup ids to resolve a record's workload by: its own, then its
+/// ancestors from the deepest up.
+pub fn cgroup_ids(rec: &ConnRecord) -> Vec<u64> {
+    let mut v = Vec::with_capacity(rec.ancestors.len() + 1);
+    v.push(rec.cgroup_id);
+    v.extend(
+        rec.ancestors
+            .iter()
+            .rev()
+            .filter(|&&a| a != 0 && a != rec.cgroup_id),
+    );
+    v
+}
+
 pub fn comm(rec: &ConnRecord) -> String {
     let end = rec
         .comm

@@ -179,7 +179,7 @@ impl Proxy {
             return;
         };
         let destination = original_destination(&rec);
-        let wl = self.workloads.resolve(rec.cgroup_id);
+        let wl = self.workloads.resolve(&crate::ebpf::cgroup_ids(&rec));
         let (workload, cgroup) = match wl {
             Some(w) => (w.workload, w.cgroup),
             None => (format!("(cgroup {})", rec.cgroup_id), String::new()),

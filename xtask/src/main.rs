@@ -131,8 +131,10 @@ fn test(filter: Option<String>) -> Result<()> {
     ])
     .env("LOOPGATE_BIN", &bin)
     .stdin(Stdio::null());
+    // The end-to-end tests mostly wait on processes and sockets.
+    c.args(["--", "--test-threads", "4"]);
     if let Some(f) = filter {
-        c.args(["--", &f]);
+        c.arg(f);
     }
     run(&mut c)
 }
