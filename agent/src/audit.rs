@@ -13,10 +13,10 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        mpsc, Arc, Mutex,
+        Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,10 @@ use uuid::Uuid;
 /// Queue depth between the data path and the writer thread.
 const QUEUE: usize = 65_536;
 const FILE: &str = "records.jsonl";
+/// How long the writer gathers records before one write + fsync.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// A batch this large wakes the writer before the window is over.
+const BATCH_RECORDS: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -102,16 +106,26 @@ pub struct SinkStats {
 
 /// Append-only JSON-lines store.
 pub struct LocalStore {
-    tx: Mutex<Option<mpsc::SyncSender<AuditRecord>>>,
+    shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    counters: Arc<Counters>,
 }
 
-#[derive(Default)]
-struct Counters {
+/// The queue between the data path and the writer thread. `record()` only
+/// pushes under a short lock; the writer wakes on its own every
+/// `BATCH_WINDOW` (or early when a batch is full, or on close), so a record
+/// costs no thread wake-up on the data path.
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
     written: AtomicU64,
     dropped: AtomicU64,
     write_errors: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    records: Vec<AuditRecord>,
+    closed: bool,
 }
 
 pub fn store_path(state_dir: &Path) -> PathBuf {
@@ -130,78 +144,102 @@ impl LocalStore {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(io)?;
-        let (tx, rx) = mpsc::sync_channel::<AuditRecord>(QUEUE);
-        let counters = Arc::new(Counters::default());
-        let c = counters.clone();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            written: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+        });
+        let sh = shared.clone();
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || {
-                let mut buf = Vec::with_capacity(64 * 1024);
-                while let Ok(first) = rx.recv() {
-                    let mut n = 0u64;
-                    let mut next = Some(first);
-                    while let Some(rec) = next {
-                        if serde_json::to_writer(&mut buf, &rec).is_ok() {
-                            buf.push(b'\n');
-                            n += 1;
-                        }
-                        next = if buf.len() < 1 << 20 {
-                            rx.try_recv().ok()
-                        } else {
-                            None
-                        };
-                    }
-                    let r = file.write_all(&buf).and_then(|_| file.sync_data());
-                    buf.clear();
-                    match r {
-                        Ok(()) => {
-                            c.written.fetch_add(n, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            c.write_errors.fetch_add(1, Ordering::Relaxed);
-                            c.dropped.fetch_add(n, Ordering::Relaxed);
-                            tracing::error!(error = %e, records = n, "audit store write failed");
-                        }
-                    }
-                }
-            })
+            .spawn(move || write_loop(&sh, file))
             .map_err(io)?;
         Ok(Self {
-            tx: Mutex::new(Some(tx)),
+            shared,
             writer: Mutex::new(Some(writer)),
-            counters,
         })
     }
 
     /// Stops accepting records and waits until everything queued is on disk.
     pub fn close(&self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
+        if let Ok(mut q) = self.shared.queue.lock() {
+            q.closed = true;
         }
+        self.shared.wake.notify_one();
         if let Some(h) = self.writer.lock().ok().and_then(|mut w| w.take()) {
             let _ = h.join();
         }
     }
 }
 
+fn write_loop(sh: &Shared, mut file: std::fs::File) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let (batch, closed) = {
+            let Ok(mut q) = sh.queue.lock() else { return };
+            if q.records.is_empty() && !q.closed {
+                q = match sh.wake.wait_timeout(q, BATCH_WINDOW) {
+                    Ok((q, _)) => q,
+                    Err(_) => return,
+                };
+            }
+            (std::mem::take(&mut q.records), q.closed)
+        };
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            for rec in &batch {
+                if serde_json::to_writer(&mut buf, rec).is_ok() {
+                    buf.push(b'\n');
+                }
+            }
+            // One write + fsync per batch (group commit).
+            let r = file.write_all(&buf).and_then(|_| file.sync_data());
+            buf.clear();
+            match r {
+                Ok(()) => {
+                    sh.written.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    sh.write_errors.fetch_add(1, Ordering::Relaxed);
+                    sh.dropped.fetch_add(n, Ordering::Relaxed);
+                    tracing::error!(error = %e, records = n, "audit store write failed");
+                }
+            }
+        }
+        if closed {
+            // Drain anything pushed between the take and the close.
+            if sh.queue.lock().map(|q| q.records.is_empty()).unwrap_or(true) {
+                return;
+            }
+        } else if batch.len() < BATCH_RECORDS {
+            std::thread::sleep(BATCH_WINDOW);
+        }
+    }
+}
+
 impl AuditSink for LocalStore {
     fn record(&self, rec: AuditRecord) {
-        let sent = match self.tx.lock() {
-            Ok(tx) => tx.as_ref().map(|tx| tx.try_send(rec).is_ok()),
-            Err(_) => None,
+        let accepted = match self.shared.queue.lock() {
+            Ok(mut q) if !q.closed && q.records.len() < QUEUE => {
+                q.records.push(rec);
+                if q.records.len() == BATCH_RECORDS {
+                    self.shared.wake.notify_one();
+                }
+                true
+            }
+            _ => false,
         };
-        if sent != Some(true) {
-            let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        if !accepted {
+            let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
-                tracing::warn!(
-                    dropped = n + 1,
-                    "audit queue full or closed; record dropped"
-                );
+                tracing::warn!(dropped = n + 1, "audit queue full or closed; record dropped");
             }
         }
     }
@@ -209,9 +247,9 @@ impl AuditSink for LocalStore {
     fn stats(&self) -> SinkStats {
         SinkStats {
             backend: "local",
-            written: self.counters.written.load(Ordering::Relaxed),
-            dropped: self.counters.dropped.load(Ordering::Relaxed),
-            write_errors: self.counters.write_errors.load(Ordering::Relaxed),
+            written: self.shared.written.load(Ordering::Relaxed),
+            dropped: self.shared.dropped.load(Ordering::Relaxed),
+            write_errors: self.shared.write_errors.load(Ordering::Relaxed),
         }
     }
 }

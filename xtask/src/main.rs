@@ -10,6 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod env;
 
@@ -31,6 +32,20 @@ enum Cmd {
     },
     /// Start a local HTTP server, the agent and a tagged curl loop; print what was recorded.
     Demo,
+    /// Benchmarks (figures in BENCHMARKS.md).
+    Bench {
+        #[arg(value_parser = ["redirect"])]
+        which: String,
+        /// Short connections per side.
+        #[arg(long, default_value_t = 5000)]
+        conns: usize,
+        /// Bulk transfer per side, MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+    },
+    /// The benchmark client (run by `bench`, tagged and untagged).
+    #[command(hide = true)]
+    BenchClient { args: Vec<String> },
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +63,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Setup => setup(),
         Cmd::Test { filter } => test(filter),
         Cmd::Demo => demo::run(),
+        Cmd::Bench { which, conns, mib } => match which.as_str() {
+            "redirect" => bench::redirect(conns, mib),
+            other => anyhow::bail!("unknown benchmark {other}"),
+        },
+        Cmd::BenchClient { args } => bench::client(&args),
     }
 }
 
