@@ -215,7 +215,12 @@ fn write_loop(sh: &Shared, mut file: std::fs::File) {
         }
         if closed {
             // Drain anything pushed between the take and the close.
-            if sh.queue.lock().map(|q| q.records.is_empty()).unwrap_or(true) {
+            if sh
+                .queue
+                .lock()
+                .map(|q| q.records.is_empty())
+                .unwrap_or(true)
+            {
                 return;
             }
         } else if batch.len() < BATCH_RECORDS {
@@ -239,7 +244,10 @@ impl AuditSink for LocalStore {
         if !accepted {
             let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
-                tracing::warn!(dropped = n + 1, "audit queue full or closed; record dropped");
+                tracing::warn!(
+                    dropped = n + 1,
+                    "audit queue full or closed; record dropped"
+                );
             }
         }
     }
