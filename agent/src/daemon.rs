@@ -110,6 +110,9 @@ fn raise_fd_limit() {
 
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let started = Instant::now();
+    // Handlers first: a SIGTERM that arrives while starting must drain, not kill.
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     raise_fd_limit();
     let mount = cgroup::cgroup2_mount()?;
     let root = mount.join(cfg.agent.cgroup_root.trim_matches('/'));
@@ -279,8 +282,6 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         "loopgate agent ready"
     );
 
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining"),

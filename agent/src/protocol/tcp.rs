@@ -264,3 +264,108 @@ fn half_close(to: &TcpStream) {
     // SAFETY: shutdown(2) on a socket we hold.
     unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    /// A client connected to a relay task towards `upstream`.
+    async fn relayed(
+        upstream: SocketAddr,
+    ) -> (TcpStream, tokio::task::JoinHandle<Outcome>, Arc<Counters>) {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            let (sock, _) = front.accept().await.unwrap();
+            relay(
+                sock,
+                upstream,
+                Duration::from_secs(2),
+                c,
+                CancellationToken::new(),
+            )
+            .await
+        });
+        (TcpStream::connect(addr).await.unwrap(), task, counters)
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_across_the_splice_switch_and_half_close() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = server.local_addr().unwrap();
+        // The server reads everything until EOF, then answers with a digest and
+        // a large body: request/response over a half-closed connection.
+        let srv = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            let sum: u64 = got.iter().map(|&b| b as u64).sum();
+            s.write_all(&sum.to_le_bytes()).await.unwrap();
+            s.write_all(&vec![9u8; 3 << 20]).await.unwrap();
+            got.len()
+        });
+        let (mut client, task, counters) = relayed(upstream).await;
+        // More than COPY_LIMIT, so both the copy and the splice paths run.
+        let payload: Vec<u8> = (0..(2usize << 20)).map(|i| (i % 251) as u8).collect();
+        client.write_all(&payload).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        let sum: u64 = payload.iter().map(|&b| b as u64).sum();
+        assert_eq!(&answer[..8], &sum.to_le_bytes());
+        assert_eq!(answer.len(), 8 + (3 << 20));
+        assert!(answer[8..].iter().all(|&b| b == 9));
+        assert_eq!(srv.await.unwrap(), payload.len());
+        let out = task.await.unwrap();
+        assert_eq!(out.outcome, "ok", "{out:?}");
+        assert_eq!(counters.up.load(Ordering::Relaxed), payload.len() as u64);
+        assert_eq!(counters.down.load(Ordering::Relaxed), 8 + (3 << 20));
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_is_reported_and_the_client_closed() {
+        // A port nobody listens on.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = l.local_addr().unwrap();
+        drop(l);
+        let (mut client, task, _) = relayed(dead).await;
+        let out = task.await.unwrap();
+        assert_eq!(out.outcome, "upstream_unreachable");
+        assert!(out.detail.unwrap().contains(&dead.to_string()));
+        let mut buf = [0u8; 1];
+        assert_eq!(client.read(&mut buf).await.unwrap_or(0), 0);
+    }
+
+    #[tokio::test]
+    async fn abort_closes_an_idle_session() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = server.local_addr().unwrap();
+        let _srv = tokio::spawn(async move {
+            let (s, _) = server.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let abort = CancellationToken::new();
+        let a = abort.clone();
+        let task = tokio::spawn(async move {
+            let (sock, _) = front.accept().await.unwrap();
+            relay(sock, upstream, Duration::from_secs(2), Arc::default(), a).await
+        });
+        let _client = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        abort.cancel();
+        let out = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.outcome, "shutdown");
+    }
+}
