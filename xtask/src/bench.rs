@@ -15,7 +15,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -175,7 +175,7 @@ pub fn redirect(conns: usize, mib: usize) -> Result<()> {
         child,
         pin_dir: PathBuf::from(format!("/sys/fs/bpf/loopgate/{ROOT}")),
     };
-    wait_ready(&lg, &config)?;
+    env::wait_ready(&lg, &config)?;
 
     // HAProxy as the plain-relay baseline.
     let haproxy_port = {
@@ -324,24 +324,4 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn wait_ready(lg: &Path, config: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let ok = Command::new(lg)
-            .arg("--config")
-            .arg(config)
-            .arg("status")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    bail!("agent did not start")
 }

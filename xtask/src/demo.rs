@@ -108,25 +108,9 @@ protocol = "http"
             .spawn()
             .context("starting loopgate agent")?,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ok = Command::new(&bin)
-            .arg("--config")
-            .arg(&config)
-            .arg("status")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            break;
-        }
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-            bail!("the agent did not come up within 20 s; its log:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    if let Err(e) = env::wait_ready(&bin, &config) {
+        let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+        bail!("{e}; the agent's log:\n{log}");
     }
     let lg = |args: &[&str]| -> Result<std::process::Output> {
         Command::new(&bin)

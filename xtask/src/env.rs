@@ -1,8 +1,13 @@
-//! Clean-up of what an interrupted test run can leave behind: pinned programs
+//! Helpers for the environments xtask builds, and clean-up of what an
+//! interrupted test run can leave behind: pinned programs
 //! of test agents (`/sys/fs/bpf/loopgate/lgt-*`) and their cgroups (`lgt-*`
 //! below the cgroup2 mount).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 pub fn cgroup2_mount() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
@@ -49,4 +54,25 @@ pub fn clean_leftovers() {
             }
         }
     }
+}
+
+/// Waits until `loopgate status` answers for this config (20 s at most).
+pub fn wait_ready(lg: &Path, config: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let ok = Command::new(lg)
+            .arg("--config")
+            .arg(config)
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("the agent did not answer `loopgate status` within 20 s")
 }
