@@ -5,7 +5,17 @@ use std::{io::Write, path::PathBuf, process::ExitCode, time::SystemTime};
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
-use crate::{admin, audit, config, daemon, exec, telemetry};
+use crate::{
+    admin,
+    audit::{
+        self,
+        clickhouse::{full_ddl, Ch, Dialect},
+        query::{self, Filter},
+        rows::DIRECTION_UP,
+        spool_dir,
+    },
+    config, daemon, exec, telemetry,
+};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +53,20 @@ pub enum Cmd {
     Status {
         #[arg(long)]
         json: bool,
+    },
+    /// Everything recorded about one session: metadata, events, payload.
+    Replay {
+        session_id: uuid::Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the ClickHouse DDL the agent applies (for analysts and reviews).
+    AuditSchema {
+        #[arg(long, value_parser = ["modern", "legacy"], default_value = "modern")]
+        dialect: String,
+        /// Database name (default: audit.database from the config, else loopgate).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Recorded sessions (and denied connects) from the audit store.
     Sessions {
@@ -116,8 +140,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let cfg = config::Config::load(&cli.config)?;
-            let since = since.as_deref().map(parse_since).transpose()?;
-            let rows = audit::read_sessions(&cfg.agent.state_dir)?;
+            let filter = Filter {
+                workload,
+                target,
+                since: since.as_deref().map(parse_since).transpose()?,
+            };
+            let rows = match ch_client(&cfg)? {
+                Some(ch) => block_on(ch.sessions(&filter))??,
+                None => {
+                    let mut rows = query::local_sessions(&spool_dir(&cfg.agent.state_dir))?;
+                    rows.retain(|r| filter.matches(r));
+                    rows
+                }
+            };
             let out = std::io::stdout();
             let mut out = out.lock();
             if !json {
@@ -127,15 +162,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "SESSION", "WORKLOAD", "TARGET", "PROTO", "PID", "UID", "STARTED", "UP", "DOWN"
                 )?;
             }
-            for r in rows.iter().filter(|r| {
-                workload.as_ref().is_none_or(|w| &r.workload == w)
-                    && target.as_ref().is_none_or(|t| &r.target == t)
-                    && since
-                        .as_ref()
-                        .is_none_or(|s| r.started_at.as_str() >= s.as_str())
-            }) {
+            for r in &rows {
                 if json {
-                    writeln!(out, "{}", serde_json::to_string(r)?)?;
+                    writeln!(out, "{}", query::session_json(r))?;
                 } else {
                     writeln!(
                         out,
@@ -144,9 +173,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         r.workload,
                         r.target,
                         r.protocol,
-                        r.pid,
+                        r.tgid,
                         r.uid,
-                        r.started_at,
+                        audit::timestamp(r.started_at),
                         r.bytes_up,
                         r.bytes_down,
                         r.outcome
@@ -155,17 +184,163 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Replay { session_id, json } => {
+            let cfg = config::Config::load(&cli.config)?;
+            let replay = match ch_client(&cfg)? {
+                Some(ch) => block_on(ch.replay(session_id))??,
+                None => query::local_replay(&spool_dir(&cfg.agent.state_dir), session_id)?,
+            };
+            let Some(r) = replay else {
+                bail!("no session {session_id} in the audit store");
+            };
+            print_replay(&r, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::AuditSchema { dialect, database } => {
+            let db = match database {
+                Some(d) => d,
+                None => config::Config::load(&cli.config)
+                    .map(|c| c.audit.database)
+                    .unwrap_or_else(|_| "loopgate".into()),
+            };
+            let d = Dialect::parse(&dialect).context("dialect")?;
+            for stmt in full_ddl(d, &db, 90) {
+                println!("{stmt};\n");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
-/// `--since`: an RFC 3339 time or a duration ago, as the timestamp string the
-/// store holds (RFC 3339 UTC, microseconds; these compare as text).
-fn parse_since(s: &str) -> anyhow::Result<String> {
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(rt.block_on(f))
+}
+
+/// The ClickHouse client when `audit.clickhouse_url` is set.
+fn ch_client(cfg: &config::Config) -> anyhow::Result<Option<Ch>> {
+    let Some(url) = &cfg.audit.clickhouse_url else {
+        return Ok(None);
+    };
+    let mut ch = Ch::new(url, &cfg.audit.database);
+    if let Some(u) = &cfg.audit.user {
+        ch = ch.with_user(u);
+    }
+    if let Some(p) = &cfg.audit.password_file {
+        ch = ch.with_password(&crate::secrets::read_file(cfg, "audit.password_file", p)?);
+    }
+    Ok(Some(ch))
+}
+
+fn print_replay(r: &query::Replay, json: bool) -> anyhow::Result<()> {
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    let s = &r.session;
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"kind": "session", "session": query::session_json(s)})
+        )?;
+        for e in &r.events {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"kind": "event", "ts": audit::timestamp(e.ts), "event_kind": e.kind, "request": e.request, "verdict": e.verdict, "rule_id": e.rule_id, "reason": e.reason})
+            )?;
+        }
+        for c in &r.chunks {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"kind": "chunk", "ts": audit::timestamp(c.ts), "direction": if c.direction == DIRECTION_UP { "up" } else { "down" }, "seq": c.seq, "offset": c.offset, "masked": c.masked != 0, "data": String::from_utf8_lossy(&c.data)})
+            )?;
+        }
+        return Ok(());
+    }
+    let rel = |t: i64| format!("+{:.3} ms", (t - s.started_at) as f64 / 1000.0);
+    writeln!(
+        out,
+        "session {}  outcome {}{}",
+        s.session_id,
+        s.outcome,
+        if s.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.detail)
+        }
+    )?;
+    writeln!(
+        out,
+        "  workload {}  cgroup {}  pid {}  uid {}  gid {}  comm {}  host {}",
+        s.workload, s.cgroup, s.tgid, s.uid, s.gid, s.comm, s.host
+    )?;
+    writeln!(
+        out,
+        "  target {} ({}) -> {}",
+        s.target, s.protocol, s.destination
+    )?;
+    writeln!(
+        out,
+        "  started {}  ended {}  bytes up {} down {}",
+        audit::timestamp(s.started_at),
+        if s.ended_at == 0 {
+            "-".to_owned()
+        } else {
+            audit::timestamp(s.ended_at)
+        },
+        s.bytes_up,
+        s.bytes_down
+    )?;
+    for e in &r.events {
+        writeln!(
+            out,
+            "{}  event {} {}: {}  [rule {}] {}",
+            rel(e.ts),
+            e.verdict,
+            e.kind,
+            e.request,
+            e.rule_id,
+            e.reason
+        )?;
+    }
+    for c in &r.chunks {
+        let (arrow, dir) = if c.direction == DIRECTION_UP {
+            (">", "up")
+        } else {
+            ("<", "down")
+        };
+        writeln!(
+            out,
+            "{}  {arrow} {dir} #{} @{} {} bytes{}",
+            rel(c.ts),
+            c.seq,
+            c.offset,
+            c.data.len(),
+            if c.masked != 0 { " (masked)" } else { "" }
+        )?;
+        for line in c.data.split_inclusive(|&b| b == b'\n') {
+            writeln!(out, "    {}", line.escape_ascii())?;
+        }
+    }
+    let captured: usize = r.chunks.iter().map(|c| c.data.len()).sum();
+    let total = s.bytes_up + s.bytes_down;
+    if (captured as u64) < total {
+        writeln!(out, "(captured {captured} of {total} bytes; audit.capture_bytes limits capture per direction)")?;
+    }
+    Ok(())
+}
+
+/// `--since`: an RFC 3339 time or a duration ago, in microseconds since the epoch.
+fn parse_since(s: &str) -> anyhow::Result<i64> {
     if let Ok(d) = humantime::parse_duration(s) {
-        return Ok(audit::timestamp(SystemTime::now() - d));
+        return Ok(audit::micros(SystemTime::now() - d));
     }
     match humantime::parse_rfc3339_weak(s) {
-        Ok(t) => Ok(audit::timestamp(t)),
+        Ok(t) => Ok(audit::micros(t)),
         Err(_) => bail!("--since `{s}`: expected an RFC 3339 time (2026-11-24T10:00:00Z) or a duration (15m, 2h)"),
     }
 }

@@ -116,11 +116,23 @@ impl Egress {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// Absent: the local store in `state_dir` only.
+    /// Absent: the local store (the spool in `state_dir`) only.
     #[serde(default)]
     pub clickhouse_url: Option<String>,
     #[serde(default = "default_database")]
     pub database: String,
+    /// ClickHouse user (default: the server's `default` user).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// File holding the ClickHouse password (never logged).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Days of audit kept in ClickHouse (TTL, or partition drops on 18.16).
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Payload bytes captured per session and direction for replay.
+    #[serde(default = "default_capture_bytes")]
+    pub capture_bytes: u64,
 }
 
 impl Default for AuditConfig {
@@ -128,6 +140,10 @@ impl Default for AuditConfig {
         Self {
             clickhouse_url: None,
             database: default_database(),
+            user: None,
+            password_file: None,
+            retention_days: default_retention_days(),
+            capture_bytes: default_capture_bytes(),
         }
     }
 }
@@ -306,6 +322,12 @@ fn default_ebpf_log() -> String {
 fn default_database() -> String {
     "loopgate".into()
 }
+fn default_retention_days() -> u32 {
+    90
+}
+fn default_capture_bytes() -> u64 {
+    1 << 20
+}
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -395,6 +417,16 @@ impl Config {
                     "must start with http:// or https://",
                 ));
             }
+        }
+        let db = &self.audit.database;
+        if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(self.invalid("audit.database", "may only contain letters, digits and '_'"));
+        }
+        if self.audit.retention_days == 0 {
+            return Err(self.invalid("audit.retention_days", "must be at least 1"));
+        }
+        if self.audit.capture_bytes > 1 << 30 {
+            return Err(self.invalid("audit.capture_bytes", "at most 1 GiB per direction"));
         }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();

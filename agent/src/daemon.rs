@@ -8,7 +8,7 @@
 use std::{
     path::PathBuf,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -17,7 +17,11 @@ use uuid::Uuid;
 
 use crate::{
     admin,
-    audit::{timestamp, AuditRecord, AuditSink, LocalStore, Peer},
+    audit::{
+        self,
+        clickhouse::{Ch, Shipper},
+        AuditSink, EventRow, Record, Recorder, SessionRow,
+    },
     cgroup::{self, WorkloadResolver},
     config::{Config, Protocol},
     ebpf::{self, AttachPoint, Kernel, LoadOptions},
@@ -33,6 +37,8 @@ pub enum DaemonError {
     Ebpf(#[from] ebpf::EbpfError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
     #[error("proxy listener on port {port}: {source}")]
@@ -57,7 +63,7 @@ struct Status {
     mount: PathBuf,
     kernel: Arc<Kernel>,
     proxy: Arc<Proxy>,
-    audit: Arc<LocalStore>,
+    audit: Arc<Recorder>,
     listeners: Vec<String>,
 }
 
@@ -85,7 +91,7 @@ impl admin::Handler for Status {
             "sessions": self.proxy.sessions.list(),
             "kernel_counters": stats,
             "audit": self.audit.stats(),
-            "spool_depth": 0,
+            "spool_depth": self.audit.stats().spool_pending_bytes,
         })
     }
 }
@@ -142,10 +148,40 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .await
         .unwrap_or_default();
 
-    let audit = Arc::new(LocalStore::open(&cfg.agent.state_dir)?);
-    if cfg.audit.clickhouse_url.is_some() {
-        tracing::warn!("audit.clickhouse_url is set, but the ClickHouse sink is not built yet; records go to the local store in state_dir");
-    }
+    // Credentials are read (and checked) now: a missing one is a start-up error.
+    let secrets = crate::secrets::target_secrets(&cfg)?;
+    let masker = Arc::new(crate::secrets::SecretMasker::new(&secrets));
+    let host = hostname();
+    let audit = Arc::new(Recorder::open(
+        &cfg.agent.state_dir,
+        cfg.audit.clickhouse_url.is_some(),
+    )?);
+    let stop = CancellationToken::new();
+    let shipper = cfg.audit.clickhouse_url.as_ref().map(|url| {
+        let mut ch = Ch::new(url, &cfg.audit.database);
+        if let Some(user) = &cfg.audit.user {
+            ch = ch.with_user(user);
+        }
+        if let Some(pw) = cfg
+            .audit
+            .password_file
+            .as_ref()
+            .and_then(|p| crate::secrets::read_file(&cfg, "audit.password_file", p).ok())
+        {
+            ch = ch.with_password(&pw);
+        }
+        tokio::spawn(
+            Shipper {
+                ch,
+                spool_dir: audit.spool_dir.clone(),
+                counters: audit.counters.clone(),
+                notify: audit.spooled_notify.clone(),
+                retention_days: cfg.audit.retention_days,
+                batch: 50_000,
+            }
+            .run(stop.clone()),
+        )
+    });
 
     let port = cfg.agent.proxy_port;
     let listeners = proxy::bind(port)
@@ -184,12 +220,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             .map(|w| (w.name.clone(), w.cgroup.clone()))
             .collect(),
     ));
-    let stop = CancellationToken::new();
     let proxy = Arc::new(Proxy {
         kernel: kernel.clone(),
         workloads: workloads.clone(),
         targets: targets.clone(),
         audit: audit.clone(),
+        capture_bytes: cfg.audit.capture_bytes,
+        masker,
+        host: host.clone(),
         sessions: SessionTable::default(),
         connect_timeout: Duration::from_secs(cfg.agent.connect_timeout_secs),
         stop_accepting: stop.clone(),
@@ -203,29 +241,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     if let Some(rb) = kernel.take_denials() {
         let audit = audit.clone();
         let workloads = workloads.clone();
+        let host = host.clone();
         tokio::spawn(async move {
             let r = ebpf::read_denials(rb, |rec| {
-                let wl = workloads.resolve(&crate::ebpf::cgroup_ids(&rec));
-                let destination = ebpf::original_destination(&rec);
-                let workload = wl.as_ref().map(|w| w.workload.clone()).unwrap_or_else(|| format!("(cgroup {})", rec.cgroup_id));
-                tracing::info!(%workload, %destination, pid = rec.tgid, comm = %ebpf::comm(&rec), "egress connect denied");
-                audit.record(AuditRecord::ConnectionDenied {
-                    denial_id: Uuid::now_v7(),
-                    peer: Peer {
-                        workload,
-                        cgroup: wl.map(|w| w.cgroup).unwrap_or_default(),
-                        pid: rec.pid,
-                        tgid: rec.tgid,
-                        uid: rec.uid,
-                        gid: rec.gid,
-                        comm: ebpf::comm(&rec),
-                        cgroup_id: rec.cgroup_id,
-                        netns_cookie: rec.netns_cookie,
-                        destination: destination.to_string(),
-                    },
-                    at: timestamp(ebpf::ktime_to_system(rec.ktime_ns)),
-                    reason: "egress deny: destination is not a registered target".into(),
-                });
+                record_denial(&*audit, &workloads, &host, &rec);
             })
             .await;
             if let Err(e) = r {
@@ -302,9 +321,79 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     let a = audit.clone();
     let _ = tokio::task::spawn_blocking(move || a.close()).await;
+    if let Some(s) = shipper {
+        // Records spooled just now are shipped at the next start.
+        let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+    }
     tracing::info!(
-        at = %timestamp(SystemTime::now()),
         "agent stopped; programs stay attached, so tagged loops fail closed until it is back"
     );
     Ok(())
+}
+
+/// A denied connect becomes a `sessions` row (outcome `denied`) and an
+/// `events` row (kind `connection_denied`) with the rule that denied it.
+fn record_denial(
+    audit: &dyn AuditSink,
+    workloads: &WorkloadResolver,
+    host: &str,
+    rec: &loopgate_common::ConnRecord,
+) {
+    let wl = workloads.resolve(&ebpf::cgroup_ids(rec));
+    let destination = ebpf::original_destination(rec);
+    let workload = wl
+        .as_ref()
+        .map(|w| w.workload.clone())
+        .unwrap_or_else(|| format!("(cgroup {})", rec.cgroup_id));
+    let at = audit::micros(ebpf::ktime_to_system(rec.ktime_ns));
+    tracing::info!(%workload, %destination, pid = rec.tgid, comm = %ebpf::comm(rec), "egress connect denied");
+    let id = Uuid::now_v7();
+    let reason = "egress deny: destination is not a registered target";
+    audit.record(Record::Session(SessionRow {
+        session_id: id,
+        version: 2,
+        host: host.to_owned(),
+        workload: workload.clone(),
+        cgroup: wl.map(|w| w.cgroup).unwrap_or_default(),
+        target: "(egress)".into(),
+        protocol: "tcp".into(),
+        destination: destination.to_string(),
+        pid: rec.pid,
+        tgid: rec.tgid,
+        uid: rec.uid,
+        gid: rec.gid,
+        comm: ebpf::comm(rec),
+        cgroup_id: rec.cgroup_id,
+        netns_cookie: rec.netns_cookie,
+        started_at: at,
+        ended_at: at,
+        bytes_up: 0,
+        bytes_down: 0,
+        outcome: "denied".into(),
+        detail: reason.into(),
+    }));
+    audit.record(Record::Event(EventRow {
+        event_id: Uuid::now_v7(),
+        session_id: id,
+        ts: at,
+        host: host.to_owned(),
+        workload,
+        target: "(egress)".into(),
+        protocol: "tcp".into(),
+        kind: "connection_denied".into(),
+        request: format!("connect {destination}"),
+        verdict: "deny".into(),
+        rule_id: "egress:deny".into(),
+        reason: reason.into(),
+        pid: rec.tgid,
+        uid: rec.uid,
+        attr_keys: vec!["comm".into()],
+        attr_values: vec![ebpf::comm(rec)],
+    }));
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
 }

@@ -10,7 +10,10 @@
 //! - [`targets`]: registered targets, host name resolution, the target map.
 //! - [`proxy`]: accept, original destination + identity, session tracking.
 //! - [`protocol`]: protocol handlers (raw TCP so far).
-//! - [`audit`]: the audit sink trait and the local append-only store.
+//! - [`audit`]: the audit sink (queue → durable spool → ClickHouse), schema,
+//!   migrations, and the queries behind `sessions` and `replay`.
+//! - [`secrets`]: stored credentials, never printed, and the masker that keeps
+//!   them out of audit records.
 //! - [`admin`]: the admin unix socket (server and client).
 //! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
 //! - [`daemon`]: `loopgate agent`, wiring it all together.
@@ -26,5 +29,6 @@ pub mod ebpf;
 pub mod exec;
 pub mod protocol;
 pub mod proxy;
+pub mod secrets;
 pub mod targets;
 pub mod telemetry;

@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{atomic::Ordering, Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -21,10 +21,11 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    audit::{timestamp, AuditRecord, AuditSink, Peer},
+    audit::{micros, now_micros, timestamp, AuditSink, Record, SessionRow},
     cgroup::WorkloadResolver,
     ebpf::{comm, original_destination, Kernel},
-    protocol::tcp::{self, Counters},
+    protocol::tcp::{self, Capture, Counters},
+    secrets::Masker,
     targets::TargetTable,
 };
 
@@ -33,6 +34,11 @@ pub struct Proxy {
     pub workloads: Arc<WorkloadResolver>,
     pub targets: Arc<TargetTable>,
     pub audit: Arc<dyn AuditSink>,
+    /// Payload bytes captured per session and direction (0: none).
+    pub capture_bytes: u64,
+    pub masker: Arc<dyn Masker>,
+    /// This host's name, in every audit row.
+    pub host: String,
     pub sessions: SessionTable,
     pub connect_timeout: Duration,
     /// Stops accepting (graceful shutdown begins).
@@ -189,28 +195,33 @@ impl Proxy {
             None => ("(egress)".to_owned(), "tcp"),
         };
         let session_id = Uuid::now_v7();
-        let started = crate::ebpf::ktime_to_system(rec.ktime_ns);
-        let started_at = timestamp(started);
+        let started_at = micros(crate::ebpf::ktime_to_system(rec.ktime_ns));
         let counters = Arc::new(Counters::default());
         let span = tracing::info_span!("session", id = %session_id, %workload, %target);
-        self.audit.record(AuditRecord::SessionStart {
+        let mut row = SessionRow {
             session_id,
+            version: 1,
+            host: self.host.clone(),
+            workload: workload.clone(),
+            cgroup,
             target: target.clone(),
             protocol: protocol.to_owned(),
-            peer: Peer {
-                workload: workload.clone(),
-                cgroup,
-                pid: rec.pid,
-                tgid: rec.tgid,
-                uid: rec.uid,
-                gid: rec.gid,
-                comm: comm(&rec),
-                cgroup_id: rec.cgroup_id,
-                netns_cookie: rec.netns_cookie,
-                destination: destination.to_string(),
-            },
-            started_at: started_at.clone(),
-        });
+            destination: destination.to_string(),
+            pid: rec.pid,
+            tgid: rec.tgid,
+            uid: rec.uid,
+            gid: rec.gid,
+            comm: comm(&rec),
+            cgroup_id: rec.cgroup_id,
+            netns_cookie: rec.netns_cookie,
+            started_at,
+            ended_at: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            outcome: "open".into(),
+            detail: String::new(),
+        };
+        self.audit.record(Record::Session(row.clone()));
         self.sessions.insert(
             session_id,
             ActiveSession {
@@ -218,15 +229,22 @@ impl Proxy {
                 target,
                 protocol: protocol.to_owned(),
                 pid: rec.tgid,
-                started_at,
+                started_at: timestamp(started_at),
                 counters: counters.clone(),
             },
         );
+        let capture = (self.capture_bytes > 0).then(|| Capture {
+            session_id,
+            sink: self.audit.clone(),
+            limit: self.capture_bytes,
+            masker: self.masker.clone(),
+        });
         let out = tcp::relay(
             sock,
             destination,
             self.connect_timeout,
             counters.clone(),
+            capture,
             self.abort.clone(),
         )
         .instrument(span.clone())
@@ -236,27 +254,23 @@ impl Proxy {
             counters.down.load(Ordering::Relaxed),
         );
         self.sessions.remove(&session_id);
-        let ended = SystemTime::now();
+        let ended_at = now_micros();
         span.in_scope(|| {
             tracing::info!(
                 outcome = out.outcome,
                 detail = out.detail.as_deref().unwrap_or(""),
                 bytes_up = up,
                 bytes_down = down,
-                duration_ms = ended
-                    .duration_since(started)
-                    .unwrap_or_default()
-                    .as_millis() as u64,
+                duration_ms = (ended_at - started_at).max(0) / 1000,
                 "session closed"
             )
         });
-        self.audit.record(AuditRecord::SessionEnd {
-            session_id,
-            ended_at: timestamp(ended),
-            bytes_up: up,
-            bytes_down: down,
-            outcome: out.outcome.to_owned(),
-            detail: out.detail,
-        });
+        row.version = 2;
+        row.ended_at = ended_at;
+        row.bytes_up = up;
+        row.bytes_down = down;
+        row.outcome = out.outcome.to_owned();
+        row.detail = out.detail.unwrap_or_default();
+        self.audit.record(Record::Session(row));
     }
 }

@@ -13,6 +13,16 @@ use std::{
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tokio::{io::Interest, net::TcpStream};
+use uuid::Uuid;
+
+use crate::{
+    audit::{
+        now_micros,
+        rows::{ChunkRow, Record, DIRECTION_DOWN, DIRECTION_UP},
+        AuditSink,
+    },
+    secrets::Masker,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Most bytes moved per splice call, and the pipe size asked for.
@@ -21,6 +31,34 @@ const PIPE_SIZE: libc::c_int = 1 << 20;
 /// Bytes per direction copied through user space before switching to splice.
 const COPY_LIMIT: usize = 256 * 1024;
 const COPY_BUF: usize = 32 * 1024;
+
+/// Payload capture of a session: the first `limit` bytes of each direction
+/// become `chunks` rows, after the masking hook.
+pub struct Capture {
+    pub session_id: Uuid,
+    pub sink: Arc<dyn AuditSink>,
+    pub limit: u64,
+    pub masker: Arc<dyn Masker>,
+}
+
+impl Capture {
+    fn record(&self, side: Side, seq: u32, offset: u64, bytes: &[u8]) {
+        let mut data = bytes.to_vec();
+        let masked = self.masker.mask(&mut data);
+        self.sink.record(Record::Chunk(ChunkRow {
+            session_id: self.session_id,
+            direction: match side {
+                Side::Client => DIRECTION_UP,
+                Side::Upstream => DIRECTION_DOWN,
+            },
+            seq,
+            offset,
+            ts: now_micros(),
+            data,
+            masked: masked as u8,
+        }));
+    }
+}
 
 /// Live byte counters of a session (read by `loopgate status`).
 #[derive(Debug, Default)]
@@ -49,6 +87,7 @@ pub async fn relay(
     upstream: SocketAddr,
     connect_timeout: Duration,
     counters: Arc<Counters>,
+    capture: Option<Capture>,
     abort: CancellationToken,
 ) -> Outcome {
     let server = match tokio::time::timeout(connect_timeout, TcpStream::connect(upstream)).await {
@@ -70,8 +109,20 @@ pub async fn relay(
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let up = pump(&client, &server, &counters.up, Side::Client);
-    let down = pump(&server, &client, &counters.down, Side::Upstream);
+    let up = pump(
+        &client,
+        &server,
+        &counters.up,
+        Side::Client,
+        capture.as_ref(),
+    );
+    let down = pump(
+        &server,
+        &client,
+        &counters.down,
+        Side::Upstream,
+        capture.as_ref(),
+    );
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     // An error in either direction ends the session at once; a clean EOF only
@@ -183,6 +234,7 @@ async fn pump(
     to: &TcpStream,
     counter: &AtomicU64,
     side: Side,
+    capture: Option<&Capture>,
 ) -> Result<(), PumpError> {
     let other = match side {
         Side::Client => Side::Upstream,
@@ -190,8 +242,11 @@ async fn pump(
     };
     let fail = |side, op, err| PumpError { side, op, err };
     let mut copied = 0usize;
+    let mut seq = 0u32;
+    let capture_limit = capture.map_or(0, |c| c.limit as usize);
+    let copy_limit = COPY_LIMIT.max(capture_limit);
     let mut buf = vec![0u8; COPY_BUF];
-    while copied < COPY_LIMIT {
+    while copied < copy_limit {
         let n = loop {
             from.readable()
                 .await
@@ -218,6 +273,13 @@ async fn pump(
             }
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(c) = capture {
+            if copied < capture_limit {
+                let take = n.min(capture_limit - copied);
+                c.record(side, seq, copied as u64, &buf[..take]);
+                seq += 1;
+            }
+        }
         copied += n;
     }
     drop(buf);
@@ -288,6 +350,7 @@ mod tests {
                 upstream,
                 Duration::from_secs(2),
                 c,
+                None,
                 CancellationToken::new(),
             )
             .await
@@ -357,7 +420,15 @@ mod tests {
         let a = abort.clone();
         let task = tokio::spawn(async move {
             let (sock, _) = front.accept().await.unwrap();
-            relay(sock, upstream, Duration::from_secs(2), Arc::default(), a).await
+            relay(
+                sock,
+                upstream,
+                Duration::from_secs(2),
+                Arc::default(),
+                None,
+                a,
+            )
+            .await
         });
         let _client = TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;

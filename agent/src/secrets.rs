@@ -1,0 +1,169 @@
+//! Stored credentials: read from files or environment variables named in the
+//! config, held in [`Secret`]s that never print their value, and collected
+//! into the [`SecretMasker`] that keeps them out of every audit record.
+
+use std::{fmt, path::PathBuf};
+
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("config {file}: key `{key}`: cannot read {path}: {source}")]
+    File {
+        file: PathBuf,
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {file}: key `{key}`: environment variable {var} is not set")]
+    Env {
+        file: PathBuf,
+        key: String,
+        var: String,
+    },
+    #[error("config {file}: key `{key}`: {path} is empty")]
+    Empty {
+        file: PathBuf,
+        key: String,
+        path: PathBuf,
+    },
+}
+
+/// A secret value. `Debug` and `Display` print `[redacted]`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Reads a secret file; a trailing newline is not part of the secret.
+pub fn read_file(cfg: &Config, key: &str, path: &std::path::Path) -> Result<Secret, SecretError> {
+    let v = std::fs::read_to_string(path).map_err(|source| SecretError::File {
+        file: cfg.source.clone(),
+        key: key.to_owned(),
+        path: path.to_owned(),
+        source,
+    })?;
+    let v = v.trim_end_matches(['\n', '\r']).to_owned();
+    if v.is_empty() {
+        return Err(SecretError::Empty {
+            file: cfg.source.clone(),
+            key: key.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(Secret(v))
+}
+
+fn read_env(cfg: &Config, key: &str, var: &str) -> Result<Secret, SecretError> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Ok(Secret(v)),
+        _ => Err(SecretError::Env {
+            file: cfg.source.clone(),
+            key: key.to_owned(),
+            var: var.to_owned(),
+        }),
+    }
+}
+
+/// Every password and token the config references (checked at start-up, so a
+/// missing credential is a start-up error naming the key, not a failed session).
+pub fn target_secrets(cfg: &Config) -> Result<Vec<Secret>, SecretError> {
+    let mut out = Vec::new();
+    for (i, t) in cfg.targets.iter().enumerate() {
+        let Some(c) = &t.credential else { continue };
+        let key = |k: &str| format!("targets[{i}].credential.{k}");
+        if let Some(p) = &c.password_file {
+            out.push(read_file(cfg, &key("password_file"), p)?);
+        }
+        if let Some(v) = &c.password_env {
+            out.push(read_env(cfg, &key("password_env"), v)?);
+        }
+        if let Some(p) = &c.token_file {
+            out.push(read_file(cfg, &key("token_file"), p)?);
+        }
+        if let Some(v) = &c.token_env {
+            out.push(read_env(cfg, &key("token_env"), v)?);
+        }
+    }
+    if let Some(p) = &cfg.audit.password_file {
+        out.push(read_file(cfg, "audit.password_file", p)?);
+    }
+    Ok(out)
+}
+
+/// A masking hook: runs on captured bytes before anything is recorded.
+pub trait Masker: Send + Sync {
+    /// Masks in place, keeping the length (offsets stay valid). Returns whether
+    /// anything changed.
+    fn mask(&self, data: &mut [u8]) -> bool;
+}
+
+/// Replaces every occurrence of a stored credential with `*`.
+pub struct SecretMasker {
+    secrets: Vec<Vec<u8>>,
+}
+
+impl SecretMasker {
+    pub fn new(secrets: &[Secret]) -> Self {
+        let mut secrets: Vec<Vec<u8>> = secrets
+            .iter()
+            // Very short values would mask ordinary bytes everywhere.
+            .filter(|s| s.0.len() >= 4)
+            .map(|s| s.0.as_bytes().to_vec())
+            .collect();
+        secrets.sort();
+        secrets.dedup();
+        Self { secrets }
+    }
+}
+
+impl Masker for SecretMasker {
+    fn mask(&self, data: &mut [u8]) -> bool {
+        let mut changed = false;
+        for s in &self.secrets {
+            let hits: Vec<usize> = memchr::memmem::find_iter(data, s).collect();
+            for at in hits {
+                data[at..at + s.len()].fill(b'*');
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_masked_and_never_printed() {
+        let s = Secret("hunter2-db-pass".into());
+        assert_eq!(format!("{s} {s:?}"), "[redacted] [redacted]");
+        let m = SecretMasker::new(&[s]);
+        let mut data = b"user=app password=hunter2-db-pass; again hunter2-db-pass".to_vec();
+        let len = data.len();
+        assert!(m.mask(&mut data));
+        let text = String::from_utf8(data).unwrap();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert_eq!(text.len(), len, "masking keeps offsets");
+        let mut clean = b"nothing here".to_vec();
+        assert!(!m.mask(&mut clean));
+    }
+}
