@@ -12,6 +12,8 @@ PKGS=(
   build-essential pkg-config ca-certificates
   curl iproute2 procps psmisc
   python3               # /usr/bin/python3: the loops in tests and the demo
+  python3-venv          # the chdb-core venv below
+  clickhouse-server clickhouse-client   # the audit store (18.16 on Debian 12); tests start their own
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -53,5 +55,14 @@ fi
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^clippy'; then
   log "rustup component add clippy --toolchain nightly (lints the eBPF crate)"
   rustup component add clippy --toolchain nightly
+fi
+# chdb-core (PyPI): a current ClickHouse engine in-process, to prove the modern
+# DDL and the documented analyst queries (Debian only has the 18.16 server).
+VENV="${LOOPGATE_DEV_CACHE:-/var/cache/loopgate-dev}/chdb-venv"
+if ! "$VENV/bin/python" -c 'import chdb' 2>/dev/null; then
+  log "python venv with chdb-core at $VENV (about 900 MB)"
+  mkdir -p "$(dirname "$VENV")"
+  /usr/bin/python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check chdb-core
 fi
 log "prerequisites present"

@@ -325,7 +325,12 @@ pub const TABLES: [&str; 4] = ["sessions", "events", "chunks", "approvals"];
 
 #[derive(Clone)]
 pub struct Ch {
+    /// No default database: DDL (the database may not exist yet), queries
+    /// with qualified names.
     client: Client,
+    /// Default database set: inserts (the crate quotes the table name as one
+    /// identifier, so it cannot be qualified).
+    inserts: Client,
     url: String,
     db: String,
 }
@@ -338,6 +343,7 @@ impl Ch {
             // describe_include_subcolumns; the schema round trip is tested instead.
             .with_validation(false);
         Self {
+            inserts: client.clone().with_database(db),
             client,
             url: url.to_owned(),
             db: db.to_owned(),
@@ -346,11 +352,13 @@ impl Ch {
 
     pub fn with_user(mut self, user: &str) -> Self {
         self.client = self.client.with_user(user);
+        self.inserts = self.inserts.with_user(user);
         self
     }
 
     pub fn with_password(mut self, password: &crate::secrets::Secret) -> Self {
         self.client = self.client.with_password(password.expose());
+        self.inserts = self.inserts.with_password(password.expose());
         self
     }
 
@@ -472,10 +480,9 @@ impl Ch {
             return Ok(());
         }
         let what = format!("an insert into {}.{table}", self.db);
-        let full = format!("{}.{table}", self.db);
         let mut ins = self
-            .client
-            .insert::<T>(&full)
+            .inserts
+            .insert::<T>(table)
             .await
             .map_err(self.err(&what))?;
         for r in rows {
