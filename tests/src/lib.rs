@@ -261,6 +261,19 @@ impl Agent {
         }
     }
 
+    /// Waits until the recorder has written at least `n` records to the spool.
+    pub fn wait_sessions_spooled(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = self.status();
+            if st["audit"]["spooled"].as_u64().unwrap_or(0) >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "fewer than {n} records spooled: {st}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `loopgate exec --workload W -- ARGS...` (as nobody).
     pub fn exec(&self, workload: &str, args: &[&str]) -> Output {
         let mut a = vec!["exec", "--workload", workload, "--"];

@@ -76,3 +76,149 @@ fn sessions_and_payload_reach_clickhouse_and_the_cli_reads_them() {
     let st = agent.status();
     assert_eq!(st["audit"]["backend"], "clickhouse");
 }
+
+const SESSIONS_OK: &str = "SELECT count() FROM loopgate.sessions FINAL WHERE outcome = 'ok'";
+const SESSIONS_DISTINCT: &str = "SELECT uniqExact(session_id) FROM loopgate.sessions";
+
+fn pending(agent: &Agent) -> u64 {
+    agent.status()["audit"]["spool_pending_bytes"].as_u64().unwrap()
+}
+
+fn wait_drained(agent: &Agent) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pending(agent) != 0 {
+        assert!(std::time::Instant::now() < deadline, "spool not drained: {}", agent.status());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn ten_thousand_connections_are_recorded_exactly_once() {
+    let ch = ClickHouse::start();
+    let echo = EchoServer::start("127.10.2.2");
+    let agent = Agent::start(
+        AgentSpec::new("ch10k")
+            .target("echo", &echo.addr.to_string(), "tcp")
+            .clickhouse(&ch, ""),
+    );
+    run_loop(&agent, "127.10.2.2", echo.addr.port(), 10_000);
+    ch.wait_count(SESSIONS_OK, 10_000, 120);
+    assert_eq!(ch.count(SESSIONS_DISTINCT), 10_000);
+    assert_eq!(
+        ch.count("SELECT count() FROM loopgate.chunks FINAL"),
+        20_000,
+        "one chunk each way per session"
+    );
+    wait_drained(&agent);
+    assert_eq!(echo.accepted(), 10_000);
+}
+
+#[test]
+fn clickhouse_outage_loses_nothing_and_the_spool_drains() {
+    let mut ch = ClickHouse::start();
+    let echo = EchoServer::start("127.10.2.3");
+    let agent = Agent::start(
+        AgentSpec::new("choutage")
+            .target("echo", &echo.addr.to_string(), "tcp")
+            .clickhouse(&ch, ""),
+    );
+    run_loop(&agent, "127.10.2.3", echo.addr.port(), 300);
+    ch.wait_count(SESSIONS_OK, 300, 60);
+    ch.stop();
+    // Sessions continue while ClickHouse is down.
+    run_loop(&agent, "127.10.2.3", echo.addr.port(), 300);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let st = agent.status();
+        let err = st["audit"]["last_error"].as_str().unwrap_or("").to_owned();
+        if err.contains("unreachable") && pending(&agent) > 0 {
+            assert!(err.contains("connection refused"), "{err}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no outage reported: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(agent.log().contains("audit records stay in the spool until ClickHouse accepts them"));
+    ch.spawn();
+    ch.wait_count(SESSIONS_OK, 600, 90);
+    assert_eq!(ch.count(SESSIONS_DISTINCT), 600);
+    wait_drained(&agent);
+    assert!(agent.status()["audit"]["last_error"].is_null());
+}
+
+#[test]
+fn agent_killed_while_draining_restarts_without_loss_or_duplicates() {
+    let mut ch = ClickHouse::start();
+    ch.stop();
+    let echo = EchoServer::start("127.10.2.4");
+    let mut agent = Agent::start(
+        AgentSpec::new("chkill")
+            .target("echo", &echo.addr.to_string(), "tcp")
+            .clickhouse(&ch, ""),
+    );
+    run_loop(&agent, "127.10.2.4", echo.addr.port(), 3000);
+    // Everything is in the spool; ClickHouse comes back and the drain starts.
+    agent.wait_sessions_spooled(6000);
+    ch.spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while ch.count("SELECT count() FROM loopgate.sessions") == 0 {
+        assert!(std::time::Instant::now() < deadline, "drain never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    agent.kill9();
+    agent.spawn();
+    ch.wait_count(SESSIONS_OK, 3000, 90);
+    assert_eq!(ch.count(SESSIONS_DISTINCT), 3000);
+    assert_eq!(ch.count("SELECT count() FROM loopgate.chunks FINAL"), 6000);
+    wait_drained(&agent);
+}
+
+#[test]
+fn corrupt_spool_segment_is_quarantined_and_the_rest_delivered() {
+    let mut ch = ClickHouse::start();
+    ch.stop();
+    let echo = EchoServer::start("127.10.2.5");
+    let mut agent = Agent::start(
+        AgentSpec::new("chcorrupt")
+            .target("echo", &echo.addr.to_string(), "tcp")
+            .clickhouse(&ch, "capture_bytes = 0"),
+    );
+    run_loop(&agent, "127.10.2.5", echo.addr.port(), 200);
+    agent.wait_sessions_spooled(400);
+    assert!(agent.terminate());
+    // Damage the middle of the segment that holds the 400 session records.
+    let spool = agent.path("state/spool");
+    let seg = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "lgs"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 40] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&seg, &bytes).unwrap();
+    ch.spawn();
+    agent.spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let quarantined = spool.join("quarantine").join(seg.file_name().unwrap());
+    while !quarantined.exists() {
+        assert!(std::time::Instant::now() < deadline, "segment not quarantined:\n{}", agent.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let log = agent.log();
+    assert!(log.contains("corrupt bytes in the audit spool skipped"), "{log}");
+    assert!(log.contains("quarantined a spool segment"), "{log}");
+    // 40 damaged bytes touch at most two records; every other record arrives,
+    // including those after the damage.
+    let rows = ch.count("SELECT count() FROM loopgate.sessions");
+    assert!((398..=400).contains(&rows), "{rows} session records delivered");
+    let before = ch.count(SESSIONS_OK);
+    assert!(before >= 198, "{before}");
+    // Records written after the restart are delivered as usual.
+    run_loop(&agent, "127.10.2.5", echo.addr.port(), 10);
+    ch.wait_count(SESSIONS_OK, before + 10, 30);
+}
