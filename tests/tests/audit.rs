@@ -222,3 +222,99 @@ fn corrupt_spool_segment_is_quarantined_and_the_rest_delivered() {
     run_loop(&agent, "127.10.2.5", echo.addr.port(), 10);
     ch.wait_count(SESSIONS_OK, before + 10, 30);
 }
+
+#[test]
+fn clickhouse_errors_are_clear_and_records_stay_in_the_spool() {
+    let ch = ClickHouse::start();
+    let echo = EchoServer::start("127.10.2.6");
+    // A read-only user: the server refuses the schema and the inserts.
+    let mut agent = Agent::start(
+        AgentSpec::new("chreadonly")
+            .target("echo", &echo.addr.to_string(), "tcp")
+            .clickhouse(&ch, "user = \"reader\""),
+    );
+    run_loop(&agent, "127.10.2.6", echo.addr.port(), 20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let err = loop {
+        let st = agent.status();
+        if let Some(e) = st["audit"]["last_error"].as_str() {
+            break e.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no error reported: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(err.contains(&ch.url()), "{err}");
+    assert!(err.contains("readonly mode"), "{err}");
+    assert!(pending(&agent) > 0, "records must stay in the spool");
+    assert!(agent.log().contains("readonly mode"));
+    // With a writable user the same spool is delivered.
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&agent.config, cfg.replace("user = \"reader\"", "")).unwrap();
+    assert!(agent.terminate());
+    agent.spawn();
+    ch.wait_count(SESSIONS_OK, 20, 60);
+    wait_drained(&agent);
+
+    // The database dropped under a running agent: a clear error, then the
+    // schema is created again and nothing is lost.
+    ch.query("DROP DATABASE loopgate");
+    run_loop(&agent, "127.10.2.6", echo.addr.port(), 10);
+    ch.wait_count(SESSIONS_OK, 10, 60);
+    assert!(
+        agent.log().contains("Database loopgate doesn't exist"),
+        "{}",
+        agent.log()
+    );
+    wait_drained(&agent);
+}
+
+#[test]
+fn stored_credentials_never_reach_the_audit_or_the_logs() {
+    const SECRET: &str = "s3cr3t-Orders-DB-pw-7c1e";
+    let ch = ClickHouse::start();
+    // An upstream that leaks the credential in its answer (a misconfigured banner).
+    let http = HttpServer::start("127.10.2.7", "welcome; db password is s3cr3t-Orders-DB-pw-7c1e\n");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("orders-db.pw");
+    std::fs::write(&pw, format!("{SECRET}\n")).unwrap();
+    let agent = Agent::start(
+        AgentSpec::new("chsecret")
+            .raw(&format!(
+                "\n[[targets]]\nname = \"orders\"\naddress = \"{}\"\nprotocol = \"http\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
+                http.addr,
+                pw.display()
+            ))
+            .clickhouse(&ch, ""),
+    );
+    let out = agent.exec("leaky", &["curl", "-sS", "-m", "10", &format!("http://{}/", http.addr)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    ch.wait_count(SESSIONS_OK, 1, 30);
+    ch.wait_count("SELECT count() FROM loopgate.chunks FINAL WHERE direction = 'down'", 1, 30);
+    assert_eq!(
+        ch.count("SELECT masked FROM loopgate.chunks FINAL WHERE direction = 'down'"),
+        1,
+        "the chunk that carried the secret is marked masked"
+    );
+    for t in ["sessions", "events", "chunks", "approvals"] {
+        let dump = ch.query(&format!("SELECT * FROM loopgate.{t} FORMAT TSV"));
+        assert!(!dump.contains(SECRET), "secret in table {t}");
+    }
+    let replay = agent.cli(&["replay", agent.sessions()[0]["session_id"].as_str().unwrap()]);
+    let text = stdout(&replay);
+    assert!(text.contains("db password is ****"), "{text}");
+    assert!(!text.contains(SECRET));
+    assert!(!agent.log().contains(SECRET), "secret in the agent log");
+    assert!(!agent.status().to_string().contains(SECRET));
+    assert!(!agent.status().to_string().contains("orders-db.pw"), "status shows no credential paths");
+    // A missing credential file stops the agent with the key, not the value.
+    std::fs::remove_file(&pw).unwrap();
+    let out = std::process::Command::new(loopgate_bin())
+        .arg("--config")
+        .arg(&agent.config)
+        .arg("agent")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("targets[0].credential.password_file"), "{err}");
+}
