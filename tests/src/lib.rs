@@ -269,7 +269,10 @@ impl Agent {
             if st["audit"]["spooled"].as_u64().unwrap_or(0) >= n {
                 return;
             }
-            assert!(Instant::now() < deadline, "fewer than {n} records spooled: {st}");
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} records spooled: {st}"
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -491,7 +494,10 @@ pub struct ClickHouse {
 
 impl ClickHouse {
     pub fn start() -> ClickHouse {
-        let dir = tempfile::Builder::new().prefix("lgt-ch-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("lgt-ch-")
+            .tempdir()
+            .expect("tempdir");
         let http_port = free_port();
         let tcp_port = free_port();
         let d = dir.path().display().to_string();
@@ -545,7 +551,10 @@ impl ClickHouse {
     /// Starts the server (again, on the same data).
     pub fn spawn(&mut self) {
         let child = Command::new("/usr/sbin/clickhouse-server")
-            .arg(format!("--config-file={}", self.dir.path().join("config.xml").display()))
+            .arg(format!(
+                "--config-file={}",
+                self.dir.path().join("config.xml").display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -581,23 +590,36 @@ impl ClickHouse {
     pub fn try_query(&self, sql: &str) -> Result<String, String> {
         let mut child = Command::new("curl")
             .args(["-sS", "--fail-with-body", "--data-binary", "@-"])
-            .arg(format!("{}/?output_format_json_quote_64bit_integers=0", self.url()))
+            .arg(format!(
+                "{}/?output_format_json_quote_64bit_integers=0",
+                self.url()
+            ))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("curl");
-        child.stdin.take().unwrap().write_all(sql.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(sql.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
-            Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
         }
     }
 
     pub fn query(&self, sql: &str) -> String {
-        self.try_query(sql).unwrap_or_else(|e| panic!("query failed: {sql}\n{e}"))
+        self.try_query(sql)
+            .unwrap_or_else(|e| panic!("query failed: {sql}\n{e}"))
     }
 
     /// A single number.
@@ -616,7 +638,10 @@ impl ClickHouse {
             if n == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "timed out: `{sql}` is {n}, want {want}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out: `{sql}` is {n}, want {want}"
+            );
             thread::sleep(Duration::from_millis(200));
         }
     }
@@ -639,4 +664,64 @@ impl AgentSpec {
             ch.url()
         ))
     }
+}
+
+impl ClickHouse {
+    /// Runs a query and writes its raw output to `path`.
+    pub fn query_to_file(&self, sql: &str, path: &Path) {
+        let mut child = Command::new("curl")
+            .args(["-sS", "--fail-with-body", "--data-binary", "@-", "-o"])
+            .arg(path)
+            .arg(self.url())
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(sql.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "export failed: {sql}");
+    }
+}
+
+/// The chdb-core venv python (`cargo xtask setup` creates it).
+pub fn chdb_python() -> PathBuf {
+    let p = std::env::var("LOOPGATE_CHDB_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(
+                std::env::var("LOOPGATE_DEV_CACHE")
+                    .unwrap_or_else(|_| "/var/cache/loopgate-dev".into()),
+            )
+            .join("chdb-venv/bin/python")
+        });
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask setup`",
+        p.display()
+    );
+    p
+}
+
+/// The fenced ```sql blocks of a Markdown file.
+pub fn sql_blocks(markdown: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut cur, line.trim()) {
+            (None, "```sql") => cur = Some(String::new()),
+            (Some(q), "```") => {
+                out.push(q.trim().to_owned());
+                cur = None;
+            }
+            (Some(q), _) => {
+                q.push_str(line);
+                q.push('\n');
+            }
+            _ => {}
+        }
+    }
+    out
 }

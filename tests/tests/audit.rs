@@ -25,7 +25,11 @@ print("ok", ok)
 "#;
 
 fn run_loop(agent: &Agent, host: &str, port: u16, n: usize) {
-    let out = agent.python("auditee", CONNECT, &[host, &port.to_string(), &n.to_string()]);
+    let out = agent.python(
+        "auditee",
+        CONNECT,
+        &[host, &port.to_string(), &n.to_string()],
+    );
     assert!(
         stdout(&out).contains(&format!("ok {n}")),
         "{}{}",
@@ -51,7 +55,8 @@ fn sessions_and_payload_reach_clickhouse_and_the_cli_reads_them() {
     );
     // Migrations are recorded; the legacy dialect was chosen for 18.16.
     assert_eq!(
-        ch.query("SELECT version, dialect FROM loopgate.schema_migrations FORMAT TSV").trim(),
+        ch.query("SELECT version, dialect FROM loopgate.schema_migrations FORMAT TSV")
+            .trim(),
         "1\tlegacy"
     );
     let row = ch.query(
@@ -61,7 +66,9 @@ fn sessions_and_payload_reach_clickhouse_and_the_cli_reads_them() {
     // The CLI reads ClickHouse when it is configured.
     let rows = agent.sessions();
     assert_eq!(rows.len(), 3, "{rows:#?}");
-    assert!(rows.iter().all(|r| r["outcome"] == "ok" && r["workload"] == "auditee"));
+    assert!(rows
+        .iter()
+        .all(|r| r["outcome"] == "ok" && r["workload"] == "auditee"));
     let id = rows[0]["session_id"].as_str().unwrap().to_owned();
     let chunks = ch.count(&format!(
         "SELECT count() FROM loopgate.chunks FINAL WHERE session_id = '{id}'"
@@ -81,13 +88,19 @@ const SESSIONS_OK: &str = "SELECT count() FROM loopgate.sessions FINAL WHERE out
 const SESSIONS_DISTINCT: &str = "SELECT uniqExact(session_id) FROM loopgate.sessions";
 
 fn pending(agent: &Agent) -> u64 {
-    agent.status()["audit"]["spool_pending_bytes"].as_u64().unwrap()
+    agent.status()["audit"]["spool_pending_bytes"]
+        .as_u64()
+        .unwrap()
 }
 
 fn wait_drained(agent: &Agent) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while pending(agent) != 0 {
-        assert!(std::time::Instant::now() < deadline, "spool not drained: {}", agent.status());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spool not drained: {}",
+            agent.status()
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
@@ -135,10 +148,15 @@ fn clickhouse_outage_loses_nothing_and_the_spool_drains() {
             assert!(err.contains("connection refused"), "{err}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no outage reported: {st}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no outage reported: {st}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    assert!(agent.log().contains("audit records stay in the spool until ClickHouse accepts them"));
+    assert!(agent
+        .log()
+        .contains("audit records stay in the spool until ClickHouse accepts them"));
     ch.spawn();
     ch.wait_count(SESSIONS_OK, 600, 90);
     assert_eq!(ch.count(SESSIONS_DISTINCT), 600);
@@ -206,16 +224,26 @@ fn corrupt_spool_segment_is_quarantined_and_the_rest_delivered() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let quarantined = spool.join("quarantine").join(seg.file_name().unwrap());
     while !quarantined.exists() {
-        assert!(std::time::Instant::now() < deadline, "segment not quarantined:\n{}", agent.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segment not quarantined:\n{}",
+            agent.log()
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let log = agent.log();
-    assert!(log.contains("corrupt bytes in the audit spool skipped"), "{log}");
+    assert!(
+        log.contains("corrupt bytes in the audit spool skipped"),
+        "{log}"
+    );
     assert!(log.contains("quarantined a spool segment"), "{log}");
     // 40 damaged bytes touch at most two records; every other record arrives,
     // including those after the damage.
     let rows = ch.count("SELECT count() FROM loopgate.sessions");
-    assert!((398..=400).contains(&rows), "{rows} session records delivered");
+    assert!(
+        (398..=400).contains(&rows),
+        "{rows} session records delivered"
+    );
     let before = ch.count(SESSIONS_OK);
     assert!(before >= 198, "{before}");
     // Records written after the restart are delivered as usual.
@@ -240,7 +268,10 @@ fn clickhouse_errors_are_clear_and_records_stay_in_the_spool() {
         if let Some(e) = st["audit"]["last_error"].as_str() {
             break e.to_owned();
         }
-        assert!(std::time::Instant::now() < deadline, "no error reported: {st}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no error reported: {st}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert!(err.contains(&ch.url()), "{err}");
@@ -273,7 +304,10 @@ fn stored_credentials_never_reach_the_audit_or_the_logs() {
     const SECRET: &str = "s3cr3t-Orders-DB-pw-7c1e";
     let ch = ClickHouse::start();
     // An upstream that leaks the credential in its answer (a misconfigured banner).
-    let http = HttpServer::start("127.10.2.7", "welcome; db password is s3cr3t-Orders-DB-pw-7c1e\n");
+    let http = HttpServer::start(
+        "127.10.2.7",
+        "welcome; db password is s3cr3t-Orders-DB-pw-7c1e\n",
+    );
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("orders-db.pw");
     std::fs::write(&pw, format!("{SECRET}\n")).unwrap();
@@ -286,10 +320,17 @@ fn stored_credentials_never_reach_the_audit_or_the_logs() {
             ))
             .clickhouse(&ch, ""),
     );
-    let out = agent.exec("leaky", &["curl", "-sS", "-m", "10", &format!("http://{}/", http.addr)]);
+    let out = agent.exec(
+        "leaky",
+        &["curl", "-sS", "-m", "10", &format!("http://{}/", http.addr)],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     ch.wait_count(SESSIONS_OK, 1, 30);
-    ch.wait_count("SELECT count() FROM loopgate.chunks FINAL WHERE direction = 'down'", 1, 30);
+    ch.wait_count(
+        "SELECT count() FROM loopgate.chunks FINAL WHERE direction = 'down'",
+        1,
+        30,
+    );
     assert_eq!(
         ch.count("SELECT masked FROM loopgate.chunks FINAL WHERE direction = 'down'"),
         1,
@@ -299,13 +340,19 @@ fn stored_credentials_never_reach_the_audit_or_the_logs() {
         let dump = ch.query(&format!("SELECT * FROM loopgate.{t} FORMAT TSV"));
         assert!(!dump.contains(SECRET), "secret in table {t}");
     }
-    let replay = agent.cli(&["replay", agent.sessions()[0]["session_id"].as_str().unwrap()]);
+    let replay = agent.cli(&[
+        "replay",
+        agent.sessions()[0]["session_id"].as_str().unwrap(),
+    ]);
     let text = stdout(&replay);
     assert!(text.contains("db password is ****"), "{text}");
     assert!(!text.contains(SECRET));
     assert!(!agent.log().contains(SECRET), "secret in the agent log");
     assert!(!agent.status().to_string().contains(SECRET));
-    assert!(!agent.status().to_string().contains("orders-db.pw"), "status shows no credential paths");
+    assert!(
+        !agent.status().to_string().contains("orders-db.pw"),
+        "status shows no credential paths"
+    );
     // A missing credential file stops the agent with the key, not the value.
     std::fs::remove_file(&pw).unwrap();
     let out = std::process::Command::new(loopgate_bin())
@@ -317,4 +364,137 @@ fn stored_credentials_never_reach_the_audit_or_the_logs() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("targets[0].credential.password_file"), "{err}");
+}
+
+#[test]
+fn documented_analyst_queries_run_on_both_dialects() {
+    let ch = ClickHouse::start();
+    let echo = EchoServer::start("127.10.2.8");
+    let dead = {
+        let l = std::net::TcpListener::bind("127.10.2.9:0").unwrap();
+        let a = l.local_addr().unwrap();
+        drop(l);
+        a
+    };
+    let other = EchoServer::start("127.10.2.10");
+    let agent = Agent::start(
+        AgentSpec::new("chdocs")
+            .egress("deny")
+            .target("echo", &echo.addr.to_string(), "tcp")
+            .target("gone", &dead.to_string(), "tcp")
+            .clickhouse(&ch, ""),
+    );
+    // Ordinary sessions, a failed one, and a denied connect.
+    run_loop(&agent, "127.10.2.8", echo.addr.port(), 5);
+    let out = agent.python(
+        "auditee",
+        CONNECT,
+        &["127.10.2.9", &dead.port().to_string(), "1"],
+    );
+    assert!(stdout(&out).contains("ok 0"), "{}", stdout(&out));
+    let out = agent.python(
+        "auditee",
+        CONNECT,
+        &["127.10.2.10", &other.addr.port().to_string(), "1"],
+    );
+    assert!(stdout(&out).contains("error"), "{}", stdout(&out));
+    ch.wait_count("SELECT count() FROM loopgate.sessions FINAL", 7, 60);
+    ch.wait_count("SELECT count() FROM loopgate.events FINAL", 1, 60);
+    // Approvals are written by the policy engine (a later issue); until then
+    // the test inserts two decided requests itself.
+    let sid = agent.sessions()[0]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Recent times: the modern DDL's TTL would drop old rows on insert.
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+        - 600_000_000;
+    let (t1, t2) = (t0 + 42_000_000, t0 + 300_000_000);
+    ch.query(&format!(
+        "INSERT INTO loopgate.approvals (approval_id, version, session_id, host, workload, target, rule_id, request, requested_at, decided_at, decision, approver, reason) VALUES \
+         (toUUID('00000000-0000-4000-8000-000000000001'), 2, toUUID('{sid}'), 'h', 'auditee', 'echo', 'sql:drop', 'DROP TABLE t', {t0}, {t1}, 'approved', 'alice', 'planned'), \
+         (toUUID('00000000-0000-4000-8000-000000000002'), 2, toUUID('{sid}'), 'h', 'auditee', 'echo', 'sql:drop', 'DROP TABLE u', {t0}, {t2}, 'timeout', '', 'no answer')"
+    ));
+
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/audit.md")).unwrap();
+    let queries: Vec<String> = sql_blocks(&doc)
+        .into_iter()
+        .map(|q| q.replace("{session_id}", &format!("toUUID('{sid}')")))
+        .collect();
+    assert!(
+        queries.len() >= 8,
+        "docs/audit.md has {} queries",
+        queries.len()
+    );
+
+    // Legacy dialect: the real 18.16 server.
+    let mut legacy_rows = Vec::new();
+    for q in &queries {
+        let out = ch
+            .try_query(&format!("{q}\nFORMAT TSV"))
+            .unwrap_or_else(|e| panic!("query fails on 18.16:\n{q}\n{e}"));
+        let n = out.lines().filter(|l| !l.trim().is_empty()).count();
+        assert!(n > 0, "query returns nothing on the test data:\n{q}");
+        legacy_rows.push(n);
+    }
+
+    // Modern dialect: chdb-core, loaded with the same rows.
+    let dir = tempfile::tempdir().unwrap();
+    let ddl_out = agent.cli(&["audit-schema", "--dialect", "modern"]);
+    assert!(ddl_out.status.success());
+    let ddl: Vec<String> = stdout(&ddl_out)
+        .split(";\n")
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut tables = Vec::new();
+    for t in ["sessions", "events", "chunks", "approvals"] {
+        let cols: Vec<String> = ch
+            .query(&format!(
+                "SELECT name FROM system.columns WHERE database = 'loopgate' AND table = '{t}' AND default_kind = '' FORMAT TSV"
+            ))
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let file = dir.path().join(format!("{t}.rowbinary"));
+        let list = cols
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        ch.query_to_file(
+            &format!("SELECT {list} FROM loopgate.{t} FINAL FORMAT RowBinary"),
+            &file,
+        );
+        tables.push(serde_json::json!({"name": t, "file": file, "columns": cols}));
+    }
+    let spec = dir.path().join("spec.json");
+    std::fs::write(
+        &spec,
+        serde_json::json!({"ddl": ddl, "tables": tables, "queries": queries}).to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(chdb_python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/chdb_queries.py"))
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chdb run failed:\n{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["loaded"]["sessions"], 7, "{v}");
+    assert_eq!(v["loaded"]["approvals"], 2, "{v}");
+    let modern_rows: Vec<usize> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(
+        modern_rows, legacy_rows,
+        "row counts differ between the dialects"
+    );
 }
