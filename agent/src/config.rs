@@ -133,6 +133,9 @@ pub struct AuditConfig {
     /// Payload bytes captured per session and direction for replay.
     #[serde(default = "default_capture_bytes")]
     pub capture_bytes: u64,
+    /// Longest wait between INSERTs while the spool has records to ship.
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
 }
 
 impl Default for AuditConfig {
@@ -144,6 +147,7 @@ impl Default for AuditConfig {
             password_file: None,
             retention_days: default_retention_days(),
             capture_bytes: default_capture_bytes(),
+            flush_interval_ms: default_flush_interval_ms(),
         }
     }
 }
@@ -328,6 +332,9 @@ fn default_retention_days() -> u32 {
 fn default_capture_bytes() -> u64 {
     1 << 20
 }
+fn default_flush_interval_ms() -> u64 {
+    1000
+}
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -424,6 +431,9 @@ impl Config {
         }
         if self.audit.retention_days == 0 {
             return Err(self.invalid("audit.retention_days", "must be at least 1"));
+        }
+        if !(10..=60_000).contains(&self.audit.flush_interval_ms) {
+            return Err(self.invalid("audit.flush_interval_ms", "must be between 10 and 60000"));
         }
         if self.audit.capture_bytes > 1 << 30 {
             return Err(self.invalid("audit.capture_bytes", "at most 1 GiB per direction"));

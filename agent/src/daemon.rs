@@ -178,6 +178,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 notify: audit.spooled_notify.clone(),
                 retention_days: cfg.audit.retention_days,
                 batch: 50_000,
+                interval: Duration::from_millis(cfg.audit.flush_interval_ms),
             }
             .run(stop.clone()),
         )

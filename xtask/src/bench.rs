@@ -105,16 +105,16 @@ fn serve(l: TcpListener) {
 
 struct AgentGuard {
     child: Child,
-    pin_dir: PathBuf,
+    root: String,
 }
 
 impl Drop for AgentGuard {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/loopgate/{}", self.root));
         if let Some(m) = env::cgroup2_mount() {
-            env::remove_cgroup_tree(&m.join(ROOT));
+            env::remove_cgroup_tree(&m.join(&self.root));
         }
     }
 }
@@ -127,98 +127,138 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i]
 }
 
-pub fn redirect(conns: usize, mib: usize) -> Result<()> {
-    setup()?;
-    if Command::new("haproxy").arg("-v").output().is_err() {
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "haproxy"])).or_else(|_| {
-            run(Command::new("apt-get").args(["update", "-qq"]))?;
-            run(Command::new("apt-get").args(["install", "-y", "-qq", "haproxy"]))
-        })?;
-    }
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(workspace())
-            .args(["build", "--release", "-p", "loopgate", "-p", "xtask"]),
-    )?;
-    let lg = workspace().join("target/release/loopgate");
-    let client = workspace().join("target/release/xtask");
-    env::clean_leftovers();
+/// How a side of a benchmark reaches the server.
+enum Side {
+    Direct,
+    /// Through a plain relay listening at this address.
+    Relay(&'static str, SocketAddr),
+    /// Tagged with `loopgate exec` under this agent config.
+    Tagged(&'static str, PathBuf),
+}
 
-    let listener = TcpListener::bind("127.10.0.90:0").context("bind bench server")?;
-    let server = listener.local_addr()?;
-    thread::spawn(move || serve(listener));
-
-    let dir = std::env::temp_dir().join(format!("loopgate-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\ncgroup_root = \"{ROOT}\"\nproxy_port = {port}\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\n\n[[targets]]\nname = \"bench\"\naddress = \"{server}\"\nprotocol = \"tcp\"\n",
-            d = dir.display()
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join("agent.log"))?;
-    let child = Command::new(&lg)
-        .arg("--config")
-        .arg(&config)
-        .arg("agent")
-        .env("LOOPGATE_LOG", "warn")
-        .stderr(log)
-        .stdout(Stdio::null())
-        .spawn()?;
-    let _guard = AgentGuard {
-        child,
-        pin_dir: PathBuf::from(format!("/sys/fs/bpf/loopgate/{ROOT}")),
-    };
-    env::wait_ready(&lg, &config)?;
-
-    // HAProxy as the plain-relay baseline.
-    let haproxy_port = {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
-    let hcfg = dir.join("haproxy.cfg");
-    std::fs::write(
-        &hcfg,
-        format!(
-            "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten relay\n  bind 127.0.0.1:{haproxy_port}\n  server s1 {server}\n"
-        ),
-    )?;
-    let haproxy = Command::new("haproxy")
-        .arg("-db")
-        .arg("-f")
-        .arg(&hcfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting haproxy")?;
-    let _haproxy = KillOnDrop(haproxy);
-    let relay: SocketAddr = format!("127.0.0.1:{haproxy_port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(relay).is_err() {
-        if Instant::now() > deadline {
-            bail!("haproxy did not start");
+impl Side {
+    fn name(&self) -> &'static str {
+        match self {
+            Side::Direct => "direct",
+            Side::Relay(n, _) | Side::Tagged(n, _) => n,
         }
-        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Bench {
+    lg: PathBuf,
+    client: PathBuf,
+    server: SocketAddr,
+    dir: PathBuf,
+    agents: Vec<AgentGuard>,
+    _relay: Option<KillOnDrop>,
+}
+
+impl Bench {
+    fn new() -> Result<Self> {
+        setup()?;
+        run(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(workspace())
+                .args(["build", "--release", "-p", "loopgate", "-p", "xtask"]),
+        )?;
+        env::clean_leftovers();
+        let listener = TcpListener::bind("127.10.0.90:0").context("bind bench server")?;
+        let server = listener.local_addr()?;
+        thread::spawn(move || serve(listener));
+        let dir = std::env::temp_dir().join(format!("loopgate-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            lg: workspace().join("target/release/loopgate"),
+            client: workspace().join("target/release/xtask"),
+            server,
+            dir,
+            agents: Vec::new(),
+            _relay: None,
+        })
     }
 
-    let side = |s: Side, mode: &str, n: usize| -> Result<Vec<u64>> {
-        let (mut cmd, addr) = match s {
-            Side::Loopgate => {
-                let mut c = Command::new(&lg);
-                c.arg("--config")
-                    .arg(&config)
-                    .args(["exec", "--workload", "bench", "--"])
-                    .arg(&client);
-                (c, server)
+    /// Starts an agent with the bench server as its target; returns its config.
+    fn agent(&mut self, root: &str, extra: &str) -> Result<PathBuf> {
+        let port = free_port()?;
+        let d = self.dir.join(root);
+        std::fs::create_dir_all(&d)?;
+        let config = d.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\ncgroup_root = \"{root}\"\nproxy_port = {port}\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\n\n[[targets]]\nname = \"bench\"\naddress = \"{server}\"\nprotocol = \"tcp\"\n{extra}\n",
+                d = d.display(),
+                server = self.server,
+            ),
+        )?;
+        let log = std::fs::File::create(d.join("agent.log"))?;
+        let child = Command::new(&self.lg)
+            .arg("--config")
+            .arg(&config)
+            .arg("agent")
+            .env("LOOPGATE_LOG", "warn")
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()?;
+        self.agents.push(AgentGuard {
+            child,
+            root: root.to_owned(),
+        });
+        env::wait_ready(&self.lg, &config)?;
+        Ok(config)
+    }
+
+    fn haproxy(&mut self) -> Result<SocketAddr> {
+        if Command::new("haproxy").arg("-v").output().is_err() {
+            run(Command::new("apt-get").args(["install", "-y", "-qq", "haproxy"])).or_else(
+                |_| {
+                    run(Command::new("apt-get").args(["update", "-qq"]))?;
+                    run(Command::new("apt-get").args(["install", "-y", "-qq", "haproxy"]))
+                },
+            )?;
+        }
+        let port = free_port()?;
+        let hcfg = self.dir.join("haproxy.cfg");
+        std::fs::write(
+            &hcfg,
+            format!(
+                "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten relay\n  bind 127.0.0.1:{port}\n  server s1 {}\n",
+                self.server
+            ),
+        )?;
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&hcfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting haproxy")?;
+        self._relay = Some(KillOnDrop(child));
+        let relay: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(relay).is_err() {
+            if Instant::now() > deadline {
+                bail!("haproxy did not start");
             }
-            Side::Direct => (Command::new(&client), server),
-            Side::Haproxy => (Command::new(&client), relay),
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(relay)
+    }
+
+    fn side(&self, s: &Side, mode: &str, n: usize) -> Result<Vec<u64>> {
+        let (mut cmd, addr) = match s {
+            Side::Tagged(_, config) => {
+                let mut c = Command::new(&self.lg);
+                c.arg("--config")
+                    .arg(config)
+                    .args(["exec", "--workload", "bench", "--"])
+                    .arg(&self.client);
+                (c, self.server)
+            }
+            Side::Direct => (Command::new(&self.client), self.server),
+            Side::Relay(_, a) => (Command::new(&self.client), *a),
         };
         let out = cmd
             .args(["bench-client", mode, &addr.to_string(), &n.to_string()])
@@ -234,87 +274,78 @@ pub fn redirect(conns: usize, mib: usize) -> Result<()> {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect())
-    };
-
-    println!("== (a) short connections: {conns} per side, {ROUNDS} alternating rounds");
-    let per_round = conns.div_ceil(ROUNDS);
-    let mut lat: Vec<Vec<u64>> = vec![Vec::new(); SIDES.len()];
-    for s in SIDES {
-        side(s, "short", 200)?; // warm-up
-    }
-    for _ in 0..ROUNDS {
-        for (i, s) in SIDES.iter().enumerate() {
-            lat[i].extend(side(*s, "short", per_round)?);
-        }
-    }
-    let us = |ns: u64| ns as f64 / 1000.0;
-    println!("| side | connections | median µs | p99 µs | added median µs | ratio |");
-    println!("|---|---|---|---|---|---|");
-    let mut med = Vec::new();
-    for (i, s) in SIDES.iter().enumerate() {
-        lat[i].sort_unstable();
-        let (m, p) = (percentile(&lat[i], 0.5), percentile(&lat[i], 0.99));
-        med.push(m);
-        println!(
-            "| {} | {} | {:.1} | {:.1} | {:+.1} | {:.2} |",
-            s.name(),
-            lat[i].len(),
-            us(m),
-            us(p),
-            us(m) - us(med[0]),
-            m as f64 / med[0].max(1) as f64
-        );
     }
 
-    println!("\n== (b) bulk: {mib} MiB per side, 3 alternating rounds (median)");
-    let mut bulk: Vec<Vec<u64>> = vec![Vec::new(); SIDES.len()];
-    for _ in 0..3 {
-        for (i, s) in SIDES.iter().enumerate() {
-            bulk[i].extend(side(*s, "bulk", mib)?);
+    /// Short connections, rounds alternating between the sides.
+    fn short(&self, sides: &[Side], conns: usize) -> Result<()> {
+        println!("== short connections: {conns} per side, {ROUNDS} alternating rounds");
+        let per_round = conns.div_ceil(ROUNDS);
+        let mut lat: Vec<Vec<u64>> = vec![Vec::new(); sides.len()];
+        for s in sides {
+            self.side(s, "short", 200)?; // warm-up
         }
-    }
-    let mibs = |ns: u64| mib as f64 / (ns as f64 / 1e9);
-    println!("| side | MiB/s (median of 3) | ratio to direct |");
-    println!("|---|---|---|");
-    let mut base = 0.0;
-    for (i, s) in SIDES.iter().enumerate() {
-        bulk[i].sort_unstable();
-        let v = mibs(percentile(&bulk[i], 0.5));
-        if i == 0 {
-            base = v;
+        for _ in 0..ROUNDS {
+            for (i, s) in sides.iter().enumerate() {
+                lat[i].extend(self.side(s, "short", per_round)?);
+            }
         }
-        println!("| {} | {v:.0} | {:.3} |", s.name(), v / base);
+        let us = |ns: u64| ns as f64 / 1000.0;
+        println!("| side | connections | median µs | p99 µs | added median µs | ratio |");
+        println!("|---|---|---|---|---|---|");
+        let mut base = 0;
+        for (i, s) in sides.iter().enumerate() {
+            lat[i].sort_unstable();
+            let (m, p) = (percentile(&lat[i], 0.5), percentile(&lat[i], 0.99));
+            if i == 0 {
+                base = m;
+            }
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:+.1} | {:.3} |",
+                s.name(),
+                lat[i].len(),
+                us(m),
+                us(p),
+                us(m) - us(base),
+                m as f64 / base.max(1) as f64
+            );
+        }
+        Ok(())
     }
-    let sessions = Command::new(&lg)
-        .arg("--config")
-        .arg(&config)
-        .args(["sessions", "--json"])
-        .output()?;
-    println!(
-        "\nsessions recorded by the agent during the run: {}",
-        String::from_utf8_lossy(&sessions.stdout).lines().count()
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+
+    fn bulk(&self, sides: &[Side], mib: usize) -> Result<()> {
+        println!("\n== bulk: {mib} MiB per side, 3 alternating rounds (median)");
+        let mut bulk: Vec<Vec<u64>> = vec![Vec::new(); sides.len()];
+        for _ in 0..3 {
+            for (i, s) in sides.iter().enumerate() {
+                bulk[i].extend(self.side(s, "bulk", mib)?);
+            }
+        }
+        let mibs = |ns: u64| mib as f64 / (ns as f64 / 1e9);
+        println!("| side | MiB/s (median of 3) | ratio to direct |");
+        println!("|---|---|---|");
+        let mut base = 0.0;
+        for (i, s) in sides.iter().enumerate() {
+            bulk[i].sort_unstable();
+            let v = mibs(percentile(&bulk[i], 0.5));
+            if i == 0 {
+                base = v;
+            }
+            println!("| {} | {v:.0} | {:.3} |", s.name(), v / base);
+        }
+        Ok(())
+    }
 }
 
-#[derive(Clone, Copy)]
-enum Side {
-    Direct,
-    Haproxy,
-    Loopgate,
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
-const SIDES: [Side; 3] = [Side::Direct, Side::Haproxy, Side::Loopgate];
-
-impl Side {
-    fn name(self) -> &'static str {
-        match self {
-            Side::Direct => "direct",
-            Side::Haproxy => "haproxy (tcp mode, plain relay)",
-            Side::Loopgate => "through loopgate (tagged)",
-        }
-    }
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
 }
 
 struct KillOnDrop(Child);
@@ -324,4 +355,93 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `cargo xtask bench redirect`: direct vs HAProxy vs loopgate.
+pub fn redirect(conns: usize, mib: usize) -> Result<()> {
+    let mut b = Bench::new()?;
+    let config = b.agent(ROOT, "")?;
+    let relay = b.haproxy()?;
+    let sides = [
+        Side::Direct,
+        Side::Relay("haproxy (tcp mode, plain relay)", relay),
+        Side::Tagged("through loopgate (tagged)", config),
+    ];
+    b.short(&sides, conns)?;
+    println!();
+    b.bulk(&sides, mib)
+}
+
+/// `cargo xtask bench audit`: recorder throughput into a local ClickHouse, and
+/// the redirect latency with recording to ClickHouse on vs off.
+pub fn audit(conns: usize, events: u64) -> Result<()> {
+    let mut b = Bench::new()?;
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "loopgate",
+                "--example",
+                "recorder_bench",
+            ]),
+    )?;
+    let ch = loopgate_e2e::ClickHouse::start();
+    println!("== recorder throughput: {events} events (16 columns, 247-byte records) into ClickHouse {}, 3 runs",
+        ch.query("SELECT version()").trim());
+    let bench = workspace().join("target/release/examples/recorder_bench");
+    let mut runs = Vec::new();
+    for i in 0..3 {
+        let out = Command::new(&bench)
+            .args([
+                &ch.url(),
+                &events.to_string(),
+                &format!("loopgate_bench_{i}"),
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "recorder bench failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        println!("{line}");
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        runs.push((
+            v["events_per_s"].as_f64().unwrap_or(0.0),
+            v["mb_per_s"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    runs.sort_by(|a, c| a.0.total_cmp(&c.0));
+    println!("median: {:.0} events/s, {:.1} MB/s\n", runs[1].0, runs[1].1);
+
+    let local = b.agent(ROOT, "")?;
+    let with_ch = b.agent(
+        "lgt-bench-ch",
+        &format!(
+            "[audit]\nclickhouse_url = \"{}\"\ndatabase = \"loopgate_redirect\"\n",
+            ch.url()
+        ),
+    )?;
+    let sides = [
+        Side::Direct,
+        Side::Tagged("loopgate, recording to the local spool only", local),
+        Side::Tagged("loopgate, recording to ClickHouse", with_ch),
+    ];
+    b.short(&sides, conns)?;
+    let want = (conns.div_ceil(ROUNDS) * ROUNDS + 200) as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut shipped = 0;
+    while Instant::now() < deadline {
+        shipped = ch.count("SELECT count() FROM loopgate_redirect.sessions FINAL");
+        if shipped >= want {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    println!("\nsessions of the ClickHouse side delivered to ClickHouse: {shipped} of {want}");
+    Ok(())
 }

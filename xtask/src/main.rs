@@ -34,7 +34,7 @@ enum Cmd {
     Demo,
     /// Benchmarks (figures in BENCHMARKS.md).
     Bench {
-        #[arg(value_parser = ["redirect"])]
+        #[arg(value_parser = ["redirect", "audit"])]
         which: String,
         /// Short connections per side.
         #[arg(long, default_value_t = 5000)]
@@ -42,6 +42,9 @@ enum Cmd {
         /// Bulk transfer per side, MiB.
         #[arg(long, default_value_t = 1024)]
         mib: usize,
+        /// Events per recorder run (audit).
+        #[arg(long, default_value_t = 2_000_000)]
+        events: u64,
     },
     /// The benchmark client (run by `bench`, tagged and untagged).
     #[command(hide = true)]
@@ -63,8 +66,14 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Setup => setup(),
         Cmd::Test { filter } => test(filter),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { which, conns, mib } => match which.as_str() {
+        Cmd::Bench {
+            which,
+            conns,
+            mib,
+            events,
+        } => match which.as_str() {
             "redirect" => bench::redirect(conns, mib),
+            "audit" => bench::audit(conns, events),
             other => anyhow::bail!("unknown benchmark {other}"),
         },
         Cmd::BenchClient { args } => bench::client(&args),

@@ -492,14 +492,14 @@ impl Ch {
     }
 
     /// Inserts a batch of records, table by table.
-    pub async fn insert_records(&self, records: &[Record]) -> Result<(), ChError> {
+    pub async fn insert_records(&self, records: Vec<Record>) -> Result<(), ChError> {
         let (mut s, mut e, mut c, mut a) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in records {
             match r {
-                Record::Session(x) => s.push(x.clone()),
-                Record::Event(x) => e.push(x.clone()),
-                Record::Chunk(x) => c.push(x.clone()),
-                Record::Approval(x) => a.push(x.clone()),
+                Record::Session(x) => s.push(x),
+                Record::Event(x) => e.push(x),
+                Record::Chunk(x) => c.push(x),
+                Record::Approval(x) => a.push(x),
             }
         }
         self.insert("sessions", &s).await?;
@@ -587,6 +587,10 @@ pub struct Shipper {
     pub retention_days: u32,
     /// Records per INSERT batch.
     pub batch: usize,
+    /// After a partial batch, wait this long before the next INSERT: ClickHouse
+    /// wants few large inserts (each one is a new part to merge), and the
+    /// spool holds the records meanwhile.
+    pub interval: Duration,
 }
 
 impl Shipper {
@@ -716,7 +720,8 @@ impl Shipper {
                 }
             }
             if !records.is_empty() {
-                if let Err(e) = self.ch.insert_records(&records).await {
+                let n = records.len() as u64;
+                if let Err(e) = self.ch.insert_records(records).await {
                     self.note_error(&e, &mut last_logged);
                     sleep_or_stop(&stop, backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -733,9 +738,7 @@ impl Shipper {
                         *le = None;
                     }
                 }
-                self.counters
-                    .shipped
-                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                self.counters.shipped.fetch_add(n, Ordering::Relaxed);
             }
             let next = spool::Cursor {
                 segment: c.segment,
@@ -772,6 +775,8 @@ impl Shipper {
             }
             if scan.records.is_empty() && scan.corrupt.is_empty() {
                 wait(&stop, &self.notify).await;
+            } else if scan.records.len() < self.batch {
+                sleep_or_stop(&stop, self.interval).await;
             }
         }
     }

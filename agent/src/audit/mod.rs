@@ -125,6 +125,9 @@ struct Shared {
 #[derive(Default)]
 struct Queue {
     records: Vec<Record>,
+    /// The writer's emptied buffer, handed back so the queue never regrows
+    /// (growing a large Vec of records cost page faults and copies).
+    spare: Vec<Record>,
     closed: bool,
 }
 
@@ -189,8 +192,10 @@ fn write_loop(
                     Err(_) => return,
                 };
             }
-            (std::mem::take(&mut q.records), q.closed)
+            let spare = std::mem::take(&mut q.spare);
+            (std::mem::replace(&mut q.records, spare), q.closed)
         };
+        let mut batch = batch;
         if !batch.is_empty() {
             let n = batch.len() as u64;
             buf.clear();
@@ -216,6 +221,13 @@ fn write_loop(
                 }
             }
         }
+        let n_batch = batch.len();
+        batch.clear();
+        if let Ok(mut q) = sh.queue.lock() {
+            if q.spare.capacity() < batch.capacity() {
+                q.spare = batch;
+            }
+        }
         if closed {
             if sh
                 .queue
@@ -225,7 +237,7 @@ fn write_loop(
             {
                 return;
             }
-        } else if batch.len() < BATCH_RECORDS {
+        } else if n_batch < BATCH_RECORDS {
             std::thread::sleep(BATCH_WINDOW);
         }
     }
