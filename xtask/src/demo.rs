@@ -1,11 +1,14 @@
 //! `cargo xtask demo`: the main job, end to end, on loopback.
 //!
 //! Starts a real HTTP server (python3 http.server) on the loopback alias
-//! 127.10.0.80, the loopgate agent with that server registered as a target and
-//! egress mode `deny`, then runs `curl` as a tagged loop twice: once to the
-//! target (redirected through the proxy and recorded) and once to an address
-//! that is not a target (refused in the kernel and recorded). It prints what the
-//! loop saw and what loopgate recorded, then stops everything and detaches.
+//! 127.10.0.80, a ClickHouse server (Debian's 18.16) on loopback ports with its
+//! data in a temporary directory, and the loopgate agent with the HTTP server
+//! registered as a target, egress mode `deny` and the audit going to
+//! ClickHouse. Then it runs `curl` as a tagged loop twice: once to the target
+//! (redirected through the proxy and recorded) and once to an address that is
+//! not a target (refused in the kernel and recorded). It prints what the loop
+//! saw and what loopgate recorded (sessions, a replay, an analyst query), then
+//! stops everything and detaches.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -63,6 +66,8 @@ pub fn run() -> Result<()> {
         www.join("orders.json"),
         "{\"orders\": [{\"id\": 1, \"item\": \"widget\"}, {\"id\": 2, \"item\": \"gadget\"}]}\n",
     )?;
+    println!("== starting ClickHouse (clickhouse-server 18.16, data in a temporary directory)");
+    let ch = loopgate_e2e::ClickHouse::start();
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
@@ -74,12 +79,17 @@ admin_socket = "{d}/admin.sock"
 state_dir = "{d}/state"
 egress = "deny"
 
+[audit]
+clickhouse_url = "{ch_url}"
+database = "loopgate"
+
 [[targets]]
 name = "orders-api"
 address = "{SERVER}:8080"
 protocol = "http"
 "#,
-            d = dir.display()
+            d = dir.display(),
+            ch_url = ch.url(),
         ),
     )?;
     let mut guard = Guard {
@@ -156,10 +166,30 @@ protocol = "http"
         bail!("the connect to an unregistered destination was not refused");
     }
 
-    // The denial reaches the store through the kernel's ring buffer.
-    std::thread::sleep(Duration::from_millis(300));
-    println!("\n== loopgate sessions");
-    print!("{}", String::from_utf8_lossy(&lg(&["sessions"])?.stdout));
+    println!("\n== waiting for the records to reach ClickHouse");
+    ch.wait_count(
+        "SELECT count() FROM loopgate.sessions FINAL WHERE outcome != 'open'",
+        2,
+        30,
+    );
+    println!("\n== loopgate sessions   (read from ClickHouse)");
+    let sessions = lg(&["sessions"])?;
+    print!("{}", String::from_utf8_lossy(&sessions.stdout));
+    let id = String::from_utf8_lossy(&sessions.stdout)
+        .lines()
+        .find(|l| l.contains("orders-api"))
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .context("the session to the target was not recorded")?;
+    println!("\n== loopgate replay {id}");
+    print!("{}", String::from_utf8_lossy(&lg(&["replay", &id])?.stdout));
+    println!("\n== an analyst query (docs/audit.md: sessions per workload per day)");
+    print!(
+        "{}",
+        ch.query(
+            "SELECT day, workload, count() AS sessions, countIf(outcome = 'denied') AS denied \
+             FROM loopgate.sessions FINAL GROUP BY day, workload ORDER BY day, workload FORMAT PrettyCompactNoEscapes"
+        )
+    );
     println!("\n== loopgate status");
     print!("{}", String::from_utf8_lossy(&lg(&["status"])?.stdout));
     drop(guard);
