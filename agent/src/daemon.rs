@@ -157,6 +157,28 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         cfg.audit.clickhouse_url.is_some(),
     )?);
     let stop = CancellationToken::new();
+    if cfg.audit.clickhouse_url.is_none() {
+        // The spool is the store: keep audit.retention_days of it.
+        let dir = audit.spool_dir.clone();
+        let max_age = Duration::from_secs(u64::from(cfg.audit.retention_days) * 86_400);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let d = dir.clone();
+                match tokio::task::spawn_blocking(move || audit::spool::expire(&d, max_age)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        tracing::info!(segments = n, "removed local audit segments past retention")
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "local audit retention failed"),
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                }
+            }
+        });
+    }
     let shipper = cfg.audit.clickhouse_url.as_ref().map(|url| {
         let mut ch = Ch::new(url, &cfg.audit.database);
         if let Some(user) = &cfg.audit.user {

@@ -299,6 +299,26 @@ pub fn store_cursor(dir: &Path, c: Cursor) -> Result<(), SpoolError> {
     std::fs::rename(&tmp, dir.join("cursor")).map_err(io_err(dir))
 }
 
+/// Deletes closed segments (not the newest) last written more than `max_age`
+/// ago: retention of the local store when no ClickHouse is configured.
+pub fn expire(dir: &Path, max_age: std::time::Duration) -> Result<usize, SpoolError> {
+    let ids = list_segments(dir)?;
+    let mut removed = 0;
+    for &id in ids.iter().rev().skip(1) {
+        let path = segment_path(dir, id);
+        let old = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > max_age);
+        if old {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Bytes in segments at or after the cursor (what is not yet shipped).
 pub fn pending_bytes(dir: &Path, cursor: Option<Cursor>) -> u64 {
     let Ok(ids) = list_segments(dir) else {
@@ -376,6 +396,29 @@ mod tests {
         let got: Vec<&[u8]> = s.records.iter().map(|r| r.1.as_slice()).collect();
         assert_eq!(got, vec![&b"alpha"[..], b"charlie"]);
         assert_eq!(s.corrupt.len(), 1);
+    }
+
+    #[test]
+    fn expiry_keeps_the_newest_segment() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = SpoolWriter::open(d.path(), 64).unwrap();
+        for _ in 0..4 {
+            w.append(&framed(&[&[7u8; 30]])).unwrap();
+        }
+        let before = list_segments(d.path()).unwrap();
+        assert!(before.len() >= 3);
+        assert_eq!(
+            expire(d.path(), std::time::Duration::from_secs(3600)).unwrap(),
+            0
+        );
+        assert_eq!(
+            expire(d.path(), std::time::Duration::ZERO).unwrap(),
+            before.len() - 1
+        );
+        assert_eq!(
+            list_segments(d.path()).unwrap(),
+            vec![*before.last().unwrap()]
+        );
     }
 
     #[test]
