@@ -587,9 +587,14 @@ impl ClickHouse {
         }
     }
 
-    pub fn try_query(&self, sql: &str) -> Result<String, String> {
-        let mut child = Command::new("curl")
-            .args(["-sS", "--fail-with-body", "--data-binary", "@-"])
+    /// POSTs `sql` with curl; `out` receives the raw answer when given.
+    fn curl(&self, sql: &str, out: Option<&Path>) -> Output {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--fail-with-body", "--data-binary", "@-"]);
+        if let Some(p) = out {
+            cmd.arg("-o").arg(p);
+        }
+        let mut child = cmd
             .arg(format!(
                 "{}/?output_format_json_quote_64bit_integers=0",
                 self.url()
@@ -605,7 +610,11 @@ impl ClickHouse {
             .unwrap()
             .write_all(sql.as_bytes())
             .unwrap();
-        let out = child.wait_with_output().unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn try_query(&self, sql: &str) -> Result<String, String> {
+        let out = self.curl(sql, None);
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -669,20 +678,12 @@ impl AgentSpec {
 impl ClickHouse {
     /// Runs a query and writes its raw output to `path`.
     pub fn query_to_file(&self, sql: &str, path: &Path) {
-        let mut child = Command::new("curl")
-            .args(["-sS", "--fail-with-body", "--data-binary", "@-", "-o"])
-            .arg(path)
-            .arg(self.url())
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("curl");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(sql.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "export failed: {sql}");
+        let out = self.curl(sql, Some(path));
+        assert!(
+            out.status.success(),
+            "export failed: {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -172,16 +172,21 @@ fn types(d: Dialect) -> Types {
     }
 }
 
-/// Helper columns and table options around a time column `t`.
-fn time_helpers(d: Dialect, t: &str) -> String {
+/// `<t>_us Int64`: a time column as microseconds, in either dialect.
+fn us_alias(d: Dialect, t: &str) -> String {
     match d {
-        Dialect::Modern => format!(
-            "{t}_us Int64 ALIAS toUnixTimestamp64Micro({t}),\n  day Date ALIAS toDate({t})"
-        ),
-        Dialect::Legacy => format!(
-            "{t}_us Int64 ALIAS {t},\n  day Date ALIAS toDate(toDateTime(intDiv({t}, 1000000), 'UTC'))"
-        ),
+        Dialect::Modern => format!("{t}_us Int64 ALIAS toUnixTimestamp64Micro({t})"),
+        Dialect::Legacy => format!("{t}_us Int64 ALIAS {t}"),
     }
+}
+
+/// Helper columns around the main time column `t`: `<t>_us` and `day`.
+fn time_helpers(d: Dialect, t: &str) -> String {
+    let day = match d {
+        Dialect::Modern => format!("toDate({t})"),
+        Dialect::Legacy => format!("toDate(toDateTime(intDiv({t}, 1000000), 'UTC'))"),
+    };
+    format!("{},\n  day Date ALIAS {day}", us_alias(d, t))
 }
 
 fn partition_and_ttl(d: Dialect, t: &str, retention_days: u32) -> String {
@@ -228,16 +233,12 @@ fn v1(d: Dialect, db: &str, retention_days: u32) -> Vec<String> {
   outcome {lc},
   detail String,
   {helpers},
-  ended_at_us Int64 ALIAS {ended_us}
+  {ended_us}
 ) ENGINE = ReplacingMergeTree(version)
 {part}
 ORDER BY (workload, started_at, session_id)",
             helpers = time_helpers(d, "started_at"),
-            ended_us = if modern {
-                "toUnixTimestamp64Micro(ended_at)"
-            } else {
-                "ended_at"
-            },
+            ended_us = us_alias(d, "ended_at"),
             part = partition_and_ttl(d, "started_at", retention_days),
         ),
         format!(
@@ -297,16 +298,12 @@ ORDER BY (session_id, direction, seq)",
   approver {lc},
   reason String,
   {helpers},
-  decided_at_us Int64 ALIAS {decided_us}
+  {decided_us}
 ) ENGINE = ReplacingMergeTree(version)
 {part}
 ORDER BY (workload, requested_at, approval_id)",
             helpers = time_helpers(d, "requested_at"),
-            decided_us = if modern {
-                "toUnixTimestamp64Micro(decided_at)"
-            } else {
-                "decided_at"
-            },
+            decided_us = us_alias(d, "decided_at"),
             part = partition_and_ttl(d, "requested_at", retention_days),
         ),
     ]
