@@ -8,6 +8,7 @@
 //! - [`ebpf`]: loading, pinning and attaching the kernel programs; the only
 //!   writer to their maps; the denial ring buffer and aya-log pump.
 //! - [`targets`]: registered targets, host name resolution, the target map.
+//! - [`policy`]: policy files, compilation, pure evaluation, hot reload.
 //! - [`proxy`]: accept, original destination + identity, session tracking.
 //! - [`protocol`]: protocol handlers (raw TCP so far).
 //! - [`audit`]: the audit sink (queue → durable spool → ClickHouse), schema,
@@ -28,6 +29,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod exec;
 pub mod protocol;
+pub mod policy;
 pub mod proxy;
 pub mod secrets;
 pub mod targets;

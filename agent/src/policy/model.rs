@@ -1,0 +1,503 @@
+//! Policy files: strict TOML, every error with `file:line:column` and a reason.
+//!
+//! ```toml
+//! [defaults]
+//! action = "allow"                 # when no rule and no target default applies
+//!
+//! [[workloads]]                    # a named selector; every given criterion must match
+//! name = "etl"
+//! workload = "nightly-*"           # glob on the workload name
+//! cgroup = "loopgate/nightly-*/*"  # glob on the cgroup path
+//! uid = 1000
+//! exe = "/usr/bin/psql"            # glob on the executable path
+//!
+//! [[targets]]
+//! name = "orders-db"               # a target of agent.toml
+//! default = "deny"                 # allow | deny | approve
+//! reason = "orders-db is closed unless a rule opens it"
+//!
+//! [[rules]]
+//! id = "etl-reads-orders"
+//! workloads = ["etl"]              # selector names, or "*" (the default)
+//! targets = ["orders-db"]          # target names, or "*"
+//! protocols = ["postgres"]         # optional
+//! kinds = ["connect"]              # optional globs on the request kind
+//! action = "approve"               # allow | deny | approve | mask
+//! reason = "writes need a human"
+//! approvers = ["alice"]            # approve: who may decide (default: any approver)
+//! approval_timeout = "5m"          # approve: refused after this (default 5m)
+//! grant = "10m"                    # approve: once | session | a duration
+//! mask = ["password"]              # mask: fields to mask in responses
+//! ```
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    glob, glob_set, ApprovalSpec, Grant, Policy, Rule, Verdict, WorkloadSel,
+    DEFAULT_APPROVAL_TIMEOUT,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub reason: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.reason)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.reason
+            )
+        }
+    }
+}
+
+/// All the errors of a policy set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    defaults: Option<Spanned<RawDefaults>>,
+    #[serde(default)]
+    workloads: Vec<Spanned<RawWorkload>>,
+    #[serde(default)]
+    targets: Vec<Spanned<RawTarget>>,
+    #[serde(default)]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    action: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    name: Spanned<String>,
+    #[serde(default)]
+    workload: Option<Spanned<String>>,
+    #[serde(default)]
+    cgroup: Option<Spanned<String>>,
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    exe: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Spanned<String>,
+    default: Spanned<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: Spanned<String>,
+    #[serde(default)]
+    workloads: Option<Spanned<Vec<String>>>,
+    targets: Spanned<Vec<String>>,
+    #[serde(default)]
+    protocols: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    kinds: Option<Spanned<Vec<String>>>,
+    action: Spanned<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    approvers: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    approval_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    grant: Option<Spanned<String>>,
+    #[serde(default)]
+    mask: Option<Spanned<Vec<String>>>,
+}
+
+const PROTOCOLS: &[&str] = &["postgres", "ssh", "http", "https", "kubernetes", "tcp"];
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: &'a mut Vec<PolicyError>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, span: Range<usize>, reason: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.errors.push(PolicyError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            reason: reason.into(),
+        });
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn parse_grant(s: &str) -> Result<Grant, String> {
+    match s {
+        "once" => Ok(Grant::Once),
+        "session" => Ok(Grant::Session),
+        d => humantime::parse_duration(d)
+            .map(Grant::For)
+            .map_err(|_| format!("grant `{d}` is not once, session or a duration like 10m")),
+    }
+}
+
+/// Loads and compiles every `*.toml` in `dir`, in name order. `targets`, when
+/// given, are the target names of the agent config: rules naming others are
+/// errors. Returns every error found, not just the first.
+pub fn load_dir(dir: &Path, targets: Option<&HashSet<String>>) -> Result<Policy, PolicyErrors> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(e) => {
+            return Err(PolicyErrors(vec![PolicyError {
+                file: dir.to_owned(),
+                line: 0,
+                column: 0,
+                reason: format!("cannot read the policy directory: {e}"),
+            }]))
+        }
+    };
+    files.sort();
+    let mut texts = Vec::new();
+    let mut errors = Vec::new();
+    for f in &files {
+        match std::fs::read_to_string(f) {
+            Ok(t) => texts.push((f.clone(), t)),
+            Err(e) => errors.push(PolicyError {
+                file: f.clone(),
+                line: 0,
+                column: 0,
+                reason: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    let sources: Vec<(&Path, &str)> = texts.iter().map(|(p, t)| (p.as_path(), t.as_str())).collect();
+    match compile(&sources, targets) {
+        Ok(p) if errors.is_empty() => Ok(p),
+        Ok(_) => Err(PolicyErrors(errors)),
+        Err(PolicyErrors(mut more)) => {
+            errors.append(&mut more);
+            Err(PolicyErrors(errors))
+        }
+    }
+}
+
+/// Compiles policy sources (file name, text).
+pub fn compile(
+    sources: &[(&Path, &str)],
+    targets: Option<&HashSet<String>>,
+) -> Result<Policy, PolicyErrors> {
+    let mut errors = Vec::new();
+    let mut parsed = Vec::new();
+    for (file, text) in sources {
+        match toml::from_str::<RawFile>(text) {
+            Ok(raw) => parsed.push((*file, *text, raw)),
+            Err(e) => {
+                let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+                errors.push(PolicyError {
+                    file: file.to_path_buf(),
+                    line,
+                    column,
+                    reason: e.message().trim().to_owned(),
+                });
+            }
+        }
+    }
+
+    let mut policy = Policy {
+        default: Verdict::Allow,
+        files: sources.len(),
+        ..Default::default()
+    };
+    let mut default_seen: Option<(PathBuf, usize)> = None;
+    let mut workload_ix: HashMap<String, usize> = HashMap::new();
+
+    // Pass 1: defaults, workload selectors and target defaults (rules in any
+    // file may name workloads of any other file).
+    for (file, text, raw) in &parsed {
+        let mut cx = Ctx {
+            file,
+            text,
+            errors: &mut errors,
+        };
+        if let Some(d) = &raw.defaults {
+            let a = &d.get_ref().action;
+            match Verdict::parse(a.get_ref()) {
+                Some(Verdict::Mask) | None => cx.err(
+                    a.span(),
+                    format!("action `{}` is not allow, deny or approve", a.get_ref()),
+                ),
+                Some(v) => policy.default = v,
+            }
+            if let Some((f, line)) = &default_seen {
+                cx.err(d.span(), format!("[defaults] is already set in {}:{line}", f.display()));
+            }
+            default_seen = Some((file.to_path_buf(), line_col(text, d.span().start).0));
+        }
+        for w in &raw.workloads {
+            let w = w.get_ref();
+            let name = w.name.get_ref();
+            if let Err(r) = crate::config::validate_name(name) {
+                cx.err(w.name.span(), format!("workload name: {r}"));
+            }
+            if workload_ix.contains_key(name) {
+                cx.err(w.name.span(), format!("duplicate workload `{name}`"));
+                continue;
+            }
+            if w.workload.is_none() && w.cgroup.is_none() && w.uid.is_none() && w.exe.is_none() {
+                cx.err(
+                    w.name.span(),
+                    format!("workload `{name}` has no selector (workload, cgroup, uid or exe); rules use \"*\" for every workload"),
+                );
+                continue;
+            }
+            let g = |s: &Option<Spanned<String>>, cx: &mut Ctx<'_>| match s {
+                None => None,
+                Some(p) => match glob(p.get_ref()) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        cx.err(p.span(), format!("bad glob `{}`: {e}", p.get_ref()));
+                        None
+                    }
+                },
+            };
+            let sel = WorkloadSel {
+                name: name.clone(),
+                workload: g(&w.workload, &mut cx),
+                cgroup: g(&w.cgroup, &mut cx),
+                uid: w.uid,
+                exe: g(&w.exe, &mut cx),
+            };
+            policy.needs_exe |= sel.exe.is_some();
+            workload_ix.insert(name.clone(), policy.workloads.len());
+            policy.workloads.push(sel);
+        }
+        for t in &raw.targets {
+            let t = t.get_ref();
+            let name = t.name.get_ref();
+            if let Some(known) = targets {
+                if !known.contains(name) {
+                    cx.err(t.name.span(), format!("`{name}` is not a target of the agent config"));
+                }
+            }
+            let v = match Verdict::parse(t.default.get_ref()) {
+                Some(Verdict::Mask) | None => {
+                    cx.err(
+                        t.default.span(),
+                        format!("default `{}` is not allow, deny or approve", t.default.get_ref()),
+                    );
+                    continue;
+                }
+                Some(v) => v,
+            };
+            if policy.target_defaults.contains_key(name) {
+                cx.err(t.name.span(), format!("target `{name}` already has a default"));
+                continue;
+            }
+            let reason = t
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("no rule matched; {name} defaults to {}", v.as_str()));
+            policy.target_defaults.insert(name.clone(), (v, reason));
+        }
+    }
+
+    // Pass 2: rules.
+    let mut rule_ids: HashSet<String> = HashSet::new();
+    for (file, text, raw) in &parsed {
+        let mut cx = Ctx {
+            file,
+            text,
+            errors: &mut errors,
+        };
+        for r in &raw.rules {
+            let r = r.get_ref();
+            let id = r.id.get_ref();
+            if id.is_empty() || id.contains(char::is_whitespace) {
+                cx.err(r.id.span(), "rule id must be non-empty and without spaces");
+            }
+            if !rule_ids.insert(id.clone()) {
+                cx.err(r.id.span(), format!("duplicate rule id `{id}`"));
+            }
+            let Some(verdict) = Verdict::parse(r.action.get_ref()) else {
+                cx.err(
+                    r.action.span(),
+                    format!("action `{}` is not allow, deny, approve or mask", r.action.get_ref()),
+                );
+                continue;
+            };
+            let mut workloads = Vec::new();
+            if let Some(ws) = &r.workloads {
+                if ws.get_ref().is_empty() {
+                    cx.err(ws.span(), "workloads is empty (use [\"*\"] for every workload)");
+                }
+                if !ws.get_ref().iter().any(|w| w == "*") {
+                    for w in ws.get_ref() {
+                        match workload_ix.get(w) {
+                            Some(&i) => workloads.push(i),
+                            None => cx.err(ws.span(), format!("unknown workload `{w}` (define it in a [[workloads]] table)")),
+                        }
+                    }
+                }
+            }
+            let ts = r.targets.get_ref();
+            if ts.is_empty() {
+                cx.err(r.targets.span(), "targets is empty (use [\"*\"] for every target)");
+            }
+            if let Some(known) = targets {
+                for t in ts.iter().filter(|t| *t != "*") {
+                    if !known.contains(t) {
+                        cx.err(r.targets.span(), format!("`{t}` is not a target of the agent config"));
+                    }
+                }
+            }
+            let protocols = r.protocols.as_ref().map(|p| {
+                for x in p.get_ref() {
+                    if !PROTOCOLS.contains(&x.as_str()) {
+                        cx.err(p.span(), format!("unknown protocol `{x}` (one of {})", PROTOCOLS.join(", ")));
+                    }
+                }
+                p.get_ref().clone()
+            });
+            let kinds = r.kinds.as_ref().and_then(|k| match glob_set(k.get_ref()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    cx.err(k.span(), format!("bad glob in kinds: {e}"));
+                    None
+                }
+            });
+            let approval = if verdict == Verdict::Approve {
+                let timeout = match &r.approval_timeout {
+                    None => DEFAULT_APPROVAL_TIMEOUT,
+                    Some(t) => match humantime::parse_duration(t.get_ref()) {
+                        Ok(d) if !d.is_zero() => d,
+                        _ => {
+                            cx.err(t.span(), format!("approval_timeout `{}` is not a duration like 5m", t.get_ref()));
+                            DEFAULT_APPROVAL_TIMEOUT
+                        }
+                    },
+                };
+                let grant = match &r.grant {
+                    None => Grant::Once,
+                    Some(g) => parse_grant(g.get_ref()).unwrap_or_else(|e| {
+                        cx.err(g.span(), e);
+                        Grant::Once
+                    }),
+                };
+                Some(ApprovalSpec {
+                    approvers: r.approvers.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default(),
+                    timeout,
+                    grant,
+                })
+            } else {
+                for (field, span) in [
+                    ("approvers", r.approvers.as_ref().map(|a| a.span())),
+                    ("approval_timeout", r.approval_timeout.as_ref().map(|a| a.span())),
+                    ("grant", r.grant.as_ref().map(|a| a.span())),
+                ] {
+                    if let Some(span) = span {
+                        cx.err(span, format!("{field} only applies to action = \"approve\""));
+                    }
+                }
+                None
+            };
+            let mask = match (&r.mask, verdict) {
+                (Some(m), Verdict::Mask) if !m.get_ref().is_empty() => m.get_ref().clone(),
+                (_, Verdict::Mask) => {
+                    cx.err(r.action.span(), "action = \"mask\" needs a non-empty mask list");
+                    Vec::new()
+                }
+                (Some(m), _) => {
+                    cx.err(m.span(), "mask only applies to action = \"mask\"");
+                    Vec::new()
+                }
+                (None, _) => Vec::new(),
+            };
+            let ix = policy.rules.len();
+            policy.rules.push(Rule {
+                id: id.clone(),
+                workloads,
+                protocols,
+                kinds,
+                verdict,
+                reason: r
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| format!("rule {id}: {}", verdict.as_str())),
+                approval,
+                mask,
+            });
+            if ts.iter().any(|t| t == "*") {
+                policy.any_target.push(ix);
+            } else {
+                for t in ts {
+                    policy.by_target.entry(t.clone()).or_default().push(ix);
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(policy)
+    } else {
+        Err(PolicyErrors(errors))
+    }
+}
+
+/// Durations in messages.
+pub fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}

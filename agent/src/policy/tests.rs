@@ -1,0 +1,217 @@
+use std::{collections::HashSet, path::Path};
+
+use super::{model::compile, *};
+
+fn policy(text: &str) -> Policy {
+    compile(&[(Path::new("p.toml"), text)], None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn errors(text: &str) -> Vec<String> {
+    let known: HashSet<String> = ["db", "web", "ssh-host"].iter().map(|s| s.to_string()).collect();
+    match compile(&[(Path::new("/etc/loopgate/policies/p.toml"), text)], Some(&known)) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+fn req<'a>(workload: &'a str, target: &'a str) -> Request<'a> {
+    Request {
+        workload,
+        cgroup: "",
+        uid: 1000,
+        exe: None,
+        target,
+        protocol: "tcp",
+        kind: "connect",
+    }
+}
+
+const SET: &str = r#"
+[defaults]
+action = "allow"
+
+[[workloads]]
+name = "etl"
+workload = "etl-*"
+
+[[workloads]]
+name = "root-loops"
+uid = 0
+
+[[targets]]
+name = "db"
+default = "deny"
+reason = "db is closed by default"
+
+[[targets]]
+name = "vault"
+default = "approve"
+
+[[rules]]
+id = "etl-db"
+workloads = ["etl"]
+targets = ["db"]
+action = "allow"
+
+[[rules]]
+id = "etl-db-approve"
+workloads = ["etl"]
+targets = ["db"]
+action = "approve"
+approvers = ["alice"]
+approval_timeout = "30s"
+grant = "10m"
+
+[[rules]]
+id = "no-root"
+workloads = ["root-loops"]
+targets = ["*"]
+action = "deny"
+reason = "loops never run as root"
+
+[[rules]]
+id = "web-mask"
+targets = ["web"]
+action = "mask"
+mask = ["password"]
+
+[[rules]]
+id = "web-allow"
+targets = ["web"]
+action = "allow"
+"#;
+
+#[test]
+fn precedence_and_defaults_table() {
+    let p = policy(SET);
+    let root = Request {
+        uid: 0,
+        ..req("etl-nightly", "web")
+    };
+    let cases: Vec<(Request<'_>, Verdict, &str)> = vec![
+        // approve beats allow for the same workload × target
+        (req("etl-nightly", "db"), Verdict::Approve, "etl-db-approve"),
+        // no rule: the target default
+        (req("reporting", "db"), Verdict::Deny, "target-default:db"),
+        (req("reporting", "vault"), Verdict::Approve, "target-default:vault"),
+        // no rule, no target default: the global default
+        (req("reporting", "other"), Verdict::Allow, "default"),
+        // mask beats allow
+        (req("reporting", "web"), Verdict::Mask, "web-mask"),
+        // deny beats everything, via a wildcard target
+        (root, Verdict::Deny, "no-root"),
+    ];
+    for (r, verdict, rule) in cases {
+        let d = p.evaluate(&r, None);
+        assert_eq!((d.verdict, d.rule_id.as_str()), (verdict, rule), "{r:?}");
+    }
+    let d = p.evaluate(&req("etl-nightly", "db"), None);
+    let a = d.approval.unwrap();
+    assert_eq!(a.approvers, vec!["alice".to_string()]);
+    assert_eq!(a.timeout, std::time::Duration::from_secs(30));
+    assert_eq!(a.grant, Grant::For(std::time::Duration::from_secs(600)));
+    assert_eq!(p.evaluate(&req("x", "web"), None).mask, vec!["password".to_string()]);
+    assert_eq!(p.evaluate(&req("reporting", "db"), None).reason, "db is closed by default");
+}
+
+#[test]
+fn selectors_combine_criteria() {
+    let p = policy(
+        r#"
+[[workloads]]
+name = "psql-etl"
+workload = "etl"
+cgroup = "loopgate/etl/*"
+exe = "/usr/bin/psql*"
+
+[[rules]]
+id = "r"
+workloads = ["psql-etl"]
+targets = ["*"]
+action = "deny"
+"#,
+    );
+    assert!(p.needs_exe);
+    let mut r = Request {
+        cgroup: "loopgate/etl/i-1",
+        exe: Some("/usr/bin/psql"),
+        ..req("etl", "db")
+    };
+    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Deny);
+    r.exe = Some("/usr/bin/python3");
+    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow);
+    r.exe = None;
+    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow, "unknown exe never matches an exe selector");
+}
+
+#[test]
+fn protocols_and_kinds_narrow_rules() {
+    let p = policy(
+        r#"
+[[rules]]
+id = "pg-only"
+targets = ["*"]
+protocols = ["postgres"]
+kinds = ["sql:*"]
+action = "deny"
+"#,
+    );
+    let mut r = req("w", "db");
+    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow);
+    r.protocol = "postgres";
+    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow);
+    r.kind = "sql:drop";
+    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Deny);
+}
+
+#[test]
+fn errors_have_file_line_column_and_reason() {
+    let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"db\"]\naction = \"permit\"\n");
+    assert_eq!(
+        e,
+        vec!["/etc/loopgate/policies/p.toml:4:10: action `permit` is not allow, deny, approve or mask"]
+    );
+    let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"db\"]\nactoin = \"allow\"\n");
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("/etc/loopgate/policies/p.toml:4:1: unknown field `actoin`"), "{e:?}");
+    // Every error is reported, not just the first.
+    let e = errors(
+        "[[rules]]\nid = \"a\"\nworkloads = [\"ghost\"]\ntargets = [\"nope\"]\naction = \"allow\"\ngrant = \"once\"\n\n[[rules]]\nid = \"a\"\ntargets = [\"db\"]\naction = \"deny\"\n",
+    );
+    assert_eq!(e.len(), 4, "{e:#?}");
+    assert!(e[0].contains(":3:13: unknown workload `ghost`"), "{e:#?}");
+    assert!(e[1].contains(":4:11: `nope` is not a target of the agent config"), "{e:#?}");
+    assert!(e[2].contains(":6:9: grant only applies to action = \"approve\""), "{e:#?}");
+    assert!(e[3].contains(":9:6: duplicate rule id `a`"), "{e:#?}");
+    let e = errors("[[rules]]\nid = \"m\"\ntargets = [\"web\"]\naction = \"mask\"\n");
+    assert!(e[0].contains(":4:10: action = \"mask\" needs a non-empty mask list"), "{e:?}");
+    let e = errors("[[workloads]]\nname = \"w\"\n");
+    assert!(e[0].contains(":2:8: workload `w` has no selector"), "{e:?}");
+    let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"db\"]\naction = \"approve\"\napproval_timeout = \"soon\"\n");
+    assert!(e[0].contains(":5:20: approval_timeout `soon` is not a duration"), "{e:?}");
+}
+
+#[test]
+fn shipped_policies_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let p = load_dir(&dir, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(p.files >= 1);
+}
+
+#[test]
+fn evaluation_with_many_rules_picks_the_strongest() {
+    let mut text = String::from("[[workloads]]\nname = \"w\"\nworkload = \"w-*\"\n");
+    for i in 0..1000 {
+        text.push_str(&format!(
+            "[[rules]]\nid = \"r{i}\"\nworkloads = [\"w\"]\ntargets = [\"t{}\"]\naction = \"{}\"\n",
+            i % 50,
+            if i == 777 { "deny" } else { "allow" }
+        ));
+    }
+    let p = policy(&text);
+    assert_eq!(p.rule_count(), 1000);
+    let d = p.evaluate(&req("w-1", "t27"), None);
+    assert_eq!((d.verdict, d.rule_id.as_str()), (Verdict::Deny, "r777"));
+    let d = p.evaluate(&req("w-1", "t28"), None);
+    assert_eq!(d.verdict, Verdict::Allow);
+}
