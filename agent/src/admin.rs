@@ -46,11 +46,29 @@ pub enum AdminError {
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    ApprovalsList,
+    ApprovalsDecide {
+        id: uuid::Uuid,
+        approve: bool,
+        #[serde(default)]
+        reason: String,
+    },
 }
 
-/// Answers requests; implemented by the daemon.
+/// Who is calling, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: Option<i32>,
+    /// Root, the agent's uid, or a member of `admin_group`.
+    pub admin: bool,
+}
+
+/// Answers requests; implemented by the daemon. Errors are `{"error": ...}`.
 pub trait Handler: Send + Sync + 'static {
-    fn status(&self) -> serde_json::Value;
+    fn handle(&self, req: Request, caller: Caller) -> serde_json::Value;
+    /// Whether a caller that is not an administrator may still talk (approvers).
+    fn is_approver(&self, uid: u32) -> bool;
 }
 
 pub struct Server {
@@ -168,7 +186,8 @@ async fn serve_one(
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let (r, mut w) = stream.into_split();
-    if !authorised(cred.uid(), cred.pid(), group) {
+    let admin = authorised(cred.uid(), cred.pid(), group);
+    if !admin && !handler.is_approver(cred.uid()) {
         tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an administrator");
         let msg = serde_json::json!({
             "error": format!("permission denied: uid {} may not use the admin socket", cred.uid())
@@ -178,8 +197,13 @@ async fn serve_one(
     }
     let mut lines = TokioBufReader::new(r.take(64 * 1024)).lines();
     while let Some(line) = lines.next_line().await? {
+        let caller = Caller {
+            uid: cred.uid(),
+            pid: cred.pid(),
+            admin,
+        };
         let answer = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Status) => handler.status(),
+            Ok(req) => handler.handle(req, caller),
             Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
         };
         w.write_all(format!("{answer}\n").as_bytes()).await?;

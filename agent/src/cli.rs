@@ -60,6 +60,16 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Requests held for approval.
+    Approvals {
+        #[command(subcommand)]
+        cmd: ApprovalsCmd,
+    },
+    /// Policies.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Print the ClickHouse DDL the agent applies (for analysts and reviews).
     AuditSchema {
         #[arg(long, value_parser = ["modern", "legacy"], default_value = "modern")]
@@ -80,6 +90,34 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ApprovalsCmd {
+    /// Pending requests.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a held request through (you must be a configured approver).
+    Approve {
+        id: uuid::Uuid,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Refuse a held request.
+    Deny {
+        id: uuid::Uuid,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// Validate a policy directory (default: agent.policies of the config).
+    /// Exit 0 when valid; otherwise every error as file:line:column: reason.
+    Check { dir: Option<PathBuf> },
 }
 
 pub fn main() -> ExitCode {
@@ -195,6 +233,99 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             print_replay(&r, json)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Approvals { cmd } => {
+            let cfg = config::Config::load(&cli.config)?;
+            let sock = &cfg.agent.admin_socket;
+            match cmd {
+                ApprovalsCmd::List { json } => {
+                    let v = admin::call(sock, &admin::Request::ApprovalsList)?;
+                    let pending = v["pending"].as_array().cloned().unwrap_or_default();
+                    if json {
+                        for p in &pending {
+                            println!("{p}");
+                        }
+                    } else {
+                        println!(
+                            "{:<36}  {:<12} {:<12} {:<20} {:<27} REQUEST",
+                            "APPROVAL", "WORKLOAD", "TARGET", "RULE", "EXPIRES"
+                        );
+                        for p in &pending {
+                            let f = |k: &str| p[k].as_str().unwrap_or("").to_owned();
+                            println!(
+                                "{:<36}  {:<12} {:<12} {:<20} {:<27} {}",
+                                f("approval_id"),
+                                f("workload"),
+                                f("target"),
+                                f("rule_id"),
+                                f("expires_at"),
+                                f("request")
+                            );
+                        }
+                    }
+                }
+                ApprovalsCmd::Approve { id, reason } => {
+                    admin::call(
+                        sock,
+                        &admin::Request::ApprovalsDecide {
+                            id,
+                            approve: true,
+                            reason,
+                        },
+                    )?;
+                    println!("approved {id}");
+                }
+                ApprovalsCmd::Deny { id, reason } => {
+                    admin::call(
+                        sock,
+                        &admin::Request::ApprovalsDecide {
+                            id,
+                            approve: false,
+                            reason,
+                        },
+                    )?;
+                    println!("denied {id}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Policy {
+            cmd: PolicyCmd::Check { dir },
+        } => {
+            let cfg = config::Config::load(&cli.config);
+            let dir = match (&dir, &cfg) {
+                (Some(d), _) => d.clone(),
+                (None, Ok(c)) => c.agent.policies.clone(),
+                (None, Err(e)) => bail!("{e} (pass the policy directory explicitly)"),
+            };
+            let targets: Option<std::collections::HashSet<String>> = match &cfg {
+                Ok(c) => Some(c.targets.iter().map(|t| t.name.clone()).collect()),
+                Err(_) => {
+                    eprintln!(
+                        "note: {} not readable; target names are not checked",
+                        cli.config.display()
+                    );
+                    None
+                }
+            };
+            match crate::policy::load_dir(&dir, targets.as_ref()) {
+                Ok(p) => {
+                    println!(
+                        "{}: ok ({} files, {} rules)",
+                        dir.display(),
+                        p.files,
+                        p.rule_count()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(errors) => {
+                    for e in &errors.0 {
+                        eprintln!("{e}");
+                    }
+                    eprintln!("{} error(s)", errors.0.len());
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Cmd::AuditSchema { dialect, database } => {
             let db = match database {

@@ -47,6 +47,9 @@ pub struct Config {
     /// workloads in addition to `<cgroup_root>/<workload>/...`.
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
+    /// Who may decide approvals: the admin socket peer's uid → approver name.
+    #[serde(default)]
+    pub approvers: Vec<ApproverConfig>,
     /// The file this was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
@@ -230,6 +233,17 @@ impl fmt::Debug for CredentialConfig {
             .field("cert_file", &self.cert_file.is_some())
             .finish_non_exhaustive()
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverConfig {
+    pub name: String,
+    /// The approver's uid, or `user` (a login name resolved at start).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -475,6 +489,21 @@ impl Config {
                 }
             }
         }
+        let mut approvers = HashSet::new();
+        for (i, a) in self.approvers.iter().enumerate() {
+            validate_name(&a.name).map_err(|r| self.invalid(format!("approvers[{i}].name"), r))?;
+            if !approvers.insert(a.name.as_str()) {
+                return Err(self.invalid(
+                    format!("approvers[{i}].name"),
+                    format!("duplicate approver `{}`", a.name),
+                ));
+            }
+            if a.uid.is_some() == a.user.is_some() {
+                return Err(
+                    self.invalid(format!("approvers[{i}]"), "set exactly one of uid or user")
+                );
+            }
+        }
         let mut wl = HashSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
             validate_name(&w.name).map_err(|r| self.invalid(format!("workloads[{i}].name"), r))?;
@@ -547,6 +576,40 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
+}
+
+impl Config {
+    /// Approver uid → name, resolving `user` entries.
+    pub fn approver_uids(&self) -> Result<std::collections::HashMap<u32, String>, ConfigError> {
+        let mut m = std::collections::HashMap::new();
+        for (i, a) in self.approvers.iter().enumerate() {
+            let uid = match (a.uid, &a.user) {
+                (Some(u), _) => u,
+                (None, Some(user)) => {
+                    let c = std::ffi::CString::new(user.as_str()).map_err(|_| {
+                        self.invalid(format!("approvers[{i}].user"), "not a valid user name")
+                    })?;
+                    // SAFETY: getpwnam returns static storage or null; pw_uid is copied at once.
+                    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+                    if pw.is_null() {
+                        return Err(self.invalid(
+                            format!("approvers[{i}].user"),
+                            format!("no user `{user}` on this host"),
+                        ));
+                    }
+                    unsafe { (*pw).pw_uid }
+                }
+                (None, None) => continue,
+            };
+            if let Some(other) = m.insert(uid, a.name.clone()) {
+                return Err(self.invalid(
+                    format!("approvers[{i}]"),
+                    format!("uid {uid} is already approver `{other}`"),
+                ));
+            }
+        }
+        Ok(m)
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::{
     admin,
+    approval::Approvals,
     audit::{
         self,
         clickhouse::{Ch, Shipper},
@@ -25,6 +26,7 @@ use crate::{
     cgroup::{self, WorkloadResolver},
     config::{Config, Protocol},
     ebpf::{self, AttachPoint, Kernel, LoadOptions},
+    policy::store::PolicyStore,
     proxy::{self, Proxy, SessionTable},
     targets::TargetTable,
 };
@@ -55,10 +57,16 @@ pub enum DaemonError {
     },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("policies refused at start:\n{0}")]
+    Policy(#[from] crate::policy::PolicyErrors),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 struct Status {
     started: Instant,
+    policy: Arc<PolicyStore>,
+    approvals: Arc<Approvals>,
     cfg: Config,
     mount: PathBuf,
     kernel: Arc<Kernel>,
@@ -68,6 +76,37 @@ struct Status {
 }
 
 impl admin::Handler for Status {
+    fn is_approver(&self, uid: u32) -> bool {
+        self.approvals.approver_name(uid).is_some()
+    }
+
+    fn handle(&self, req: admin::Request, caller: admin::Caller) -> serde_json::Value {
+        let err = |m: String| serde_json::json!({ "error": m });
+        match req {
+            admin::Request::Status if caller.admin => self.status(),
+            admin::Request::Status => err(format!(
+                "permission denied: uid {} is an approver, not an administrator",
+                caller.uid
+            )),
+            admin::Request::ApprovalsList => {
+                serde_json::json!({ "pending": self.approvals.list() })
+            }
+            admin::Request::ApprovalsDecide {
+                id,
+                approve,
+                reason,
+            } => match self.approvals.decide(id, caller.uid, approve, reason) {
+                Ok(held) => serde_json::json!({ "decided": held, "approved": approve }),
+                Err(e) => {
+                    tracing::warn!(uid = caller.uid, pid = ?caller.pid, error = %e, "approval decision refused");
+                    err(e.to_string())
+                }
+            },
+        }
+    }
+}
+
+impl Status {
     fn status(&self) -> serde_json::Value {
         let stats: serde_json::Map<String, serde_json::Value> = self
             .kernel
@@ -92,6 +131,8 @@ impl admin::Handler for Status {
             "kernel_counters": stats,
             "audit": self.audit.stats(),
             "spool_depth": self.audit.stats().spool_pending_bytes,
+            "policy": self.policy.status(),
+            "approvals_pending": self.approvals.pending_count(),
         })
     }
 }
@@ -119,7 +160,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // Handlers first: a SIGTERM that arrives while starting must drain, not kill.
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     raise_fd_limit();
+    let approver_uids = cfg.approver_uids()?;
+    let policy = Arc::new(PolicyStore::open(
+        &cfg.agent.policies,
+        cfg.targets.iter().map(|t| t.name.clone()).collect(),
+    )?);
     let mount = cgroup::cgroup2_mount()?;
     let root = mount.join(cfg.agent.cgroup_root.trim_matches('/'));
     cgroup::create_dir(&root)?;
@@ -243,11 +290,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             .map(|w| (w.name.clone(), w.cgroup.clone()))
             .collect(),
     ));
+    let approvals = Arc::new(Approvals::new(approver_uids, audit.clone(), host.clone()));
+    tokio::spawn(policy.clone().watch(Duration::from_secs(2), stop.clone()));
     let proxy = Arc::new(Proxy {
         kernel: kernel.clone(),
         workloads: workloads.clone(),
         targets: targets.clone(),
         audit: audit.clone(),
+        policy: policy.clone(),
+        approvals: approvals.clone(),
         capture_bytes: cfg.audit.capture_bytes,
         masker,
         host: host.clone(),
@@ -306,6 +357,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
 
     let status = Arc::new(Status {
         started,
+        policy: policy.clone(),
+        approvals: approvals.clone(),
         cfg: cfg.clone(),
         mount,
         kernel: kernel.clone(),
@@ -324,9 +377,16 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         "loopgate agent ready"
     );
 
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading policies");
+                let p = policy.clone();
+                let _ = tokio::task::spawn_blocking(move || p.reload()).await;
+            }
+        }
     }
     stop.cancel();
     proxy.tracker.close();

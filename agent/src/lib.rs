@@ -16,11 +16,13 @@
 //! - [`secrets`]: stored credentials, never printed, and the masker that keeps
 //!   them out of audit records.
 //! - [`admin`]: the admin unix socket (server and client).
+//! - [`approval`]: held requests, approvers, grants, timeouts.
 //! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
 //! - [`daemon`]: `loopgate agent`, wiring it all together.
 //! - [`cli`], [`telemetry`]: the command line and logging.
 
 pub mod admin;
+pub mod approval;
 pub mod audit;
 pub mod cgroup;
 pub mod cli;
@@ -28,8 +30,8 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod exec;
-pub mod protocol;
 pub mod policy;
+pub mod protocol;
 pub mod proxy;
 pub mod secrets;
 pub mod targets;

@@ -21,9 +21,11 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    audit::{micros, now_micros, timestamp, AuditSink, Record, SessionRow},
+    approval::{Approvals, Held, Outcome as ApprovalOutcome},
+    audit::{micros, now_micros, timestamp, AuditSink, EventRow, Record, SessionRow},
     cgroup::WorkloadResolver,
     ebpf::{comm, original_destination, Kernel},
+    policy::{store::PolicyStore, Request, Verdict},
     protocol::tcp::{self, Capture, Counters},
     secrets::Masker,
     targets::TargetTable,
@@ -34,6 +36,8 @@ pub struct Proxy {
     pub workloads: Arc<WorkloadResolver>,
     pub targets: Arc<TargetTable>,
     pub audit: Arc<dyn AuditSink>,
+    pub policy: Arc<PolicyStore>,
+    pub approvals: Arc<Approvals>,
     /// Payload bytes captured per session and direction (0: none).
     pub capture_bytes: u64,
     pub masker: Arc<dyn Masker>,
@@ -156,6 +160,35 @@ fn socket2_v6only(s: &tokio::net::TcpSocket) -> std::io::Result<()> {
 }
 
 impl Proxy {
+    fn event(
+        &self,
+        s: &SessionRow,
+        kind: &str,
+        request: &str,
+        verdict: &str,
+        rule_id: &str,
+        reason: &str,
+    ) {
+        self.audit.record(Record::Event(EventRow {
+            event_id: Uuid::now_v7(),
+            session_id: s.session_id,
+            ts: now_micros(),
+            host: s.host.clone(),
+            workload: s.workload.clone(),
+            target: s.target.clone(),
+            protocol: s.protocol.clone(),
+            kind: kind.to_owned(),
+            request: request.to_owned(),
+            verdict: verdict.to_owned(),
+            rule_id: rule_id.to_owned(),
+            reason: reason.to_owned(),
+            pid: s.tgid,
+            uid: s.uid,
+            attr_keys: Vec::new(),
+            attr_values: Vec::new(),
+        }));
+    }
+
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let local = listener.local_addr().ok();
         loop {
@@ -222,6 +255,99 @@ impl Proxy {
             detail: String::new(),
         };
         self.audit.record(Record::Session(row.clone()));
+
+        // L4 policy: this workload × this target, at connect time.
+        let policy = self.policy.current();
+        let exe = policy
+            .needs_exe
+            .then(|| std::fs::read_link(format!("/proc/{}/exe", rec.tgid)).ok())
+            .flatten()
+            .map(|p| p.to_string_lossy().into_owned());
+        let decision = policy.evaluate(
+            &Request {
+                workload: &row.workload,
+                cgroup: &row.cgroup,
+                uid: rec.uid,
+                exe: exe.as_deref(),
+                target: &row.target,
+                protocol,
+                kind: "connect",
+            },
+            None,
+        );
+        drop(policy);
+        let request = format!("connect {destination}");
+        self.event(
+            &row,
+            "connect",
+            &request,
+            decision.verdict.as_str(),
+            &decision.rule_id,
+            &decision.reason,
+        );
+        let refusal = match decision.verdict {
+            Verdict::Allow | Verdict::Mask => None,
+            Verdict::Deny => Some(decision.reason.clone()),
+            Verdict::Approve => {
+                let spec = decision
+                    .approval
+                    .clone()
+                    .unwrap_or(crate::policy::ApprovalSpec {
+                        approvers: Vec::new(),
+                        timeout: crate::policy::DEFAULT_APPROVAL_TIMEOUT,
+                        grant: crate::policy::Grant::Once,
+                    });
+                let held = Held {
+                    approval_id: Uuid::now_v7(),
+                    session_id,
+                    workload: row.workload.clone(),
+                    target: row.target.clone(),
+                    rule_id: decision.rule_id.clone(),
+                    reason: decision.reason.clone(),
+                    request: request.clone(),
+                    pid: rec.tgid,
+                    uid: rec.uid,
+                    requested_at: String::new(),
+                    expires_at: String::new(),
+                    approvers: Vec::new(),
+                };
+                match self.approvals.request(held, &spec, &self.abort).await {
+                    ApprovalOutcome::Approved { approver, reason } => {
+                        self.event(
+                            &row,
+                            "approval",
+                            &request,
+                            "allow",
+                            &decision.rule_id,
+                            &format!("approved by {approver}: {reason}"),
+                        );
+                        None
+                    }
+                    ApprovalOutcome::Denied { approver, reason } => {
+                        Some(format!("approval denied by {approver}: {reason}"))
+                    }
+                    ApprovalOutcome::TimedOut => Some(format!(
+                        "no approval within {}",
+                        humantime::format_duration(spec.timeout)
+                    )),
+                    ApprovalOutcome::Cancelled => {
+                        Some("the agent shut down while the request was held".into())
+                    }
+                }
+            }
+        };
+        if let Some(reason) = refusal {
+            tracing::info!(%session_id, workload = %row.workload, target = %row.target, rule = %decision.rule_id, %reason, "connection refused by policy");
+            // A reset tells the loop at once that the connection is refused.
+            let _ = sock.set_zero_linger();
+            drop(sock);
+            row.version = 2;
+            row.ended_at = now_micros();
+            row.outcome = "denied".into();
+            row.detail = reason;
+            self.audit.record(Record::Session(row));
+            return;
+        }
         self.sessions.insert(
             session_id,
             ActiveSession {

@@ -76,7 +76,11 @@ pub fn free_port() -> u16 {
 pub struct AgentSpec {
     pub name: String,
     pub egress: &'static str,
+    /// More `[agent]` keys.
+    pub agent_extra: String,
     pub extra: String,
+    /// Policy files (name, text) written to the agent's policy directory.
+    pub policies: Vec<(String, String)>,
 }
 
 impl AgentSpec {
@@ -84,8 +88,22 @@ impl AgentSpec {
         Self {
             name: name.to_owned(),
             egress: "allow",
+            agent_extra: String::new(),
             extra: String::new(),
+            policies: Vec::new(),
         }
+    }
+
+    pub fn policy(mut self, file: &str, text: &str) -> Self {
+        self.policies.push((file.to_owned(), text.to_owned()));
+        self
+    }
+
+    /// An extra `[agent]` key line.
+    pub fn agent_key(mut self, line: &str) -> Self {
+        self.agent_extra.push_str(line);
+        self.agent_extra.push('\n');
+        self
     }
 
     pub fn egress(mut self, e: &'static str) -> Self {
@@ -126,13 +144,19 @@ impl Agent {
         set_mode(dir.path(), 0o755);
         let root = format!("lgt-{}", spec.name);
         let port = free_port();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).expect("policies dir");
+        for (name, text) in &spec.policies {
+            std::fs::write(policies.join(name), text).expect("write policy");
+        }
         let config = dir.path().join("agent.toml");
         std::fs::write(
             &config,
             format!(
-                "[agent]\ncgroup_root = \"{root}\"\nproxy_port = {port}\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\negress = \"{e}\"\nshutdown_grace_secs = 2\n{x}",
+                "[agent]\ncgroup_root = \"{root}\"\nproxy_port = {port}\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\npolicies = \"{d}/policies\"\negress = \"{e}\"\nshutdown_grace_secs = 2\n{a}{x}",
                 d = dir.path().display(),
                 e = spec.egress,
+                a = spec.agent_extra,
                 x = spec.extra
             ),
         )
@@ -190,6 +214,21 @@ impl Agent {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// `loopgate --config <ours> ARGS...` as another user (setpriv).
+    pub fn cli_as(&self, user: &str, group: &str, args: &[&str]) -> Output {
+        Command::new("setpriv")
+            .arg(format!("--reuid={user}"))
+            .arg(format!("--regid={group}"))
+            .arg("--clear-groups")
+            .arg(loopgate_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run loopgate as another user")
     }
 
     /// `loopgate --config <ours> ARGS...`

@@ -116,13 +116,13 @@ fn ten_thousand_connections_are_recorded_exactly_once() {
     );
     run_loop(&agent, "127.10.2.2", echo.addr.port(), 10_000);
     ch.wait_count(SESSIONS_OK, 10_000, 120);
+    wait_drained(&agent);
     assert_eq!(ch.count(SESSIONS_DISTINCT), 10_000);
     assert_eq!(
         ch.count("SELECT count() FROM loopgate.chunks FINAL"),
         20_000,
         "one chunk each way per session"
     );
-    wait_drained(&agent);
     assert_eq!(echo.accepted(), 10_000);
 }
 
@@ -186,9 +186,16 @@ fn agent_killed_while_draining_restarts_without_loss_or_duplicates() {
     agent.kill9();
     agent.spawn();
     ch.wait_count(SESSIONS_OK, 3000, 90);
+    // Tables are inserted one after the other: wait for the last one too.
+    ch.wait_count("SELECT count() FROM loopgate.chunks FINAL", 6000, 60);
+    ch.wait_count(
+        "SELECT count() FROM loopgate.events FINAL WHERE kind = 'connect'",
+        3000,
+        60,
+    );
+    wait_drained(&agent);
     assert_eq!(ch.count(SESSIONS_DISTINCT), 3000);
     assert_eq!(ch.count("SELECT count() FROM loopgate.chunks FINAL"), 6000);
-    wait_drained(&agent);
 }
 
 #[test]
@@ -399,7 +406,11 @@ fn documented_analyst_queries_run_on_both_dialects() {
     );
     assert!(stdout(&out).contains("error"), "{}", stdout(&out));
     ch.wait_count("SELECT count() FROM loopgate.sessions FINAL", 7, 60);
-    ch.wait_count("SELECT count() FROM loopgate.events FINAL", 1, 60);
+    ch.wait_count(
+        "SELECT count() FROM loopgate.events FINAL WHERE kind = 'connection_denied'",
+        1,
+        60,
+    );
     // Approvals are written by the policy engine (a later issue); until then
     // the test inserts two decided requests itself.
     let sid = agent.sessions()[0]["session_id"]

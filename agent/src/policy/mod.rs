@@ -65,7 +65,10 @@ pub enum Grant {
 }
 
 mod humantime_serde_secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_secs())
     }
 }
@@ -121,7 +124,9 @@ struct WorkloadSel {
 
 impl WorkloadSel {
     fn matches(&self, r: &Request<'_>) -> bool {
-        self.workload.as_ref().is_none_or(|g| g.is_match(r.workload))
+        self.workload
+            .as_ref()
+            .is_none_or(|g| g.is_match(r.workload))
             && self.cgroup.as_ref().is_none_or(|g| g.is_match(r.cgroup))
             && self.uid.is_none_or(|u| u == r.uid)
             && self
@@ -240,7 +245,10 @@ impl Policy {
         Decision {
             verdict: self.default,
             rule_id: "default".into(),
-            reason: format!("no rule matched; the policy default is {}", self.default.as_str()),
+            reason: format!(
+                "no rule matched; the policy default is {}",
+                self.default.as_str()
+            ),
             approval: (self.default == Verdict::Approve).then(|| ApprovalSpec {
                 approvers: Vec::new(),
                 timeout: DEFAULT_APPROVAL_TIMEOUT,

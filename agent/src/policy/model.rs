@@ -225,7 +225,10 @@ pub fn load_dir(dir: &Path, targets: Option<&HashSet<String>>) -> Result<Policy,
             }),
         }
     }
-    let sources: Vec<(&Path, &str)> = texts.iter().map(|(p, t)| (p.as_path(), t.as_str())).collect();
+    let sources: Vec<(&Path, &str)> = texts
+        .iter()
+        .map(|(p, t)| (p.as_path(), t.as_str()))
+        .collect();
     match compile(&sources, targets) {
         Ok(p) if errors.is_empty() => Ok(p),
         Ok(_) => Err(PolicyErrors(errors)),
@@ -284,7 +287,10 @@ pub fn compile(
                 Some(v) => policy.default = v,
             }
             if let Some((f, line)) = &default_seen {
-                cx.err(d.span(), format!("[defaults] is already set in {}:{line}", f.display()));
+                cx.err(
+                    d.span(),
+                    format!("[defaults] is already set in {}:{line}", f.display()),
+                );
             }
             default_seen = Some((file.to_path_buf(), line_col(text, d.span().start).0));
         }
@@ -331,21 +337,30 @@ pub fn compile(
             let name = t.name.get_ref();
             if let Some(known) = targets {
                 if !known.contains(name) {
-                    cx.err(t.name.span(), format!("`{name}` is not a target of the agent config"));
+                    cx.err(
+                        t.name.span(),
+                        format!("`{name}` is not a target of the agent config"),
+                    );
                 }
             }
             let v = match Verdict::parse(t.default.get_ref()) {
                 Some(Verdict::Mask) | None => {
                     cx.err(
                         t.default.span(),
-                        format!("default `{}` is not allow, deny or approve", t.default.get_ref()),
+                        format!(
+                            "default `{}` is not allow, deny or approve",
+                            t.default.get_ref()
+                        ),
                     );
                     continue;
                 }
                 Some(v) => v,
             };
             if policy.target_defaults.contains_key(name) {
-                cx.err(t.name.span(), format!("target `{name}` already has a default"));
+                cx.err(
+                    t.name.span(),
+                    format!("target `{name}` already has a default"),
+                );
                 continue;
             }
             let reason = t
@@ -376,39 +391,59 @@ pub fn compile(
             let Some(verdict) = Verdict::parse(r.action.get_ref()) else {
                 cx.err(
                     r.action.span(),
-                    format!("action `{}` is not allow, deny, approve or mask", r.action.get_ref()),
+                    format!(
+                        "action `{}` is not allow, deny, approve or mask",
+                        r.action.get_ref()
+                    ),
                 );
                 continue;
             };
             let mut workloads = Vec::new();
             if let Some(ws) = &r.workloads {
                 if ws.get_ref().is_empty() {
-                    cx.err(ws.span(), "workloads is empty (use [\"*\"] for every workload)");
+                    cx.err(
+                        ws.span(),
+                        "workloads is empty (use [\"*\"] for every workload)",
+                    );
                 }
                 if !ws.get_ref().iter().any(|w| w == "*") {
                     for w in ws.get_ref() {
                         match workload_ix.get(w) {
                             Some(&i) => workloads.push(i),
-                            None => cx.err(ws.span(), format!("unknown workload `{w}` (define it in a [[workloads]] table)")),
+                            None => cx.err(
+                                ws.span(),
+                                format!(
+                                    "unknown workload `{w}` (define it in a [[workloads]] table)"
+                                ),
+                            ),
                         }
                     }
                 }
             }
             let ts = r.targets.get_ref();
             if ts.is_empty() {
-                cx.err(r.targets.span(), "targets is empty (use [\"*\"] for every target)");
+                cx.err(
+                    r.targets.span(),
+                    "targets is empty (use [\"*\"] for every target)",
+                );
             }
             if let Some(known) = targets {
                 for t in ts.iter().filter(|t| *t != "*") {
                     if !known.contains(t) {
-                        cx.err(r.targets.span(), format!("`{t}` is not a target of the agent config"));
+                        cx.err(
+                            r.targets.span(),
+                            format!("`{t}` is not a target of the agent config"),
+                        );
                     }
                 }
             }
             let protocols = r.protocols.as_ref().map(|p| {
                 for x in p.get_ref() {
                     if !PROTOCOLS.contains(&x.as_str()) {
-                        cx.err(p.span(), format!("unknown protocol `{x}` (one of {})", PROTOCOLS.join(", ")));
+                        cx.err(
+                            p.span(),
+                            format!("unknown protocol `{x}` (one of {})", PROTOCOLS.join(", ")),
+                        );
                     }
                 }
                 p.get_ref().clone()
@@ -426,7 +461,13 @@ pub fn compile(
                     Some(t) => match humantime::parse_duration(t.get_ref()) {
                         Ok(d) if !d.is_zero() => d,
                         _ => {
-                            cx.err(t.span(), format!("approval_timeout `{}` is not a duration like 5m", t.get_ref()));
+                            cx.err(
+                                t.span(),
+                                format!(
+                                    "approval_timeout `{}` is not a duration like 5m",
+                                    t.get_ref()
+                                ),
+                            );
                             DEFAULT_APPROVAL_TIMEOUT
                         }
                     },
@@ -439,18 +480,28 @@ pub fn compile(
                     }),
                 };
                 Some(ApprovalSpec {
-                    approvers: r.approvers.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default(),
+                    approvers: r
+                        .approvers
+                        .as_ref()
+                        .map(|a| a.get_ref().clone())
+                        .unwrap_or_default(),
                     timeout,
                     grant,
                 })
             } else {
                 for (field, span) in [
                     ("approvers", r.approvers.as_ref().map(|a| a.span())),
-                    ("approval_timeout", r.approval_timeout.as_ref().map(|a| a.span())),
+                    (
+                        "approval_timeout",
+                        r.approval_timeout.as_ref().map(|a| a.span()),
+                    ),
                     ("grant", r.grant.as_ref().map(|a| a.span())),
                 ] {
                     if let Some(span) = span {
-                        cx.err(span, format!("{field} only applies to action = \"approve\""));
+                        cx.err(
+                            span,
+                            format!("{field} only applies to action = \"approve\""),
+                        );
                     }
                 }
                 None
@@ -458,7 +509,10 @@ pub fn compile(
             let mask = match (&r.mask, verdict) {
                 (Some(m), Verdict::Mask) if !m.get_ref().is_empty() => m.get_ref().clone(),
                 (_, Verdict::Mask) => {
-                    cx.err(r.action.span(), "action = \"mask\" needs a non-empty mask list");
+                    cx.err(
+                        r.action.span(),
+                        "action = \"mask\" needs a non-empty mask list",
+                    );
                     Vec::new()
                 }
                 (Some(m), _) => {

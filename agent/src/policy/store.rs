@@ -98,7 +98,10 @@ impl PolicyStore {
     }
 
     pub fn status(&self) -> PolicyStatus {
-        self.state.lock().map(|s| s.status.clone()).unwrap_or_default()
+        self.state
+            .lock()
+            .map(|s| s.status.clone())
+            .unwrap_or_default()
     }
 
     /// Reloads now (SIGHUP). Returns whether a new policy is in force.
@@ -124,12 +127,20 @@ impl PolicyStore {
     /// Reloads when a policy file changed since the last look.
     pub fn reload_if_changed(&self) -> bool {
         let fp = fingerprint(&self.dir);
-        let changed = self.state.lock().map(|s| s.fingerprint != fp).unwrap_or(false);
+        let changed = self
+            .state
+            .lock()
+            .map(|s| s.fingerprint != fp)
+            .unwrap_or(false);
         changed && self.reload()
     }
 
     /// Watches the directory (polling its files' mtimes and sizes).
-    pub async fn watch(self: Arc<Self>, every: Duration, stop: tokio_util::sync::CancellationToken) {
+    pub async fn watch(
+        self: Arc<Self>,
+        every: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,

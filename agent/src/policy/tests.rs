@@ -7,8 +7,14 @@ fn policy(text: &str) -> Policy {
 }
 
 fn errors(text: &str) -> Vec<String> {
-    let known: HashSet<String> = ["db", "web", "ssh-host"].iter().map(|s| s.to_string()).collect();
-    match compile(&[(Path::new("/etc/loopgate/policies/p.toml"), text)], Some(&known)) {
+    let known: HashSet<String> = ["db", "web", "ssh-host"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    match compile(
+        &[(Path::new("/etc/loopgate/policies/p.toml"), text)],
+        Some(&known),
+    ) {
         Ok(_) => Vec::new(),
         Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
     }
@@ -93,7 +99,11 @@ fn precedence_and_defaults_table() {
         (req("etl-nightly", "db"), Verdict::Approve, "etl-db-approve"),
         // no rule: the target default
         (req("reporting", "db"), Verdict::Deny, "target-default:db"),
-        (req("reporting", "vault"), Verdict::Approve, "target-default:vault"),
+        (
+            req("reporting", "vault"),
+            Verdict::Approve,
+            "target-default:vault",
+        ),
         // no rule, no target default: the global default
         (req("reporting", "other"), Verdict::Allow, "default"),
         // mask beats allow
@@ -110,8 +120,14 @@ fn precedence_and_defaults_table() {
     assert_eq!(a.approvers, vec!["alice".to_string()]);
     assert_eq!(a.timeout, std::time::Duration::from_secs(30));
     assert_eq!(a.grant, Grant::For(std::time::Duration::from_secs(600)));
-    assert_eq!(p.evaluate(&req("x", "web"), None).mask, vec!["password".to_string()]);
-    assert_eq!(p.evaluate(&req("reporting", "db"), None).reason, "db is closed by default");
+    assert_eq!(
+        p.evaluate(&req("x", "web"), None).mask,
+        vec!["password".to_string()]
+    );
+    assert_eq!(
+        p.evaluate(&req("reporting", "db"), None).reason,
+        "db is closed by default"
+    );
 }
 
 #[test]
@@ -141,7 +157,11 @@ action = "deny"
     r.exe = Some("/usr/bin/python3");
     assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow);
     r.exe = None;
-    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow, "unknown exe never matches an exe selector");
+    assert_eq!(
+        p.evaluate(&r, None).verdict,
+        Verdict::Allow,
+        "unknown exe never matches an exe selector"
+    );
 }
 
 #[test]
@@ -173,22 +193,37 @@ fn errors_have_file_line_column_and_reason() {
     );
     let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"db\"]\nactoin = \"allow\"\n");
     assert_eq!(e.len(), 1);
-    assert!(e[0].starts_with("/etc/loopgate/policies/p.toml:4:1: unknown field `actoin`"), "{e:?}");
+    assert!(
+        e[0].starts_with("/etc/loopgate/policies/p.toml:4:1: unknown field `actoin`"),
+        "{e:?}"
+    );
     // Every error is reported, not just the first.
     let e = errors(
         "[[rules]]\nid = \"a\"\nworkloads = [\"ghost\"]\ntargets = [\"nope\"]\naction = \"allow\"\ngrant = \"once\"\n\n[[rules]]\nid = \"a\"\ntargets = [\"db\"]\naction = \"deny\"\n",
     );
     assert_eq!(e.len(), 4, "{e:#?}");
     assert!(e[0].contains(":3:13: unknown workload `ghost`"), "{e:#?}");
-    assert!(e[1].contains(":4:11: `nope` is not a target of the agent config"), "{e:#?}");
-    assert!(e[2].contains(":6:9: grant only applies to action = \"approve\""), "{e:#?}");
+    assert!(
+        e[1].contains(":4:11: `nope` is not a target of the agent config"),
+        "{e:#?}"
+    );
+    assert!(
+        e[2].contains(":6:9: grant only applies to action = \"approve\""),
+        "{e:#?}"
+    );
     assert!(e[3].contains(":9:6: duplicate rule id `a`"), "{e:#?}");
     let e = errors("[[rules]]\nid = \"m\"\ntargets = [\"web\"]\naction = \"mask\"\n");
-    assert!(e[0].contains(":4:10: action = \"mask\" needs a non-empty mask list"), "{e:?}");
+    assert!(
+        e[0].contains(":4:10: action = \"mask\" needs a non-empty mask list"),
+        "{e:?}"
+    );
     let e = errors("[[workloads]]\nname = \"w\"\n");
     assert!(e[0].contains(":2:8: workload `w` has no selector"), "{e:?}");
     let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"db\"]\naction = \"approve\"\napproval_timeout = \"soon\"\n");
-    assert!(e[0].contains(":5:20: approval_timeout `soon` is not a duration"), "{e:?}");
+    assert!(
+        e[0].contains(":5:20: approval_timeout `soon` is not a duration"),
+        "{e:?}"
+    );
 }
 
 #[test]

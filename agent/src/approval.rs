@@ -1,0 +1,290 @@
+//! Just-in-time approvals: a request held by an `approve` decision waits here
+//! until a named approver consents or refuses, or the timeout refuses it.
+//!
+//! Approvers are identified by the admin socket peer's uid (`SO_PEERCRED`),
+//! mapped to a name by `[[approvers]]` in the agent config; nobody else can
+//! decide. A grant can outlive the request (`grant = "10m"`: the same workload
+//! × target × rule is approved for that long). Every request, decision,
+//! approver and wait is recorded in the `approvals` table.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::{
+    audit::{now_micros, timestamp, ApprovalRow, AuditSink, Record},
+    policy::{ApprovalSpec, Grant},
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApprovalError {
+    #[error("uid {0} is not an approver (see [[approvers]] in the agent config)")]
+    NotApprover(u32),
+    #[error("no pending approval {0}")]
+    Unknown(Uuid),
+    #[error("{approver} may not decide {id}: rule {rule_id} names the approvers {allowed:?}")]
+    NotAllowed {
+        approver: String,
+        id: Uuid,
+        rule_id: String,
+        allowed: Vec<String>,
+    },
+}
+
+/// What is being held.
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    pub approval_id: Uuid,
+    pub session_id: Uuid,
+    pub workload: String,
+    pub target: String,
+    pub rule_id: String,
+    pub reason: String,
+    pub request: String,
+    pub pid: u32,
+    pub uid: u32,
+    pub requested_at: String,
+    pub expires_at: String,
+    pub approvers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Approved {
+        approver: String,
+        reason: String,
+    },
+    Denied {
+        approver: String,
+        reason: String,
+    },
+    TimedOut,
+    /// The agent is shutting down.
+    Cancelled,
+}
+
+/// (workload, target, rule)
+type GrantKey = (String, String, String);
+
+struct Pending {
+    held: Held,
+    spec: ApprovalSpec,
+    tx: oneshot::Sender<Outcome>,
+}
+
+pub struct Approvals {
+    approvers: HashMap<u32, String>,
+    pending: Mutex<HashMap<Uuid, Pending>>,
+    /// (workload, target, rule) → (until, approver)
+    grants: Mutex<HashMap<GrantKey, (Instant, String)>>,
+    audit: Arc<dyn AuditSink>,
+    host: String,
+}
+
+/// The approval request as recorded.
+fn row(
+    h: &Held,
+    version: u8,
+    decided_at: i64,
+    decision: &str,
+    approver: &str,
+    reason: &str,
+    requested_at: i64,
+) -> Record {
+    Record::Approval(ApprovalRow {
+        approval_id: h.approval_id,
+        version,
+        session_id: h.session_id,
+        host: String::new(),
+        workload: h.workload.clone(),
+        target: h.target.clone(),
+        rule_id: h.rule_id.clone(),
+        request: h.request.clone(),
+        requested_at,
+        decided_at,
+        decision: decision.to_owned(),
+        approver: approver.to_owned(),
+        reason: reason.to_owned(),
+    })
+}
+
+impl Approvals {
+    pub fn new(approvers: HashMap<u32, String>, audit: Arc<dyn AuditSink>, host: String) -> Self {
+        Self {
+            approvers,
+            pending: Mutex::new(HashMap::new()),
+            grants: Mutex::new(HashMap::new()),
+            audit,
+            host,
+        }
+    }
+
+    pub fn approver_name(&self, uid: u32) -> Option<&str> {
+        self.approvers.get(&uid).map(String::as_str)
+    }
+
+    fn record(&self, mut rec: Record) {
+        if let Record::Approval(a) = &mut rec {
+            a.host = self.host.clone();
+        }
+        self.audit.record(rec);
+    }
+
+    /// Holds the caller until a decision, the timeout, or `cancel`.
+    pub async fn request(
+        &self,
+        mut held: Held,
+        spec: &ApprovalSpec,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Outcome {
+        let key = (
+            held.workload.clone(),
+            held.target.clone(),
+            held.rule_id.clone(),
+        );
+        if let Some(approver) = self.active_grant(&key) {
+            return Outcome::Approved {
+                approver: approver.clone(),
+                reason: format!("within a grant by {approver}"),
+            };
+        }
+        let requested_at = now_micros();
+        held.requested_at = timestamp(requested_at);
+        held.expires_at = timestamp(requested_at + spec.timeout.as_micros() as i64);
+        held.approvers = spec.approvers.clone();
+        let id = held.approval_id;
+        let (tx, rx) = oneshot::channel();
+        self.record(row(&held, 1, 0, "pending", "", "", requested_at));
+        tracing::warn!(approval_id = %id, workload = %held.workload, target = %held.target,
+            rule = %held.rule_id, request = %held.request,
+            "held for approval: `loopgate approvals approve {id}` or `loopgate approvals deny {id} --reason ...`");
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(
+                id,
+                Pending {
+                    held: held.clone(),
+                    spec: spec.clone(),
+                    tx,
+                },
+            );
+        }
+        let outcome = tokio::select! {
+            r = rx => r.unwrap_or(Outcome::Cancelled),
+            _ = tokio::time::sleep(spec.timeout) => Outcome::TimedOut,
+            _ = cancel.cancelled() => Outcome::Cancelled,
+        };
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&id);
+        }
+        let decided_at = now_micros();
+        let (decision, approver, reason) = match &outcome {
+            Outcome::Approved { approver, reason } => {
+                ("approved", approver.as_str(), reason.clone())
+            }
+            Outcome::Denied { approver, reason } => ("denied", approver.as_str(), reason.clone()),
+            Outcome::TimedOut => (
+                "timeout",
+                "",
+                format!(
+                    "no decision within {}",
+                    humantime::format_duration(spec.timeout)
+                ),
+            ),
+            Outcome::Cancelled => ("cancelled", "", "the agent shut down".to_owned()),
+        };
+        self.record(row(
+            &held,
+            2,
+            decided_at,
+            decision,
+            approver,
+            &reason,
+            requested_at,
+        ));
+        tracing::info!(approval_id = %id, decision, approver, wait_ms = (decided_at - requested_at) / 1000, "approval decided");
+        if let (Outcome::Approved { approver, .. }, Grant::For(d)) = (&outcome, spec.grant) {
+            if let Ok(mut g) = self.grants.lock() {
+                g.insert(key, (Instant::now() + d, approver.clone()));
+            }
+        }
+        outcome
+    }
+
+    fn active_grant(&self, key: &GrantKey) -> Option<String> {
+        let mut g = self.grants.lock().ok()?;
+        match g.get(key) {
+            Some((until, who)) if *until > Instant::now() => Some(who.clone()),
+            Some(_) => {
+                g.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn list(&self) -> Vec<Held> {
+        let mut v: Vec<Held> = self
+            .pending
+            .lock()
+            .map(|p| p.values().map(|x| x.held.clone()).collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.requested_at.cmp(&b.requested_at));
+        v
+    }
+
+    /// An approver (by uid) decides a pending request.
+    pub fn decide(
+        &self,
+        id: Uuid,
+        uid: u32,
+        approve: bool,
+        reason: String,
+    ) -> Result<Held, ApprovalError> {
+        let name = self
+            .approver_name(uid)
+            .ok_or(ApprovalError::NotApprover(uid))?
+            .to_owned();
+        let mut pending = self
+            .pending
+            .lock()
+            .map_err(|_| ApprovalError::Unknown(id))?;
+        let p = pending.get(&id).ok_or(ApprovalError::Unknown(id))?;
+        if !p.spec.approvers.is_empty() && !p.spec.approvers.contains(&name) {
+            return Err(ApprovalError::NotAllowed {
+                approver: name,
+                id,
+                rule_id: p.held.rule_id.clone(),
+                allowed: p.spec.approvers.clone(),
+            });
+        }
+        let p = pending.remove(&id).ok_or(ApprovalError::Unknown(id))?;
+        let outcome = if approve {
+            Outcome::Approved {
+                approver: name,
+                reason,
+            }
+        } else {
+            Outcome::Denied {
+                approver: name,
+                reason,
+            }
+        };
+        let _ = p.tx.send(outcome);
+        Ok(p.held)
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+/// How long an approval waits, for messages.
+pub fn describe_timeout(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}

@@ -1,0 +1,384 @@
+//! Policies and approvals at connect time (L4), with real agents and loops.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use loopgate_e2e::*;
+
+/// A long-lived loop: one connect + round trip per line on stdin.
+const PERSISTENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+for line in sys.stdin:
+    try:
+        s = socket.create_connection((host, port), timeout=30)
+        s.settimeout(30)
+        s.sendall(b"ping")
+        data = s.recv(4)
+        s.close()
+        print("ok" if data == b"ping" else "closed %r" % data, flush=True)
+    except OSError as e:
+        print("error", e.errno, flush=True)
+"#;
+
+struct Loop {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Loop {
+    fn start(agent: &Agent, workload: &str, addr: std::net::SocketAddr) -> Loop {
+        let script = agent.path("persistent.py");
+        std::fs::write(&script, PERSISTENT).unwrap();
+        let mut child = agent.spawn_exec(
+            workload,
+            &[
+                "/usr/bin/python3",
+                script.to_str().unwrap(),
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+            ],
+        );
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Loop { child, out }
+    }
+
+    fn go(&mut self) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
+    }
+
+    fn answer(&mut self) -> String {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Refused connections are reset by the proxy: the loop sees ECONNRESET
+/// (or, if the reset races its first read, a closed connection).
+fn refused(answer: &str) -> bool {
+    answer == "error 104" || answer.starts_with("closed")
+}
+
+fn pending(agent: &Agent, who: &str) -> Vec<Value> {
+    let out = agent.cli(&["approvals", "list", "--json"]);
+    assert!(out.status.success(), "{}: {}", who, stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn wait_pending(agent: &Agent) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(p) = pending(agent, "list").into_iter().next() {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing held for approval:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn target_default_deny_resets_the_connection_and_records_the_rule() {
+    let echo = EchoServer::start("127.10.3.1");
+    let agent = Agent::start(
+        AgentSpec::new("poldeny")
+            .target("db", &echo.addr.to_string(), "tcp")
+            .policy(
+                "db.toml",
+                "[[targets]]\nname = \"db\"\ndefault = \"deny\"\nreason = \"db is closed by default\"\n",
+            ),
+    );
+    let mut l = Loop::start(&agent, "reporting", echo.addr);
+    l.go();
+    let a = l.answer();
+    assert!(refused(&a), "{a}");
+    assert_eq!(echo.accepted(), 0, "a denied connection reached the server");
+    let rows = agent.wait_sessions("denied session", |s| {
+        s.len() == 1 && s[0]["outcome"] == "denied"
+    });
+    assert_eq!(rows[0]["detail"], "db is closed by default");
+    assert_eq!(rows[0]["workload"], "reporting");
+}
+
+#[test]
+fn approval_is_required_granted_refused_and_times_out() {
+    let ch = ClickHouse::start();
+    let echo = EchoServer::start("127.10.3.2");
+    let slow = EchoServer::start("127.10.3.3");
+    let policy = r#"
+[[workloads]]
+name = "etl"
+workload = "etl-*"
+
+[[rules]]
+id = "etl-db-needs-approval"
+workloads = ["etl"]
+targets = ["db"]
+action = "approve"
+approvers = ["alice"]
+reason = "writes to db need a human"
+
+[[rules]]
+id = "etl-vault-timeout"
+workloads = ["etl"]
+targets = ["vault"]
+action = "approve"
+approval_timeout = "2s"
+"#;
+    let agent = Agent::start(
+        AgentSpec::new("polapprove")
+            .agent_key("admin_group = \"nogroup\"")
+            .target("db", &echo.addr.to_string(), "tcp")
+            .target("vault", &slow.addr.to_string(), "tcp")
+            .raw("\n[[approvers]]\nname = \"alice\"\nuser = \"nobody\"\n\n[[approvers]]\nname = \"root-operator\"\nuid = 0\n")
+            .clickhouse(&ch, "")
+            .policy("etl.toml", policy),
+    );
+    let mut l = Loop::start(&agent, "etl-nightly", echo.addr);
+
+    // 1. Held, then approved by alice (nobody's uid) → the connection goes through.
+    l.go();
+    let held = wait_pending(&agent);
+    assert_eq!(held["rule_id"], "etl-db-needs-approval");
+    assert_eq!(held["workload"], "etl-nightly");
+    assert_eq!(echo.accepted(), 0, "nothing reaches the server while held");
+    let id = held["approval_id"].as_str().unwrap().to_owned();
+    // Not an approver: uid `daemon` in the admin group can connect, but not decide.
+    let out = agent.cli_as("daemon", "nogroup", &["approvals", "approve", &id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not an approver"),
+        "{}",
+        stderr(&out)
+    );
+    // An approver not named by the rule.
+    let out = agent.cli(&["approvals", "approve", &id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("root-operator may not decide"),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent.cli_as(
+        "nobody",
+        "nogroup",
+        &["approvals", "approve", &id, "--reason", "planned migration"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(l.answer(), "ok");
+    assert_eq!(echo.accepted(), 1);
+
+    // 2. Held, then denied → the connection is reset.
+    l.go();
+    let id = wait_pending(&agent)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = agent.cli_as(
+        "nobody",
+        "nogroup",
+        &["approvals", "deny", &id, "--reason", "not now"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a = l.answer();
+    assert!(refused(&a), "{a}");
+    assert_eq!(echo.accepted(), 1);
+
+    // 3. Nobody answers: refused after the rule's timeout.
+    let mut v = Loop::start(&agent, "etl-nightly", slow.addr);
+    let t = Instant::now();
+    v.go();
+    let a = v.answer();
+    assert!(refused(&a), "{a}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "refused before the timeout: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(slow.accepted(), 0);
+
+    // Everything is in the audit: decisions, approvers, waits.
+    ch.wait_count(
+        "SELECT count() FROM loopgate.approvals FINAL WHERE decision != 'pending'",
+        3,
+        30,
+    );
+    let rows = ch.query(
+        "SELECT decision, approver, reason, rule_id FROM loopgate.approvals FINAL ORDER BY requested_at FORMAT TSV",
+    );
+    let rows: Vec<&str> = rows.lines().collect();
+    assert_eq!(
+        rows[0],
+        "approved\talice\tplanned migration\tetl-db-needs-approval"
+    );
+    assert_eq!(rows[1], "denied\talice\tnot now\tetl-db-needs-approval");
+    assert!(
+        rows[2].starts_with("timeout\t\tno decision within 2s\tetl-vault-timeout"),
+        "{}",
+        rows[2]
+    );
+    assert!(
+        ch.count("SELECT min(decided_at_us - requested_at_us) FROM loopgate.approvals FINAL") > 0
+    );
+    ch.wait_count(
+        "SELECT count() FROM loopgate.sessions FINAL WHERE outcome = 'denied' AND detail = 'approval denied by alice: not now'",
+        1,
+        30,
+    );
+}
+
+#[test]
+fn a_timed_grant_lets_later_connections_through() {
+    let echo = EchoServer::start("127.10.3.4");
+    let agent = Agent::start(
+        AgentSpec::new("polgrant")
+            .target("db", &echo.addr.to_string(), "tcp")
+            .raw("\n[[approvers]]\nname = \"root-operator\"\nuid = 0\n")
+            .policy(
+                "grant.toml",
+                "[[rules]]\nid = \"db-window\"\ntargets = [\"db\"]\naction = \"approve\"\ngrant = \"10m\"\n",
+            ),
+    );
+    let mut l = Loop::start(&agent, "ops", echo.addr);
+    l.go();
+    let id = wait_pending(&agent)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(agent.cli(&["approvals", "approve", &id]).status.success());
+    assert_eq!(l.answer(), "ok");
+    for _ in 0..3 {
+        l.go();
+        assert_eq!(l.answer(), "ok", "within the grant no approval is asked");
+    }
+    assert!(pending(&agent, "after").is_empty());
+    assert_eq!(echo.accepted(), 4);
+}
+
+#[test]
+fn policies_reload_on_change_and_an_invalid_set_keeps_the_old_one() {
+    let echo = EchoServer::start("127.10.3.5");
+    let mut agent =
+        Agent::start(AgentSpec::new("polreload").target("db", &echo.addr.to_string(), "tcp"));
+    let mut l = Loop::start(&agent, "ops", echo.addr);
+    l.go();
+    assert_eq!(l.answer(), "ok");
+    let reloads = |a: &Agent| a.status()["policy"]["reloads"].as_u64().unwrap();
+    let before = reloads(&agent);
+
+    // A valid change is picked up by the watcher.
+    let file = agent.path("policies/db.toml");
+    std::fs::write(&file, "[[targets]]\nname = \"db\"\ndefault = \"deny\"\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while reloads(&agent) == before {
+        assert!(Instant::now() < deadline, "policy change not picked up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    l.go();
+    assert!(refused(&l.answer()));
+
+    // An invalid change is refused with its position; the deny stays in force.
+    std::fs::write(
+        &file,
+        "[[targets]]\nname = \"db\"\ndefault = \"sometimes\"\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let err = loop {
+        if let Some(e) = agent.status()["policy"]["last_error"].as_str() {
+            break e.to_owned();
+        }
+        assert!(Instant::now() < deadline, "invalid policy not reported");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        err.contains("db.toml:3:11: default `sometimes` is not allow, deny or approve"),
+        "{err}"
+    );
+    l.go();
+    assert!(
+        refused(&l.answer()),
+        "the previous policy must stay in force"
+    );
+
+    // SIGHUP reloads at once.
+    std::fs::write(&file, "[[targets]]\nname = \"db\"\ndefault = \"allow\"\n").unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.status()["policy"]["last_error"].is_null() {
+        assert!(Instant::now() < deadline, "SIGHUP reload did not happen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    l.go();
+    assert_eq!(l.answer(), "ok");
+    assert!(agent.log().contains("policy reload refused"));
+    drop(l);
+    assert!(agent.terminate());
+}
+
+#[test]
+fn policy_check_reports_every_error_with_its_position() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        "[[rules]]\nid = \"r1\"\ntargets = [\"*\"]\naction = \"permit\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[[rules]]\nid = \"r2\"\nworkloads = [\"ghost\"]\ntargets = [\"*\"]\naction = \"deny\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(loopgate_bin())
+        .args(["--config", "/nonexistent/agent.toml", "policy", "check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let a = dir.path().join("a.toml").display().to_string();
+    let b = dir.path().join("b.toml").display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{a}:4:10: action `permit` is not allow, deny, approve or mask"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{b}:3:13: unknown workload `ghost`")),
+        "{err}"
+    );
+    assert!(err.contains("2 error(s)"), "{err}");
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
+    let out = std::process::Command::new(loopgate_bin())
+        .args([
+            "--config",
+            "/nonexistent/agent.toml",
+            "policy",
+            "check",
+            shipped,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
