@@ -85,6 +85,7 @@ pub struct Approvals {
     grants: Mutex<HashMap<GrantKey, (Instant, String)>>,
     audit: Arc<dyn AuditSink>,
     host: String,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The approval request as recorded.
@@ -115,13 +116,19 @@ fn row(
 }
 
 impl Approvals {
-    pub fn new(approvers: HashMap<u32, String>, audit: Arc<dyn AuditSink>, host: String) -> Self {
+    pub fn new(
+        approvers: HashMap<u32, String>,
+        audit: Arc<dyn AuditSink>,
+        host: String,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             approvers,
             pending: Mutex::new(HashMap::new()),
             grants: Mutex::new(HashMap::new()),
             audit,
             host,
+            metrics,
         }
     }
 
@@ -208,6 +215,8 @@ impl Approvals {
             requested_at,
         ));
         tracing::info!(approval_id = %id, decision, approver, wait_ms = (decided_at - requested_at) / 1000, "approval decided");
+        self.metrics
+            .approval_waited(decision, (decided_at - requested_at) as f64 / 1e6);
         if let (Outcome::Approved { approver, .. }, Grant::For(d)) = (&outcome, spec.grant) {
             if let Ok(mut g) = self.grants.lock() {
                 g.insert(key, (Instant::now() + d, approver.clone()));
@@ -250,6 +259,18 @@ impl Approvals {
             .approver_name(uid)
             .ok_or(ApprovalError::NotApprover(uid))?
             .to_owned();
+        self.decide_as(id, &name, approve, reason)
+    }
+
+    /// A named approver (already authenticated) decides a pending request.
+    pub fn decide_as(
+        &self,
+        id: Uuid,
+        name: &str,
+        approve: bool,
+        reason: String,
+    ) -> Result<Held, ApprovalError> {
+        let name = name.to_owned();
         let mut pending = self
             .pending
             .lock()

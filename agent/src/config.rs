@@ -65,6 +65,9 @@ pub struct AgentConfig {
     pub proxy_port: u16,
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
+    /// Loopback address of the admin HTTP port (`/metrics`, the approval page).
+    #[serde(default)]
+    pub admin_http: Option<SocketAddr>,
     /// Group allowed to use the admin socket (mode 0660). Without it the socket
     /// is 0600 and only root (and the agent's own uid) may connect.
     #[serde(default)]
@@ -244,6 +247,9 @@ pub struct ApproverConfig {
     pub uid: Option<u32>,
     #[serde(default)]
     pub user: Option<String>,
+    /// File holding this approver's token for the approval page.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -404,6 +410,14 @@ impl Config {
         validate_cgroup_path(&a.cgroup_root).map_err(|r| self.invalid("agent.cgroup_root", r))?;
         if !a.admin_socket.is_absolute() {
             return Err(self.invalid("agent.admin_socket", "must be an absolute path"));
+        }
+        if let Some(h) = a.admin_http {
+            if !h.ip().is_loopback() {
+                return Err(self.invalid(
+                    "agent.admin_http",
+                    "must be a loopback address (127.0.0.1:PORT or [::1]:PORT)",
+                ));
+            }
         }
         if !a.state_dir.is_absolute() {
             return Err(self.invalid("agent.state_dir", "must be an absolute path"));

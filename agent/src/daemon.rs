@@ -264,6 +264,17 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .collect();
     let admin_server =
         admin::Server::bind(&cfg.agent.admin_socket, cfg.agent.admin_group.as_deref())?;
+    let admin_http = match cfg.agent.admin_http {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Listen {
+                    port: addr.port(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
 
     let kernel = Arc::new(Kernel::load(&LoadOptions {
         pin_dir: &cfg.pin_dir(),
@@ -290,7 +301,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             .map(|w| (w.name.clone(), w.cgroup.clone()))
             .collect(),
     ));
-    let approvals = Arc::new(Approvals::new(approver_uids, audit.clone(), host.clone()));
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let approvals = Arc::new(Approvals::new(
+        approver_uids,
+        audit.clone(),
+        host.clone(),
+        metrics.clone(),
+    ));
     tokio::spawn(policy.clone().watch(Duration::from_secs(2), stop.clone()));
     let proxy = Arc::new(Proxy {
         kernel: kernel.clone(),
@@ -299,6 +316,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         audit: audit.clone(),
         policy: policy.clone(),
         approvals: approvals.clone(),
+        metrics: metrics.clone(),
         capture_bytes: cfg.audit.capture_bytes,
         masker,
         host: host.clone(),
@@ -367,6 +385,38 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         listeners: listener_addrs.clone(),
     });
     tokio::spawn(admin_server.serve(status, stop.clone()));
+    if let Some(http) = admin_http {
+        let mut tokens = Vec::new();
+        for (i, a) in cfg.approvers.iter().enumerate() {
+            if let Some(p) = &a.token_file {
+                tokens.push((
+                    crate::secrets::read_file(&cfg, &format!("approvers[{i}].token_file"), p)?,
+                    a.name.clone(),
+                ));
+            }
+        }
+        let (k, au, ap, m) = (
+            kernel.clone(),
+            audit.clone(),
+            approvals.clone(),
+            metrics.clone(),
+        );
+        let state = Arc::new(crate::admin_http::HttpState {
+            approvals: approvals.clone(),
+            metrics: metrics.clone(),
+            tokens,
+            refresh: Box::new(move || {
+                let st = au.stats();
+                m.set_gauges(
+                    st.spool_pending_bytes,
+                    st.dropped,
+                    ap.pending_count(),
+                    &k.stats(),
+                );
+            }),
+        });
+        tokio::spawn(crate::admin_http::serve(http, state, stop.clone()));
+    }
 
     tracing::info!(
         listeners = ?listener_addrs,

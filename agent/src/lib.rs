@@ -16,12 +16,15 @@
 //! - [`secrets`]: stored credentials, never printed, and the masker that keeps
 //!   them out of audit records.
 //! - [`admin`]: the admin unix socket (server and client).
+//! - [`admin_http`]: the loopback admin HTTP port: `/metrics`, the approval page.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`approval`]: held requests, approvers, grants, timeouts.
 //! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
 //! - [`daemon`]: `loopgate agent`, wiring it all together.
 //! - [`cli`], [`telemetry`]: the command line and logging.
 
 pub mod admin;
+pub mod admin_http;
 pub mod approval;
 pub mod audit;
 pub mod cgroup;
@@ -30,6 +33,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod exec;
+pub mod metrics;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;

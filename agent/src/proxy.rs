@@ -38,6 +38,7 @@ pub struct Proxy {
     pub audit: Arc<dyn AuditSink>,
     pub policy: Arc<PolicyStore>,
     pub approvals: Arc<Approvals>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Payload bytes captured per session and direction (0: none).
     pub capture_bytes: u64,
     pub masker: Arc<dyn Masker>,
@@ -277,6 +278,9 @@ impl Proxy {
         );
         drop(policy);
         let request = format!("connect {destination}");
+        self.metrics.session(protocol, &row.workload);
+        self.metrics
+            .decision(decision.verdict.as_str(), &decision.rule_id);
         self.event(
             &row,
             "connect",

@@ -382,3 +382,97 @@ fn policy_check_reports_every_error_with_its_position() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+fn curl(args: &[&str]) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-m", "10"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn approval_page_and_metrics_on_the_admin_port() {
+    let echo = EchoServer::start("127.10.3.6");
+    let http = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let token = "tok-7f3a9c-approver-alice";
+    let token_file = dir.path().join("alice.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let agent = Agent::start(
+        AgentSpec::new("polpage")
+            .agent_key(&format!("admin_http = \"{http}\""))
+            .target("db", &echo.addr.to_string(), "tcp")
+            .raw(&format!(
+                "\n[[approvers]]\nname = \"alice\"\nuser = \"nobody\"\ntoken_file = \"{}\"\n",
+                token_file.display()
+            ))
+            .policy(
+                "p.toml",
+                "[[rules]]\nid = \"db-approve\"\ntargets = [\"db\"]\naction = \"approve\"\n",
+            ),
+    );
+    let base = format!("http://{http}");
+    let mut l = Loop::start(&agent, "ops", echo.addr);
+    l.go();
+    let id = wait_pending(&agent)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // No token, a wrong token: refused.
+    let code = |args: &[&str]| curl(&[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
+    assert_eq!(code(&[&format!("{base}/approvals")]), "401");
+    assert_eq!(code(&[&format!("{base}/approvals?token=wrong")]), "401");
+    assert_eq!(
+        code(&["-X", "POST", &format!("{base}/approvals/{id}/approve")]),
+        "401"
+    );
+    // The token signs in (cookie), the page lists the held request.
+    let jar = dir.path().join("cookies");
+    let jar = jar.to_str().unwrap();
+    assert_eq!(
+        code(&["-c", jar, &format!("{base}/approvals?token={token}")]),
+        "303"
+    );
+    let page = curl(&["-b", jar, &format!("{base}/approvals")]);
+    assert!(page.contains("Signed in as <b>alice</b>"), "{page}");
+    assert!(page.contains(&format!("id=\"approve-{id}\"")), "{page}");
+    assert!(page.contains("connect 127.10.3.6"), "{page}");
+    assert_eq!(
+        code(&[
+            "-b",
+            jar,
+            "-d",
+            "reason=looks fine",
+            &format!("{base}/approvals/{id}/approve")
+        ]),
+        "303"
+    );
+    assert_eq!(l.answer(), "ok");
+    assert!(curl(&["-b", jar, &format!("{base}/approvals")]).contains("Nothing is waiting"));
+    assert!(
+        !agent.log().contains(token),
+        "the token must never be logged"
+    );
+
+    let m = curl(&[&format!("{base}/metrics")]);
+    assert!(
+        m.contains("loopgate_sessions_total{protocol=\"tcp\",workload=\"ops\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("loopgate_decisions_total{verdict=\"approve\",rule=\"db-approve\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("loopgate_approval_wait_seconds_count{decision=\"approved\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("loopgate_kernel_connects{counter=\"redirected\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("loopgate_spool_pending_bytes 0"), "{m}");
+}
