@@ -86,6 +86,7 @@ pub struct Approvals {
     audit: Arc<dyn AuditSink>,
     host: String,
     metrics: Arc<crate::metrics::Metrics>,
+    notifier: Option<crate::notify::Notifier>,
 }
 
 /// The approval request as recorded.
@@ -129,7 +130,13 @@ impl Approvals {
             audit,
             host,
             metrics,
+            notifier: None,
         }
+    }
+
+    pub fn with_notifier(mut self, n: crate::notify::Notifier) -> Self {
+        self.notifier = (!n.is_empty()).then_some(n);
+        self
     }
 
     pub fn approver_name(&self, uid: u32) -> Option<&str> {
@@ -171,6 +178,9 @@ impl Approvals {
         tracing::warn!(approval_id = %id, workload = %held.workload, target = %held.target,
             rule = %held.rule_id, request = %held.request,
             "held for approval: `loopgate approvals approve {id}` or `loopgate approvals deny {id} --reason ...`");
+        if let Some(n) = &self.notifier {
+            n.held(&held);
+        }
         if let Ok(mut p) = self.pending.lock() {
             p.insert(
                 id,

@@ -50,6 +50,8 @@ pub struct Config {
     /// Who may decide approvals: the admin socket peer's uid → approver name.
     #[serde(default)]
     pub approvers: Vec<ApproverConfig>,
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
     /// The file this was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
@@ -235,6 +237,30 @@ impl fmt::Debug for CredentialConfig {
             .field("token_env", &self.token_env.is_some())
             .field("cert_file", &self.cert_file.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// Notifications of held requests.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// URLs that receive a Slack-compatible JSON POST for each held request.
+    /// Treated as secrets (a Slack webhook URL carries its token): only the
+    /// host is ever logged.
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+    /// Link to the approval page put in notifications, e.g.
+    /// `http://127.0.0.1:15002/approvals`.
+    #[serde(default)]
+    pub page_url: Option<String>,
+}
+
+impl fmt::Debug for ApprovalsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApprovalsConfig")
+            .field("webhooks", &self.webhooks.len())
+            .field("page_url", &self.page_url)
+            .finish()
     }
 }
 
@@ -501,6 +527,17 @@ impl Config {
                         self.invalid(key("credential"), "set token_file or token_env, not both")
                     );
                 }
+            }
+        }
+        for (i, w) in self.approvals.webhooks.iter().enumerate() {
+            if !w.starts_with("http://") {
+                return Err(self.invalid(
+                    format!("approvals.webhooks[{i}]"),
+                    "must be an http:// URL (https webhooks are not supported yet; use a local relay)",
+                ));
+            }
+            if w.parse::<hyper::Uri>().is_err() {
+                return Err(self.invalid(format!("approvals.webhooks[{i}]"), "is not a valid URL"));
             }
         }
         let mut approvers = HashSet::new();

@@ -302,12 +302,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             .collect(),
     ));
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let approvals = Arc::new(Approvals::new(
-        approver_uids,
-        audit.clone(),
-        host.clone(),
-        metrics.clone(),
-    ));
+    let approvals = Arc::new(
+        Approvals::new(approver_uids, audit.clone(), host.clone(), metrics.clone()).with_notifier(
+            crate::notify::Notifier::new(&cfg.approvals.webhooks, cfg.approvals.page_url.clone()),
+        ),
+    );
     tokio::spawn(policy.clone().watch(Duration::from_secs(2), stop.clone()));
     let proxy = Arc::new(Proxy {
         kernel: kernel.clone(),

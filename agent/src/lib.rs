@@ -18,6 +18,7 @@
 //! - [`admin`]: the admin unix socket (server and client).
 //! - [`admin_http`]: the loopback admin HTTP port: `/metrics`, the approval page.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`notify`]: approval webhooks (Slack-compatible JSON, retried).
 //! - [`approval`]: held requests, approvers, grants, timeouts.
 //! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
 //! - [`daemon`]: `loopgate agent`, wiring it all together.
@@ -34,6 +35,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod exec;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;

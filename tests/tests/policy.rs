@@ -476,3 +476,113 @@ fn approval_page_and_metrics_on_the_admin_port() {
     );
     assert!(m.contains("loopgate_spool_pending_bytes 0"), "{m}");
 }
+
+/// A webhook receiver on loopback: answers 500 to the first POST, 200 after,
+/// and keeps every body.
+fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.10.3.20:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b = bodies.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then Content-Length bytes of body.
+            let body = loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break Some(
+                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
+                        );
+                    }
+                }
+            };
+            let Some(body) = body else { continue };
+            let first = {
+                let mut v = b.lock().unwrap();
+                v.push(body);
+                v.len() == 1
+            };
+            let status = if first {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (format!("http://{addr}/hooks/T000/B000/secret-path"), bodies)
+}
+
+#[test]
+fn held_requests_are_announced_to_webhooks_with_retries() {
+    let echo = EchoServer::start("127.10.3.7");
+    let (url, bodies) = webhook_receiver();
+    let agent = Agent::start(
+        AgentSpec::new("polhook")
+            .target("db", &echo.addr.to_string(), "tcp")
+            .raw(&format!(
+                "\n[approvals]\nwebhooks = [\"{url}\"]\npage_url = \"http://127.0.0.1:15002/approvals\"\n\n[[approvers]]\nname = \"root-operator\"\nuid = 0\n"
+            ))
+            .policy(
+                "p.toml",
+                "[[rules]]\nid = \"db-approve\"\ntargets = [\"db\"]\naction = \"approve\"\nreason = \"db needs a human\"\n",
+            ),
+    );
+    let mut l = Loop::start(&agent, "ops", echo.addr);
+    l.go();
+    let id = wait_pending(&agent)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bodies.lock().unwrap().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "webhook not retried: {:?}\n{}",
+            bodies.lock().unwrap(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v: Value = serde_json::from_str(&bodies.lock().unwrap()[1]).unwrap();
+    assert_eq!(v["approval_id"], id.as_str());
+    assert_eq!(v["workload"], "ops");
+    assert_eq!(v["rule_id"], "db-approve");
+    let text = v["text"].as_str().unwrap();
+    assert!(
+        text.contains("db needs a human") && text.contains("http://127.0.0.1:15002/approvals"),
+        "{text}"
+    );
+    assert!(agent.cli(&["approvals", "approve", &id]).status.success());
+    assert_eq!(l.answer(), "ok");
+    let log = agent.log();
+    assert!(
+        log.contains("approval webhook refused the notification"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("secret-path"),
+        "webhook URLs are secrets: only the host may be logged"
+    );
+}
