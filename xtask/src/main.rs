@@ -34,7 +34,7 @@ enum Cmd {
     Demo,
     /// Benchmarks (figures in BENCHMARKS.md).
     Bench {
-        #[arg(value_parser = ["redirect", "audit"])]
+        #[arg(value_parser = ["redirect", "audit", "policy"])]
         which: String,
         /// Short connections per side.
         #[arg(long, default_value_t = 5000)]
@@ -74,6 +74,10 @@ fn dispatch(cli: Cli) -> Result<()> {
         } => match which.as_str() {
             "redirect" => bench::redirect(conns, mib),
             "audit" => bench::audit(conns, events),
+            "policy" => {
+                setup()?;
+                run(cargo().args(["bench", "-p", "loopgate", "--bench", "policy"]))
+            }
             other => anyhow::bail!("unknown benchmark {other}"),
         },
         Cmd::BenchClient { args } => bench::client(&args),
