@@ -20,6 +20,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`notify`]: approval webhooks (Slack-compatible JSON, retried).
 //! - [`approval`]: held requests, approvers, grants, timeouts.
+//! - [`identity`]: the optional second factor: JWT verification against a JWKS.
 //! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
 //! - [`daemon`]: `loopgate agent`, wiring it all together.
 //! - [`cli`], [`telemetry`]: the command line and logging.
@@ -34,6 +35,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod exec;
+pub mod identity;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
