@@ -14,7 +14,10 @@ PKGS=(
   python3               # /usr/bin/python3: the loops in tests and the demo
   python3-venv          # the chdb-core venv below
   clickhouse-server clickhouse-client   # the audit store (18.16 on Debian 12); tests start their own
+  chromium              # the approval page test clicks in headless Chromium
 )
+# Node.js drives Chromium (playwright-core); any node >= 18 will do.
+command -v node >/dev/null || PKGS+=(nodejs npm)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -64,5 +67,11 @@ if ! "$VENV/bin/python" -c 'import chdb' 2>/dev/null; then
   mkdir -p "$(dirname "$VENV")"
   /usr/bin/python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check chdb-core
+fi
+PW="${LOOPGATE_DEV_CACHE:-/var/cache/loopgate-dev}/playwright"
+if [[ ! -d "$PW/node_modules/playwright-core" ]]; then
+  log "npm install playwright-core into $PW (drives Debian's chromium; no browser download)"
+  mkdir -p "$PW"
+  npm install --prefix "$PW" --silent --no-audit --no-fund playwright-core@1
 fi
 log "prerequisites present"

@@ -765,3 +765,17 @@ pub fn sql_blocks(markdown: &str) -> Vec<String> {
     }
     out
 }
+
+/// playwright-core's directory (`cargo xtask setup` installs it).
+pub fn playwright_core() -> PathBuf {
+    let p = PathBuf::from(
+        std::env::var("LOOPGATE_DEV_CACHE").unwrap_or_else(|_| "/var/cache/loopgate-dev".into()),
+    )
+    .join("playwright/node_modules/playwright-core");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask setup`",
+        p.display()
+    );
+    p
+}

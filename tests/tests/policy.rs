@@ -586,3 +586,66 @@ fn held_requests_are_announced_to_webhooks_with_retries() {
         "webhook URLs are secrets: only the host may be logged"
     );
 }
+
+#[test]
+fn approval_page_approves_with_a_real_click_in_headless_chromium() {
+    let echo = EchoServer::start("127.10.3.8");
+    let http = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let token = "tok-chromium-approver-bob";
+    let token_file = dir.path().join("bob.token");
+    std::fs::write(&token_file, token).unwrap();
+    let agent = Agent::start(
+        AgentSpec::new("polchromium")
+            .agent_key(&format!("admin_http = \"{http}\""))
+            .target("db", &echo.addr.to_string(), "tcp")
+            .raw(&format!(
+                "\n[[approvers]]\nname = \"bob\"\nuser = \"nobody\"\ntoken_file = \"{}\"\n",
+                token_file.display()
+            ))
+            .policy(
+                "p.toml",
+                "[[rules]]\nid = \"db-approve\"\ntargets = [\"db\"]\naction = \"approve\"\nreason = \"db writes need a human\"\n",
+            ),
+    );
+    let mut l = Loop::start(&agent, "etl", echo.addr);
+    l.go();
+    let id = wait_pending(&agent)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let shot = dir.path().join("approvals.png");
+    let out = std::process::Command::new("node")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/approval_page.js"))
+        .arg(playwright_core())
+        .arg(format!("http://{http}/approvals?token={token}"))
+        .arg(&id)
+        .arg(&shot)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chromium run failed:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let v: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert!(
+        v["row"]
+            .as_str()
+            .unwrap()
+            .contains("db writes need a human"),
+        "{v}"
+    );
+    assert_eq!(v["title"], "loopgate approvals");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 1000,
+        "no screenshot"
+    );
+    assert_eq!(
+        l.answer(),
+        "ok",
+        "the click let the held connection through"
+    );
+    assert!(agent.log().contains("approval decided"));
+}
