@@ -328,6 +328,22 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l));
     }
+    {
+        // A reload re-checks open sessions: withdrawn permissions close them.
+        let (proxy, policy) = (proxy.clone(), policy.clone());
+        let mut changes = policy.subscribe();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let n = proxy.sessions.recheck(&policy.current());
+                if n > 0 {
+                    tracing::info!(
+                        sessions = n,
+                        "closed sessions whose permission was withdrawn"
+                    );
+                }
+            }
+        });
+    }
 
     if let Some(rb) = kernel.take_denials() {
         let audit = audit.clone();

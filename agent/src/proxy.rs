@@ -61,11 +61,17 @@ pub struct SessionTable {
 
 struct ActiveSession {
     workload: String,
+    cgroup: String,
+    uid: u32,
+    exe: Option<String>,
     target: String,
     protocol: String,
     pid: u32,
     started_at: String,
     counters: Arc<Counters>,
+    /// Cancelled when a policy reload withdraws the permission.
+    revoke: CancellationToken,
+    revoked: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,6 +114,39 @@ impl SessionTable {
             .collect();
         v.sort_by(|a, b| a.started_at.cmp(&b.started_at));
         v
+    }
+
+    /// Re-checks open sessions against a new policy: a session whose
+    /// workload × target is now denied is closed (outcome `revoked`).
+    pub fn recheck(&self, policy: &crate::policy::Policy) -> usize {
+        let Ok(m) = self.inner.lock() else { return 0 };
+        let mut n = 0;
+        for (id, s) in m.iter() {
+            let d = policy.evaluate(
+                &Request {
+                    workload: &s.workload,
+                    cgroup: &s.cgroup,
+                    uid: s.uid,
+                    exe: s.exe.as_deref(),
+                    target: &s.target,
+                    protocol: &s.protocol,
+                    kind: "connect",
+                },
+                None,
+            );
+            if d.verdict == Verdict::Deny {
+                if let Ok(mut r) = s.revoked.lock() {
+                    *r = Some(format!(
+                        "permission withdrawn by a policy reload: rule {}: {}",
+                        d.rule_id, d.reason
+                    ));
+                }
+                tracing::warn!(session_id = %id, workload = %s.workload, target = %s.target, rule = %d.rule_id, "closing a session whose permission was withdrawn");
+                s.revoke.cancel();
+                n += 1;
+            }
+        }
+        n
     }
 
     fn insert(&self, id: Uuid, s: ActiveSession) {
@@ -352,15 +391,22 @@ impl Proxy {
             self.audit.record(Record::Session(row));
             return;
         }
+        let revoke = self.abort.child_token();
+        let revoked = Arc::new(Mutex::new(None));
         self.sessions.insert(
             session_id,
             ActiveSession {
                 workload,
+                cgroup: row.cgroup.clone(),
+                uid: rec.uid,
+                exe,
                 target,
                 protocol: protocol.to_owned(),
                 pid: rec.tgid,
                 started_at: timestamp(started_at),
                 counters: counters.clone(),
+                revoke: revoke.clone(),
+                revoked: revoked.clone(),
             },
         );
         let capture = (self.capture_bytes > 0).then(|| Capture {
@@ -375,10 +421,17 @@ impl Proxy {
             self.connect_timeout,
             counters.clone(),
             capture,
-            self.abort.clone(),
+            revoke,
         )
         .instrument(span.clone())
         .await;
+        let out = match revoked.lock().ok().and_then(|r| r.clone()) {
+            Some(reason) => tcp::Outcome {
+                outcome: "revoked",
+                detail: Some(reason),
+            },
+            None => out,
+        };
         let (up, down) = (
             counters.up.load(Ordering::Relaxed),
             counters.down.load(Ordering::Relaxed),

@@ -649,3 +649,64 @@ fn approval_page_approves_with_a_real_click_in_headless_chromium() {
     );
     assert!(agent.log().contains("approval decided"));
 }
+
+const HOLD_THEN_READ: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port), timeout=30)
+s.sendall(b"ping")
+print("connected", s.recv(4).decode(), flush=True)
+sys.stdin.readline()
+try:
+    s.sendall(b"more")
+    d = s.recv(4)
+    print("read", repr(d), flush=True)
+except OSError as e:
+    print("error", e.errno, flush=True)
+"#;
+
+#[test]
+fn a_reload_that_withdraws_permission_closes_open_sessions() {
+    let echo = EchoServer::start("127.10.3.9");
+    let agent =
+        Agent::start(AgentSpec::new("polrevoke").target("db", &echo.addr.to_string(), "tcp"));
+    let script = agent.path("hold.py");
+    std::fs::write(&script, HOLD_THEN_READ).unwrap();
+    let port = echo.addr.port().to_string();
+    let mut child = agent.spawn_exec(
+        "ops",
+        &[
+            "/usr/bin/python3",
+            script.to_str().unwrap(),
+            "127.10.3.9",
+            &port,
+        ],
+    );
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected ping");
+    std::fs::write(
+        agent.path("policies/db.toml"),
+        "[[targets]]\nname = \"db\"\ndefault = \"deny\"\nreason = \"db closed for maintenance\"\n",
+    )
+    .unwrap();
+    let rows = agent.wait_sessions("revoked session", |s| {
+        s.len() == 1 && s[0]["outcome"] == "revoked"
+    });
+    assert!(
+        rows[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("db closed for maintenance"),
+        "{rows:#?}"
+    );
+    writeln!(child.stdin.as_mut().unwrap()).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("read b''") || line.starts_with("error"),
+        "{line}"
+    );
+    let _ = child.wait();
+}

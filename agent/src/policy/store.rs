@@ -18,6 +18,8 @@ pub struct PolicyStore {
     targets: HashSet<String>,
     current: ArcSwap<Policy>,
     state: Mutex<State>,
+    /// Bumped on every installed policy (subscribers re-check live sessions).
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -63,6 +65,7 @@ impl PolicyStore {
             targets,
             current: ArcSwap::from_pointee(Policy::default()),
             state: Mutex::new(State::default()),
+            version: tokio::sync::watch::Sender::new(0),
         };
         if dir.is_dir() {
             let p = load_dir(dir, Some(&store.targets))?;
@@ -79,6 +82,7 @@ impl PolicyStore {
     fn install(&self, p: Policy, fp: Vec<(PathBuf, SystemTime, u64)>) {
         let (files, rules) = (p.files, p.rule_count());
         self.current.store(Arc::new(p));
+        self.version.send_modify(|v| *v += 1);
         if let Ok(mut st) = self.state.lock() {
             st.fingerprint = fp;
             st.status = PolicyStatus {
@@ -91,6 +95,11 @@ impl PolicyStore {
             };
         }
         tracing::info!(dir = %self.dir.display(), files, rules, "policy loaded");
+    }
+
+    /// Changes whenever a new policy is in force.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     pub fn current(&self) -> Arc<Policy> {

@@ -69,7 +69,8 @@ pub struct Counters {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    /// `ok`, `upstream_unreachable`, `client_error`, `upstream_error`, `shutdown`.
+    /// `ok`, `upstream_unreachable`, `client_error`, `upstream_error`,
+    /// `shutdown` (and `revoked`, set by the proxy).
     pub outcome: &'static str,
     pub detail: Option<String>,
 }
