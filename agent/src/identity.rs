@@ -56,6 +56,16 @@ pub struct JwtVerifier {
     audience: String,
 }
 
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("keys", &self.keys.keys.len())
+            .finish()
+    }
+}
+
 impl JwtVerifier {
     pub fn new(keys: JwkSet, issuer: &str, audience: &str) -> Self {
         Self {

@@ -120,6 +120,7 @@ struct WorkloadSel {
     cgroup: Option<globset::GlobMatcher>,
     uid: Option<u32>,
     exe: Option<globset::GlobMatcher>,
+    jwt: Option<std::sync::Arc<crate::identity::JwtVerifier>>,
 }
 
 impl WorkloadSel {
@@ -172,6 +173,19 @@ impl Policy {
     /// Which workload selectors match: computed once per connection.
     pub fn workload_matches(&self, r: &Request<'_>) -> Vec<bool> {
         self.workloads.iter().map(|w| w.matches(r)).collect()
+    }
+
+    /// The JWT verifier a protocol handler must apply for this identity (the
+    /// first matching workload that requires one).
+    pub fn jwt_verifier(
+        &self,
+        matched: &[bool],
+    ) -> Option<std::sync::Arc<crate::identity::JwtVerifier>> {
+        self.workloads
+            .iter()
+            .zip(matched)
+            .find(|(w, m)| **m && w.jwt.is_some())
+            .and_then(|(w, _)| w.jwt.clone())
     }
 
     pub fn workload_names(&self, matched: &[bool]) -> Vec<&str> {

@@ -10,6 +10,9 @@
 //! cgroup = "loopgate/nightly-*/*"  # glob on the cgroup path
 //! uid = 1000
 //! exe = "/usr/bin/psql"            # glob on the executable path
+//! # second factor: the loop must also present a JWT (where the protocol
+//! # carries a credential), verified against this JWKS, then stripped
+//! jwt = { issuer = "https://idp.example", audience = "loopgate", jwks_file = "/etc/loopgate/jwks.json" }
 //!
 //! [[targets]]
 //! name = "orders-db"               # a target of agent.toml
@@ -120,6 +123,17 @@ struct RawWorkload {
     uid: Option<u32>,
     #[serde(default)]
     exe: Option<Spanned<String>>,
+    /// Second factor: the loop must present a JWT from this issuer.
+    #[serde(default)]
+    jwt: Option<Spanned<RawJwt>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    issuer: String,
+    audience: String,
+    jwks_file: String,
 }
 
 #[derive(Deserialize)]
@@ -321,12 +335,27 @@ pub fn compile(
                     }
                 },
             };
+            let jwt = w.jwt.as_ref().and_then(|j| {
+                let r = j.get_ref();
+                match crate::identity::JwtVerifier::from_jwks_file(
+                    Path::new(&r.jwks_file),
+                    &r.issuer,
+                    &r.audience,
+                ) {
+                    Ok(v) => Some(std::sync::Arc::new(v)),
+                    Err(e) => {
+                        cx.err(j.span(), e.to_string());
+                        None
+                    }
+                }
+            });
             let sel = WorkloadSel {
                 name: name.clone(),
                 workload: g(&w.workload, &mut cx),
                 cgroup: g(&w.cgroup, &mut cx),
                 uid: w.uid,
                 exe: g(&w.exe, &mut cx),
+                jwt,
             };
             policy.needs_exe |= sel.exe.is_some();
             workload_ix.insert(name.clone(), policy.workloads.len());

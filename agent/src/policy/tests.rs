@@ -250,3 +250,23 @@ fn evaluation_with_many_rules_picks_the_strongest() {
     let d = p.evaluate(&req("w-1", "t28"), None);
     assert_eq!(d.verdict, Verdict::Allow);
 }
+
+#[test]
+fn a_workload_can_require_a_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#).unwrap();
+    let p = policy(&format!(
+        "[[workloads]]\nname = \"bots\"\nworkload = \"bot-*\"\njwt = {{ issuer = \"https://idp.example\", audience = \"loopgate\", jwks_file = \"{}\" }}\n",
+        jwks.display()
+    ));
+    let m = p.workload_matches(&req("bot-1", "db"));
+    assert!(p.jwt_verifier(&m).is_some());
+    let m = p.workload_matches(&req("human", "db"));
+    assert!(p.jwt_verifier(&m).is_none());
+    let e = errors("[[workloads]]\nname = \"bots\"\nworkload = \"bot-*\"\njwt = { issuer = \"i\", audience = \"a\", jwks_file = \"/nonexistent/jwks.json\" }\n");
+    assert!(
+        e[0].contains(":4:7: cannot read the JWKS /nonexistent/jwks.json"),
+        "{e:?}"
+    );
+}
