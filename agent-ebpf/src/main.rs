@@ -140,6 +140,14 @@ fn make_record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, family: u16) 
     }
 }
 
+/// A socket that connects again (after a failed redirect) must not keep the
+/// record of its previous destination.
+#[inline(always)]
+fn forget(ctx: &SockAddrContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = BY_COOKIE.remove(cookie);
+}
+
 fn report_denial(ctx: &SockAddrContext, rec: &ConnRecord) {
     count(STAT_DENIED);
     if DENIALS.output::<ConnRecord>(rec, 0).is_err() {
@@ -162,8 +170,12 @@ pub fn lg_connect4(ctx: SockAddrContext) -> i32 {
     let port = u16::from_be(port_word as u16);
     let addr = v4_mapped(ip4);
     match decide(addr, port) {
-        Verdict::Pass => ALLOW,
+        Verdict::Pass => {
+            forget(&ctx);
+            ALLOW
+        }
         Verdict::Deny => {
+            forget(&ctx);
             let rec = make_record(&ctx, addr, port, AF_INET);
             report_denial(&ctx, &rec);
             REJECT
@@ -213,8 +225,12 @@ pub fn lg_connect6(ctx: SockAddrContext) -> i32 {
     let addr = [w0, w1, w2, w3];
     let mapped = w0 == 0 && w1 == 0 && w2 == V4_MAPPED_WORD;
     match decide(addr, port) {
-        Verdict::Pass => ALLOW,
+        Verdict::Pass => {
+            forget(&ctx);
+            ALLOW
+        }
         Verdict::Deny => {
+            forget(&ctx);
             let rec = make_record(&ctx, addr, port, AF_INET6);
             report_denial(&ctx, &rec);
             REJECT

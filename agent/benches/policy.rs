@@ -42,6 +42,7 @@ fn bench(c: &mut Criterion) {
         target: "t47",
         protocol: "postgres",
         kind: "connect",
+        jwt_subject: None,
     };
     // Identity matched once per connection, decisions per request.
     let matched = p.workload_matches(&req);

@@ -75,6 +75,8 @@ pub struct Server {
     listener: UnixListener,
     path: PathBuf,
     group: Option<u32>,
+    /// The agent's cgroup root, relative to the cgroup2 mount.
+    cgroup_root: Arc<str>,
 }
 
 /// Looks a group up by name.
@@ -89,7 +91,7 @@ pub fn group_id(name: &str) -> Result<u32, AdminError> {
 }
 
 impl Server {
-    pub fn bind(path: &Path, group: Option<&str>) -> Result<Self, AdminError> {
+    pub fn bind(path: &Path, group: Option<&str>, cgroup_root: &str) -> Result<Self, AdminError> {
         let io = |source| AdminError::Io {
             path: path.to_owned(),
             source,
@@ -130,6 +132,7 @@ impl Server {
             listener,
             path: path.to_owned(),
             group: gid,
+            cgroup_root: cgroup_root.into(),
         })
     }
 
@@ -149,8 +152,9 @@ impl Server {
             };
             let h = handler.clone();
             let group = self.group;
+            let root = self.cgroup_root.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_one(stream, h, group).await {
+                if let Err(e) = serve_one(stream, h, group, root).await {
                     tracing::debug!(error = %e, "admin connection ended with an error");
                 }
             });
@@ -159,34 +163,74 @@ impl Server {
     }
 }
 
-fn authorised(uid: u32, pid: Option<i32>, group: Option<u32>) -> bool {
+/// Groups of the peer as they were when it connected (`SO_PEERGROUPS`), plus
+/// its gid from `SO_PEERCRED`: not re-read from /proc, where a later setgid
+/// exec or a reused pid could answer.
+fn peer_groups(fd: i32, gid: u32) -> Vec<u32> {
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: getsockopt into a buffer of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let n = if r == 0 {
+        len as usize / std::mem::size_of::<libc::gid_t>()
+    } else {
+        0
+    };
+    groups.truncate(n);
+    groups.push(gid);
+    groups
+}
+
+fn authorised(uid: u32, groups: &[u32], group: Option<u32>) -> bool {
     // SAFETY: geteuid has no failure mode.
     if uid == 0 || uid == unsafe { libc::geteuid() } {
         return true;
     }
-    let (Some(gid), Some(pid)) = (group, pid) else {
+    group.is_some_and(|g| groups.contains(&g))
+}
+
+/// Is the peer a tagged loop (inside the agent's cgroup subtree)? Loops must
+/// never administer the agent or decide approvals, whatever their uid.
+fn inside_tagged_subtree(pid: Option<i32>, root_rel: &str) -> bool {
+    let Some(pid) = pid else { return false };
+    let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
         return false;
     };
-    // The peer's groups, from the kernel's view of the process.
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status.lines().any(|l| {
-        (l.starts_with("Groups:") || l.starts_with("Gid:"))
-            && l.split_whitespace()
-                .skip(1)
-                .any(|g| g.parse::<u32>().ok() == Some(gid))
-    })
+    let root = format!("/{}", root_rel.trim_matches('/'));
+    cg.lines()
+        .filter_map(|l| l.strip_prefix("0::"))
+        .any(|p| p == root || p.starts_with(&format!("{root}/")))
 }
 
 async fn serve_one(
     stream: UnixStream,
     handler: Arc<dyn Handler>,
     group: Option<u32>,
+    root_rel: Arc<str>,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
+    let groups = {
+        use std::os::fd::AsRawFd;
+        peer_groups(stream.as_raw_fd(), cred.gid())
+    };
     let (r, mut w) = stream.into_split();
-    let admin = authorised(cred.uid(), cred.pid(), group);
+    if inside_tagged_subtree(cred.pid(), &root_rel) {
+        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: the caller is a tagged loop");
+        let msg = serde_json::json!({
+            "error": "permission denied: tagged loops may not use the admin socket"
+        });
+        w.write_all(format!("{msg}\n").as_bytes()).await?;
+        return Ok(());
+    }
+    let admin = authorised(cred.uid(), &groups, group);
     if !admin && !handler.is_approver(cred.uid()) {
         tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an administrator");
         let msg = serde_json::json!({

@@ -28,6 +28,10 @@ pub enum ApprovalError {
     NotApprover(u32),
     #[error("no pending approval {0}")]
     Unknown(Uuid),
+    #[error("{0} may not decide a request made by their own uid")]
+    OwnRequest(String),
+    #[error("approval {0} timed out or was cancelled before the decision arrived")]
+    TooLate(Uuid),
     #[error("{approver} may not decide {id}: rule {rule_id} names the approvers {allowed:?}")]
     NotAllowed {
         approver: String,
@@ -272,6 +276,13 @@ impl Approvals {
         self.decide_as(id, &name, approve, reason)
     }
 
+    fn approver_uid(&self, name: &str) -> Option<u32> {
+        self.approvers
+            .iter()
+            .find(|(_, n)| n.as_str() == name)
+            .map(|(u, _)| *u)
+    }
+
     /// A named approver (already authenticated) decides a pending request.
     pub fn decide_as(
         &self,
@@ -286,6 +297,11 @@ impl Approvals {
             .lock()
             .map_err(|_| ApprovalError::Unknown(id))?;
         let p = pending.get(&id).ok_or(ApprovalError::Unknown(id))?;
+        // A loop runs as some user; that user approving its own request would
+        // make the approval meaningless.
+        if self.approver_uid(&name) == Some(p.held.uid) {
+            return Err(ApprovalError::OwnRequest(name));
+        }
         if !p.spec.approvers.is_empty() && !p.spec.approvers.contains(&name) {
             return Err(ApprovalError::NotAllowed {
                 approver: name,
@@ -306,7 +322,9 @@ impl Approvals {
                 reason,
             }
         };
-        let _ = p.tx.send(outcome);
+        if p.tx.send(outcome).is_err() {
+            return Err(ApprovalError::TooLate(id));
+        }
         Ok(p.held)
     }
 

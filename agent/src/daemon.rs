@@ -197,6 +197,16 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
 
     // Credentials are read (and checked) now: a missing one is a start-up error.
     let secrets = crate::secrets::target_secrets(&cfg)?;
+    // Approver tokens too: a bad one stops the agent before anything is attached.
+    let mut tokens = Vec::new();
+    for (i, a) in cfg.approvers.iter().enumerate() {
+        if let Some(p) = &a.token_file {
+            tokens.push((
+                crate::secrets::read_file(&cfg, &format!("approvers[{i}].token_file"), p)?,
+                a.name.clone(),
+            ));
+        }
+    }
     let masker = Arc::new(crate::secrets::SecretMasker::new(&secrets));
     let host = hostname();
     let audit = Arc::new(Recorder::open(
@@ -262,8 +272,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .filter_map(|l| l.local_addr().ok())
         .map(|a| a.to_string())
         .collect();
-    let admin_server =
-        admin::Server::bind(&cfg.agent.admin_socket, cfg.agent.admin_group.as_deref())?;
+    let admin_server = admin::Server::bind(
+        &cfg.agent.admin_socket,
+        cfg.agent.admin_group.as_deref(),
+        &cfg.agent.cgroup_root,
+    )?;
     let admin_http = match cfg.agent.admin_http {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -401,15 +414,6 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     });
     tokio::spawn(admin_server.serve(status, stop.clone()));
     if let Some(http) = admin_http {
-        let mut tokens = Vec::new();
-        for (i, a) in cfg.approvers.iter().enumerate() {
-            if let Some(p) = &a.token_file {
-                tokens.push((
-                    crate::secrets::read_file(&cfg, &format!("approvers[{i}].token_file"), p)?,
-                    a.name.clone(),
-                ));
-            }
-        }
         let (k, au, ap, m) = (
             kernel.clone(),
             audit.clone(),

@@ -131,6 +131,7 @@ impl SessionTable {
                     target: &s.target,
                     protocol: &s.protocol,
                     kind: "connect",
+                    jwt_subject: None,
                 },
                 None,
             );
@@ -303,18 +304,30 @@ impl Proxy {
             .then(|| std::fs::read_link(format!("/proc/{}/exe", rec.tgid)).ok())
             .flatten()
             .map(|p| p.to_string_lossy().into_owned());
-        let decision = policy.evaluate(
-            &Request {
-                workload: &row.workload,
-                cgroup: &row.cgroup,
-                uid: rec.uid,
-                exe: exe.as_deref(),
-                target: &row.target,
-                protocol,
-                kind: "connect",
-            },
-            None,
-        );
+        let l4 = Request {
+            workload: &row.workload,
+            cgroup: &row.cgroup,
+            uid: rec.uid,
+            exe: exe.as_deref(),
+            target: &row.target,
+            protocol,
+            kind: "connect",
+            jwt_subject: None,
+        };
+        let mut decision = policy.evaluate(&l4, None);
+        if let Some((wl, _)) = policy.jwt_required(&l4) {
+            // Raw TCP carries no token: a workload that requires the second
+            // factor is refused rather than let through on the first alone.
+            decision = crate::policy::Decision {
+                verdict: Verdict::Deny,
+                rule_id: format!("jwt-required:{wl}"),
+                reason: format!(
+                    "workload {wl} requires a JWT second factor, and a {protocol} connection carries none"
+                ),
+                approval: None,
+                mask: Vec::new(),
+            };
+        }
         drop(policy);
         let request = format!("connect {destination}");
         self.metrics.session(protocol, &row.workload);
@@ -355,6 +368,28 @@ impl Proxy {
                     approvers: Vec::new(),
                 };
                 match self.approvals.request(held, &spec, &self.abort).await {
+                    ApprovalOutcome::Approved { .. }
+                        if self
+                            .policy
+                            .current()
+                            .evaluate(
+                                &Request {
+                                    workload: &row.workload,
+                                    cgroup: &row.cgroup,
+                                    uid: rec.uid,
+                                    exe: exe.as_deref(),
+                                    target: &row.target,
+                                    protocol,
+                                    kind: "connect",
+                                    jwt_subject: None,
+                                },
+                                None,
+                            )
+                            .verdict
+                            == Verdict::Deny =>
+                    {
+                        Some("approved, but a policy reload denied it meanwhile".into())
+                    }
                     ApprovalOutcome::Approved { approver, reason } => {
                         self.event(
                             &row,

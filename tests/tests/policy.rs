@@ -148,24 +148,52 @@ approval_timeout = "2s"
             .agent_key("admin_group = \"nogroup\"")
             .target("db", &echo.addr.to_string(), "tcp")
             .target("vault", &slow.addr.to_string(), "tcp")
-            .raw("\n[[approvers]]\nname = \"alice\"\nuser = \"nobody\"\n\n[[approvers]]\nname = \"root-operator\"\nuid = 0\n")
+            .raw("\n[[approvers]]\nname = \"alice\"\nuser = \"daemon\"\n\n[[approvers]]\nname = \"root-operator\"\nuid = 0\n\n[[approvers]]\nname = \"loop-user\"\nuser = \"nobody\"\n")
             .clickhouse(&ch, "")
             .policy("etl.toml", policy),
     );
     let mut l = Loop::start(&agent, "etl-nightly", echo.addr);
 
-    // 1. Held, then approved by alice (nobody's uid) → the connection goes through.
+    // 1. Held, then approved by alice (uid `daemon`) → the connection goes through.
     l.go();
     let held = wait_pending(&agent);
     assert_eq!(held["rule_id"], "etl-db-needs-approval");
     assert_eq!(held["workload"], "etl-nightly");
     assert_eq!(echo.accepted(), 0, "nothing reaches the server while held");
     let id = held["approval_id"].as_str().unwrap().to_owned();
-    // Not an approver: uid `daemon` in the admin group can connect, but not decide.
-    let out = agent.cli_as("daemon", "nogroup", &["approvals", "approve", &id]);
+    // Not an approver: uid `bin` in the admin group can connect, but not decide.
+    let out = agent.cli_as("bin", "nogroup", &["approvals", "approve", &id]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("is not an approver"),
+        "{}",
+        stderr(&out)
+    );
+    // The loop's own user is an approver, but not of its own request.
+    let out = agent.cli_as("nobody", "nogroup", &["approvals", "approve", &id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("may not decide a request made by their own uid"),
+        "{}",
+        stderr(&out)
+    );
+    // A tagged loop may not use the admin socket at all, whatever its uid.
+    let bin = loopgate_bin();
+    let cfg = agent.config.to_str().unwrap().to_owned();
+    let out = agent.exec(
+        "etl-nightly",
+        &[
+            bin.to_str().unwrap(),
+            "--config",
+            &cfg,
+            "approvals",
+            "approve",
+            &id,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("tagged loops may not use the admin socket"),
         "{}",
         stderr(&out)
     );
@@ -178,7 +206,7 @@ approval_timeout = "2s"
         stderr(&out)
     );
     let out = agent.cli_as(
-        "nobody",
+        "daemon",
         "nogroup",
         &["approvals", "approve", &id, "--reason", "planned migration"],
     );
@@ -193,7 +221,7 @@ approval_timeout = "2s"
         .unwrap()
         .to_owned();
     let out = agent.cli_as(
-        "nobody",
+        "daemon",
         "nogroup",
         &["approvals", "deny", &id, "--reason", "not now"],
     );
@@ -405,7 +433,7 @@ fn approval_page_and_metrics_on_the_admin_port() {
             .agent_key(&format!("admin_http = \"{http}\""))
             .target("db", &echo.addr.to_string(), "tcp")
             .raw(&format!(
-                "\n[[approvers]]\nname = \"alice\"\nuser = \"nobody\"\ntoken_file = \"{}\"\n",
+                "\n[[approvers]]\nname = \"alice\"\nuser = \"daemon\"\ntoken_file = \"{}\"\n",
                 token_file.display()
             ))
             .policy(
@@ -600,7 +628,7 @@ fn approval_page_approves_with_a_real_click_in_headless_chromium() {
             .agent_key(&format!("admin_http = \"{http}\""))
             .target("db", &echo.addr.to_string(), "tcp")
             .raw(&format!(
-                "\n[[approvers]]\nname = \"bob\"\nuser = \"nobody\"\ntoken_file = \"{}\"\n",
+                "\n[[approvers]]\nname = \"bob\"\nuser = \"daemon\"\ntoken_file = \"{}\"\n",
                 token_file.display()
             ))
             .policy(

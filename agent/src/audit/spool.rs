@@ -266,8 +266,17 @@ impl SpoolWriter {
             *self = Self::create(&self.dir, self.id + 1, self.segment_bytes)?;
         }
         let path = segment_path(&self.dir, self.id);
-        self.file.write_all(framed).map_err(io_err(&path))?;
-        self.file.sync_data().map_err(io_err(&path))?;
+        if let Err(e) = self
+            .file
+            .write_all(framed)
+            .and_then(|_| self.file.sync_data())
+        {
+            // Never leave a partial frame behind later records (ENOSPC, EIO):
+            // cut back to the last complete batch.
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.seek(SeekFrom::End(0));
+            return Err(io_err(&path)(e));
+        }
         self.len += framed.len() as u64;
         Ok(())
     }

@@ -110,6 +110,8 @@ pub struct Request<'a> {
     pub protocol: &'a str,
     /// `connect` at L4; protocol handlers add their own kinds.
     pub kind: &'a str,
+    /// Subject of a JWT second factor the protocol handler verified.
+    pub jwt_subject: Option<&'a str>,
 }
 
 /// A compiled workload selector.
@@ -125,6 +127,12 @@ struct WorkloadSel {
 
 impl WorkloadSel {
     fn matches(&self, r: &Request<'_>) -> bool {
+        // A selector that requires the second factor never matches without it.
+        (self.jwt.is_none() || r.jwt_subject.is_some()) && self.matches_identity(r)
+    }
+
+    /// The kernel-attested criteria only (workload, cgroup, uid, exe).
+    fn matches_identity(&self, r: &Request<'_>) -> bool {
         self.workload
             .as_ref()
             .is_none_or(|g| g.is_match(r.workload))
@@ -175,17 +183,17 @@ impl Policy {
         self.workloads.iter().map(|w| w.matches(r)).collect()
     }
 
-    /// The JWT verifier a protocol handler must apply for this identity (the
-    /// first matching workload that requires one).
-    pub fn jwt_verifier(
+    /// The JWT a protocol handler must verify for this identity: the first
+    /// workload requiring one whose kernel-attested criteria match. A request
+    /// that cannot carry a token (raw TCP) from such a workload is refused.
+    pub fn jwt_required(
         &self,
-        matched: &[bool],
-    ) -> Option<std::sync::Arc<crate::identity::JwtVerifier>> {
+        r: &Request<'_>,
+    ) -> Option<(&str, std::sync::Arc<crate::identity::JwtVerifier>)> {
         self.workloads
             .iter()
-            .zip(matched)
-            .find(|(w, m)| **m && w.jwt.is_some())
-            .and_then(|(w, _)| w.jwt.clone())
+            .filter(|w| w.jwt.is_some() && w.matches_identity(r))
+            .find_map(|w| w.jwt.clone().map(|j| (w.name.as_str(), j)))
     }
 
     pub fn workload_names(&self, matched: &[bool]) -> Vec<&str> {

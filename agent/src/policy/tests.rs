@@ -29,6 +29,7 @@ fn req<'a>(workload: &'a str, target: &'a str) -> Request<'a> {
         target,
         protocol: "tcp",
         kind: "connect",
+        jwt_subject: None,
     }
 }
 
@@ -260,10 +261,19 @@ fn a_workload_can_require_a_jwt() {
         "[[workloads]]\nname = \"bots\"\nworkload = \"bot-*\"\njwt = {{ issuer = \"https://idp.example\", audience = \"loopgate\", jwks_file = \"{}\" }}\n",
         jwks.display()
     ));
-    let m = p.workload_matches(&req("bot-1", "db"));
-    assert!(p.jwt_verifier(&m).is_some());
-    let m = p.workload_matches(&req("human", "db"));
-    assert!(p.jwt_verifier(&m).is_none());
+    assert_eq!(
+        p.jwt_required(&req("bot-1", "db")).map(|x| x.0),
+        Some("bots")
+    );
+    assert!(p.jwt_required(&req("human", "db")).is_none());
+    // Without a verified token the selector does not match (fail closed) ...
+    assert_eq!(p.workload_matches(&req("bot-1", "db")), vec![false]);
+    // ... with one it does.
+    let with = Request {
+        jwt_subject: Some("etl-bot"),
+        ..req("bot-1", "db")
+    };
+    assert_eq!(p.workload_matches(&with), vec![true]);
     let e = errors("[[workloads]]\nname = \"bots\"\nworkload = \"bot-*\"\njwt = { issuer = \"i\", audience = \"a\", jwks_file = \"/nonexistent/jwks.json\" }\n");
     assert!(
         e[0].contains(":4:7: cannot read the JWKS /nonexistent/jwks.json"),
