@@ -438,24 +438,40 @@ fn print_replay(r: &query::Replay, json: bool) -> anyhow::Result<()> {
             e.reason
         )?;
     }
-    for c in &r.chunks {
-        let (arrow, dir) = if c.direction == DIRECTION_UP {
+    // Consecutive chunks of one direction are shown as one block of text.
+    let mut i = 0;
+    while i < r.chunks.len() {
+        let first = &r.chunks[i];
+        let mut j = i;
+        let mut data = Vec::new();
+        let mut masked = false;
+        while j < r.chunks.len() && r.chunks[j].direction == first.direction {
+            data.extend_from_slice(&r.chunks[j].data);
+            masked |= r.chunks[j].masked != 0;
+            j += 1;
+        }
+        let (arrow, dir) = if first.direction == DIRECTION_UP {
             (">", "up")
         } else {
             ("<", "down")
         };
+        let seqs = if j - i > 1 {
+            format!("#{}-{}", first.seq, r.chunks[j - 1].seq)
+        } else {
+            format!("#{}", first.seq)
+        };
         writeln!(
             out,
-            "{}  {arrow} {dir} #{} @{} {} bytes{}",
-            rel(c.ts),
-            c.seq,
-            c.offset,
-            c.data.len(),
-            if c.masked != 0 { " (masked)" } else { "" }
+            "{}  {arrow} {dir} {seqs} @{} {} bytes{}",
+            rel(first.ts),
+            first.offset,
+            data.len(),
+            if masked { " (masked)" } else { "" }
         )?;
-        for line in c.data.split_inclusive(|&b| b == b'\n') {
+        for line in data.split_inclusive(|&b| b == b'\n') {
             writeln!(out, "    {}", line.escape_ascii())?;
         }
+        i = j;
     }
     let captured: usize = r.chunks.iter().map(|c| c.data.len()).sum();
     let total = s.bytes_up + s.bytes_down;

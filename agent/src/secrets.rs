@@ -38,6 +38,11 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    #[cfg(test)]
+    pub fn for_tests(v: &str) -> Self {
+        Secret(v.to_owned())
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -113,6 +118,9 @@ pub trait Masker: Send + Sync {
     /// Masks in place, keeping the length (offsets stay valid). Returns whether
     /// anything changed.
     fn mask(&self, data: &mut [u8]) -> bool;
+    /// Length of the longest value masked (callers hold back one byte less, so
+    /// a value split across two reads is still found).
+    fn max_len(&self) -> usize;
 }
 
 /// Replaces every occurrence of a stored credential with `*`.
@@ -135,6 +143,10 @@ impl SecretMasker {
 }
 
 impl Masker for SecretMasker {
+    fn max_len(&self) -> usize {
+        self.secrets.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
     fn mask(&self, data: &mut [u8]) -> bool {
         let mut changed = false;
         for s in &self.secrets {

@@ -42,9 +42,7 @@ pub struct Capture {
 }
 
 impl Capture {
-    fn record(&self, side: Side, seq: u32, offset: u64, bytes: &[u8]) {
-        let mut data = bytes.to_vec();
-        let masked = self.masker.mask(&mut data);
+    fn emit(&self, side: Side, seq: u32, offset: u64, data: Vec<u8>, masked: bool) {
         self.sink.record(Record::Chunk(ChunkRow {
             session_id: self.session_id,
             direction: match side {
@@ -57,6 +55,67 @@ impl Capture {
             data,
             masked: masked as u8,
         }));
+    }
+}
+
+/// One direction's capture. Masking runs over the bytes not yet recorded,
+/// and the last `max_secret_len - 1` bytes are held back until more arrive
+/// (or the direction ends), so a secret split across two reads is still
+/// masked as a whole. Dropping it records what is held back.
+struct CaptureStream<'a> {
+    capture: &'a Capture,
+    side: Side,
+    pending: Vec<u8>,
+    /// Stream offset of `pending[0]`.
+    offset: u64,
+    seq: u32,
+    masked: bool,
+}
+
+impl<'a> CaptureStream<'a> {
+    fn new(capture: &'a Capture, side: Side) -> Self {
+        Self {
+            capture,
+            side,
+            pending: Vec::new(),
+            offset: 0,
+            seq: 0,
+            masked: false,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        self.masked |= self.capture.masker.mask(&mut self.pending);
+        let keep = self.capture.masker.max_len().saturating_sub(1);
+        if self.pending.len() > keep {
+            let rest = self.pending.split_off(self.pending.len() - keep);
+            let out = std::mem::replace(&mut self.pending, rest);
+            self.emit(out);
+        }
+    }
+
+    fn emit(&mut self, data: Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        let n = data.len() as u64;
+        self.capture.emit(
+            self.side,
+            self.seq,
+            self.offset,
+            data,
+            std::mem::take(&mut self.masked),
+        );
+        self.offset += n;
+        self.seq += 1;
+    }
+}
+
+impl Drop for CaptureStream<'_> {
+    fn drop(&mut self) {
+        let rest = std::mem::take(&mut self.pending);
+        self.emit(rest);
     }
 }
 
@@ -243,7 +302,7 @@ async fn pump(
     };
     let fail = |side, op, err| PumpError { side, op, err };
     let mut copied = 0usize;
-    let mut seq = 0u32;
+    let mut cap = capture.map(|c| CaptureStream::new(c, side));
     let capture_limit = capture.map_or(0, |c| c.limit as usize);
     let copy_limit = COPY_LIMIT.max(capture_limit);
     let mut buf = vec![0u8; COPY_BUF];
@@ -274,15 +333,15 @@ async fn pump(
             }
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some(c) = capture {
+        if let Some(c) = cap.as_mut() {
             if copied < capture_limit {
-                let take = n.min(capture_limit - copied);
-                c.record(side, seq, copied as u64, &buf[..take]);
-                seq += 1;
+                c.push(&buf[..n.min(capture_limit - copied)]);
             }
         }
         copied += n;
     }
+    // Capture is over for this direction: record what was held back.
+    drop(cap);
     drop(buf);
     let pipe = Pipe::new().map_err(|e| fail(side, "creating a pipe for", e))?;
     loop {
@@ -390,6 +449,50 @@ mod tests {
         assert_eq!(out.outcome, "ok", "{out:?}");
         assert_eq!(counters.up.load(Ordering::Relaxed), payload.len() as u64);
         assert_eq!(counters.down.load(Ordering::Relaxed), 8 + (3 << 20));
+    }
+
+    struct Collect(std::sync::Mutex<Vec<ChunkRow>>);
+    impl AuditSink for Collect {
+        fn record(&self, rec: Record) {
+            if let Record::Chunk(c) = rec {
+                self.0.lock().unwrap().push(c);
+            }
+        }
+        fn stats(&self) -> crate::audit::SinkStats {
+            Default::default()
+        }
+    }
+
+    #[test]
+    fn a_secret_split_across_reads_is_masked() {
+        let sink = Arc::new(Collect(Default::default()));
+        let cap = Capture {
+            session_id: Uuid::nil(),
+            sink: sink.clone(),
+            limit: 1 << 20,
+            masker: Arc::new(crate::secrets::SecretMasker::new(&[
+                crate::secrets::Secret::for_tests("hunter2-db-pass"),
+            ])),
+        };
+        {
+            let mut s = CaptureStream::new(&cap, Side::Client);
+            s.push(b"user=app password=hunt");
+            s.push(b"er2-db-pass; more bytes after the secret");
+        }
+        let chunks = sink.0.lock().unwrap();
+        let all: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+        let text = String::from_utf8(all).unwrap();
+        assert_eq!(
+            text,
+            "user=app password=***************; more bytes after the secret"
+        );
+        // Offsets and sequence numbers stay contiguous.
+        let mut off = 0;
+        for (i, c) in chunks.iter().enumerate() {
+            assert_eq!((c.seq as usize, c.offset), (i, off));
+            off += c.data.len() as u64;
+        }
+        assert!(chunks.iter().any(|c| c.masked == 1));
     }
 
     #[tokio::test]
