@@ -749,6 +749,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/agent.toml");
+        let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.agent.proxy_port, 1501);
+        assert_eq!(c.targets[0].name, "orders-db");
+        assert_eq!(c.approvers[0].name, "alice");
+    }
+
+    #[test]
     fn credential_debug_hides_paths_and_values() {
         let c = CredentialConfig {
             username: Some("app".into()),
