@@ -222,24 +222,28 @@ async fn serve_one(
         peer_groups(stream.as_raw_fd(), cred.gid())
     };
     let (r, mut w) = stream.into_split();
-    if inside_tagged_subtree(cred.pid(), &root_rel) {
+    let mut lines = TokioBufReader::new(r.take(64 * 1024)).lines();
+    let refusal = if inside_tagged_subtree(cred.pid(), &root_rel) {
         tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: the caller is a tagged loop");
-        let msg = serde_json::json!({
-            "error": "permission denied: tagged loops may not use the admin socket"
-        });
+        Some("permission denied: tagged loops may not use the admin socket".to_owned())
+    } else if !authorised(cred.uid(), &groups, group) && !handler.is_approver(cred.uid()) {
+        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an administrator");
+        Some(format!(
+            "permission denied: uid {} may not use the admin socket",
+            cred.uid()
+        ))
+    } else {
+        None
+    };
+    if let Some(error) = refusal {
+        // Read the request first, so the caller is not cut off mid-write
+        // (EPIPE) before it can read why.
+        let _ = tokio::time::timeout(Duration::from_secs(2), lines.next_line()).await;
+        let msg = serde_json::json!({ "error": error });
         w.write_all(format!("{msg}\n").as_bytes()).await?;
         return Ok(());
     }
     let admin = authorised(cred.uid(), &groups, group);
-    if !admin && !handler.is_approver(cred.uid()) {
-        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an administrator");
-        let msg = serde_json::json!({
-            "error": format!("permission denied: uid {} may not use the admin socket", cred.uid())
-        });
-        w.write_all(format!("{msg}\n").as_bytes()).await?;
-        return Ok(());
-    }
-    let mut lines = TokioBufReader::new(r.take(64 * 1024)).lines();
     while let Some(line) = lines.next_line().await? {
         let caller = Caller {
             uid: cred.uid(),
@@ -270,9 +274,14 @@ pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, AdminError>
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io)?;
     let line = serde_json::to_string(req).map_err(|e| AdminError::Protocol(e.to_string()))?;
-    s.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+    let sent = s.write_all(format!("{line}\n").as_bytes());
+    // Even when the write failed, the agent may have said why it refused.
     let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).map_err(io)?;
+    let read = BufReader::new(&s).read_line(&mut answer);
+    if answer.trim().is_empty() {
+        sent.map_err(io)?;
+        read.map_err(io)?;
+    }
     let v: serde_json::Value =
         serde_json::from_str(&answer).map_err(|e| AdminError::Protocol(e.to_string()))?;
     if let Some(err) = v.get("error").and_then(|e| e.as_str()) {

@@ -217,7 +217,11 @@ impl Approvals {
                     humantime::format_duration(spec.timeout)
                 ),
             ),
-            Outcome::Cancelled => ("cancelled", "", "the agent shut down".to_owned()),
+            Outcome::Cancelled => (
+                "cancelled",
+                "",
+                "the loop hung up or the agent shut down before a decision".to_owned(),
+            ),
         };
         self.record(row(
             &held,

@@ -163,6 +163,44 @@ impl SessionTable {
     }
 }
 
+/// Resolves when the client hangs up (or the socket fails). Watches with
+/// `poll(POLLRDHUP)` on a blocking thread, which neither consumes the bytes
+/// the loop may already have sent nor touches tokio's readiness for the relay.
+/// Dropping the future stops the watcher within half a second.
+async fn client_hung_up(sock: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    struct Stop(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let fd = sock.as_raw_fd();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _stop = Stop(stop.clone());
+    let watcher = tokio::task::spawn_blocking(move || {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: poll(2) on one pollfd only queries readiness. If the
+            // future is dropped and the fd closed (and reused) before this
+            // thread sees `stop`, its answer is discarded.
+            let r = unsafe { libc::poll(&mut p, 1, 500) };
+            if r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                return true;
+            }
+        }
+        false
+    });
+    if let Ok(true) = watcher.await {
+        return;
+    }
+    std::future::pending::<()>().await
+}
+
 /// Binds the proxy listeners on 127.0.0.1 and ::1.
 pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
     let mut out = vec![TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?];
@@ -367,7 +405,22 @@ impl Proxy {
                     expires_at: String::new(),
                     approvers: Vec::new(),
                 };
-                match self.approvals.request(held, &spec, &self.abort).await {
+                // Held requests end early when the loop hangs up (no grant is
+                // created for a loop that is gone) or the agent shuts down.
+                let cancel = self.abort.child_token();
+                let request_fut = self.approvals.request(held, &spec, &cancel);
+                tokio::pin!(request_fut);
+                let mut hung_up = false;
+                let outcome = loop {
+                    tokio::select! {
+                        o = &mut request_fut => break o,
+                        _ = client_hung_up(&sock), if !hung_up => {
+                            hung_up = true;
+                            cancel.cancel();
+                        }
+                    }
+                };
+                match outcome {
                     ApprovalOutcome::Approved { .. }
                         if self
                             .policy
@@ -408,6 +461,9 @@ impl Proxy {
                         "no approval within {}",
                         humantime::format_duration(spec.timeout)
                     )),
+                    ApprovalOutcome::Cancelled if hung_up => {
+                        Some("the loop hung up while its request was held".into())
+                    }
                     ApprovalOutcome::Cancelled => {
                         Some("the agent shut down while the request was held".into())
                     }

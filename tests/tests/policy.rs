@@ -738,3 +738,73 @@ fn a_reload_that_withdraws_permission_closes_open_sessions() {
     );
     let _ = child.wait();
 }
+
+#[test]
+fn a_loop_that_hangs_up_while_held_leaves_nothing_to_approve() {
+    let echo = EchoServer::start("127.10.3.10");
+    let agent = Agent::start(
+        AgentSpec::new("polhangup")
+            .target("db", &echo.addr.to_string(), "tcp")
+            .raw("\n[[approvers]]\nname = \"root-operator\"\nuid = 0\n")
+            .policy(
+                "p.toml",
+                "[[rules]]\nid = \"db-approve\"\ntargets = [\"db\"]\naction = \"approve\"\ngrant = \"10m\"\n",
+            ),
+    );
+    // A loop that gives up after a second and closes its socket.
+    const IMPATIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(b"ping")
+s.settimeout(1)
+try:
+    s.recv(4)
+except OSError:
+    pass
+s.close()
+"#;
+    let script = agent.path("impatient.py");
+    std::fs::write(&script, IMPATIENT).unwrap();
+    let port = echo.addr.port().to_string();
+    let mut child = agent.spawn_exec(
+        "ops",
+        &[
+            "/usr/bin/python3",
+            script.to_str().unwrap(),
+            "127.10.3.10",
+            &port,
+        ],
+    );
+    let id = wait_pending(&agent)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(child.wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pending(&agent, "after hang-up").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "held request still listed after the loop hung up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = agent.cli(&["approvals", "approve", &id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no pending approval"),
+        "{}",
+        stderr(&out)
+    );
+    let rows = agent.wait_sessions("refused session", |s| {
+        s.len() == 1 && s[0]["outcome"] == "denied"
+    });
+    assert_eq!(
+        rows[0]["detail"],
+        "the loop hung up while its request was held"
+    );
+    assert_eq!(echo.accepted(), 0);
+    // No grant was created: the next connection is held again.
+    let mut l = Loop::start(&agent, "ops", echo.addr);
+    l.go();
+    wait_pending(&agent);
+}
