@@ -42,7 +42,7 @@ pub struct Capture {
 }
 
 impl Capture {
-    fn emit(&self, side: Side, seq: u32, offset: u64, data: Vec<u8>, masked: bool) {
+    fn emit(&self, side: Side, seq: u32, offset: u64, ts: i64, data: Vec<u8>, masked: bool) {
         self.sink.record(Record::Chunk(ChunkRow {
             session_id: self.session_id,
             direction: match side {
@@ -51,7 +51,7 @@ impl Capture {
             },
             seq,
             offset,
-            ts: now_micros(),
+            ts,
             data,
             masked: masked as u8,
         }));
@@ -68,6 +68,9 @@ struct CaptureStream<'a> {
     pending: Vec<u8>,
     /// Stream offset of `pending[0]`.
     offset: u64,
+    /// When the bytes in `pending` were read (held-back bytes keep the time
+    /// they arrived, so replay orders them where they belong).
+    pending_ts: i64,
     seq: u32,
     masked: bool,
 }
@@ -79,12 +82,17 @@ impl<'a> CaptureStream<'a> {
             side,
             pending: Vec::new(),
             offset: 0,
+            pending_ts: 0,
             seq: 0,
             masked: false,
         }
     }
 
     fn push(&mut self, bytes: &[u8]) {
+        let now = now_micros();
+        if self.pending.is_empty() {
+            self.pending_ts = now;
+        }
         self.pending.extend_from_slice(bytes);
         self.masked |= self.capture.masker.mask(&mut self.pending);
         let keep = self.capture.masker.max_len().saturating_sub(1);
@@ -92,6 +100,7 @@ impl<'a> CaptureStream<'a> {
             let rest = self.pending.split_off(self.pending.len() - keep);
             let out = std::mem::replace(&mut self.pending, rest);
             self.emit(out);
+            self.pending_ts = now;
         }
     }
 
@@ -104,6 +113,7 @@ impl<'a> CaptureStream<'a> {
             self.side,
             self.seq,
             self.offset,
+            self.pending_ts,
             data,
             std::mem::take(&mut self.masked),
         );
