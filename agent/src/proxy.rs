@@ -421,25 +421,9 @@ impl Proxy {
                     }
                 };
                 match outcome {
+                    // The policy may have been reloaded while the request was held.
                     ApprovalOutcome::Approved { .. }
-                        if self
-                            .policy
-                            .current()
-                            .evaluate(
-                                &Request {
-                                    workload: &row.workload,
-                                    cgroup: &row.cgroup,
-                                    uid: rec.uid,
-                                    exe: exe.as_deref(),
-                                    target: &row.target,
-                                    protocol,
-                                    kind: "connect",
-                                    jwt_subject: None,
-                                },
-                                None,
-                            )
-                            .verdict
-                            == Verdict::Deny =>
+                        if self.policy.current().evaluate(&l4, None).verdict == Verdict::Deny =>
                     {
                         Some("approved, but a policy reload denied it meanwhile".into())
                     }
