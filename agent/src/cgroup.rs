@@ -36,6 +36,12 @@ pub fn find_mount(fstype: &str) -> Result<Option<PathBuf>, std::io::Error> {
 }
 
 fn parse_mountinfo(info: &str, fstype: &str) -> Option<PathBuf> {
+    mount_points(info, fstype).into_iter().next()
+}
+
+/// Every mount point of `fstype` in a mountinfo text.
+pub fn mount_points(info: &str, fstype: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
     for line in info.lines() {
         // id parent major:minor root mount-point options [optional...] - fstype source super
         let Some((left, right)) = line.split_once(" - ") else {
@@ -45,10 +51,10 @@ fn parse_mountinfo(info: &str, fstype: &str) -> Option<PathBuf> {
             continue;
         }
         if let Some(mp) = left.split_whitespace().nth(4) {
-            return Some(PathBuf::from(unescape_mountinfo(mp)));
+            out.push(PathBuf::from(unescape_mountinfo(mp)));
         }
     }
-    None
+    out
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.

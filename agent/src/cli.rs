@@ -183,7 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 target,
                 since: since.as_deref().map(parse_since).transpose()?,
             };
-            let rows = match ch_client(&cfg)? {
+            let rows = match Ch::from_config(&cfg)? {
                 Some(ch) => block_on(ch.sessions(&filter))??,
                 None => {
                     let mut rows = query::local_sessions(&spool_dir(&cfg.agent.state_dir))?;
@@ -224,7 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Replay { session_id, json } => {
             let cfg = config::Config::load(&cli.config)?;
-            let replay = match ch_client(&cfg)? {
+            let replay = match Ch::from_config(&cfg)? {
                 Some(ch) => block_on(ch.replay(session_id))??,
                 None => query::local_replay(&spool_dir(&cfg.agent.state_dir), session_id)?,
             };
@@ -349,21 +349,6 @@ fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
         .build()
         .context("starting the async runtime")?;
     Ok(rt.block_on(f))
-}
-
-/// The ClickHouse client when `audit.clickhouse_url` is set.
-fn ch_client(cfg: &config::Config) -> anyhow::Result<Option<Ch>> {
-    let Some(url) = &cfg.audit.clickhouse_url else {
-        return Ok(None);
-    };
-    let mut ch = Ch::new(url, &cfg.audit.database);
-    if let Some(u) = &cfg.audit.user {
-        ch = ch.with_user(u);
-    }
-    if let Some(p) = &cfg.audit.password_file {
-        ch = ch.with_password(&crate::secrets::read_file(cfg, "audit.password_file", p)?);
-    }
-    Ok(Some(ch))
 }
 
 fn print_replay(r: &query::Replay, json: bool) -> anyhow::Result<()> {

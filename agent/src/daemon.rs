@@ -108,6 +108,8 @@ impl admin::Handler for Status {
 
 impl Status {
     fn status(&self) -> serde_json::Value {
+        // One look at the spool directory per status.
+        let audit = self.audit.stats();
         let stats: serde_json::Map<String, serde_json::Value> = self
             .kernel
             .stats()
@@ -129,8 +131,8 @@ impl Status {
             "active_sessions": self.proxy.sessions.len(),
             "sessions": self.proxy.sessions.list(),
             "kernel_counters": stats,
-            "audit": self.audit.stats(),
-            "spool_depth": self.audit.stats().spool_pending_bytes,
+            "spool_depth": audit.spool_pending_bytes,
+            "audit": audit,
             "policy": self.policy.status(),
             "approvals_pending": self.approvals.pending_count(),
         })
@@ -236,19 +238,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             }
         });
     }
-    let shipper = cfg.audit.clickhouse_url.as_ref().map(|url| {
-        let mut ch = Ch::new(url, &cfg.audit.database);
-        if let Some(user) = &cfg.audit.user {
-            ch = ch.with_user(user);
-        }
-        if let Some(pw) = cfg
-            .audit
-            .password_file
-            .as_ref()
-            .and_then(|p| crate::secrets::read_file(&cfg, "audit.password_file", p).ok())
-        {
-            ch = ch.with_password(&pw);
-        }
+    let shipper = Ch::from_config(&cfg)?.map(|ch| {
         tokio::spawn(
             Shipper {
                 ch,

@@ -477,13 +477,9 @@ fn link_update(pin: &Path, prog_fd: i32) -> std::io::Result<()> {
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted there.
 pub fn ensure_bpffs() -> Result<(), EbpfError> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(EbpfError::MountBpffs)?;
-    let mounted = info.lines().any(|l| {
-        let Some((left, right)) = l.split_once(" - ") else {
-            return false;
-        };
-        right.split_whitespace().next() == Some("bpf")
-            && left.split_whitespace().nth(4) == Some("/sys/fs/bpf")
-    });
+    let mounted = crate::cgroup::mount_points(&info, "bpf")
+        .iter()
+        .any(|p| p == Path::new("/sys/fs/bpf"));
     if mounted {
         return Ok(());
     }

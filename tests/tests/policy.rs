@@ -95,6 +95,14 @@ fn wait_pending(agent: &Agent) -> Value {
     }
 }
 
+/// The id of the (first) held request.
+fn wait_pending_id(agent: &Agent) -> String {
+    wait_pending(agent)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 #[test]
 fn target_default_deny_resets_the_connection_and_records_the_rule() {
     let echo = EchoServer::start("127.10.3.1");
@@ -216,10 +224,7 @@ approval_timeout = "2s"
 
     // 2. Held, then denied → the connection is reset.
     l.go();
-    let id = wait_pending(&agent)["approval_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = wait_pending_id(&agent);
     let out = agent.cli_as(
         "daemon",
         "nogroup",
@@ -287,10 +292,7 @@ fn a_timed_grant_lets_later_connections_through() {
     );
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    let id = wait_pending(&agent)["approval_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = wait_pending_id(&agent);
     assert!(agent.cli(&["approvals", "approve", &id]).status.success());
     assert_eq!(l.answer(), "ok");
     for _ in 0..3 {
@@ -444,10 +446,7 @@ fn approval_page_and_metrics_on_the_admin_port() {
     let base = format!("http://{http}");
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    let id = wait_pending(&agent)["approval_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = wait_pending_id(&agent);
 
     // No token, a wrong token: refused.
     let code = |args: &[&str]| curl(&[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
@@ -579,10 +578,7 @@ fn held_requests_are_announced_to_webhooks_with_retries() {
     );
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    let id = wait_pending(&agent)["approval_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = wait_pending_id(&agent);
     let deadline = Instant::now() + Duration::from_secs(10);
     while bodies.lock().unwrap().len() < 2 {
         assert!(
@@ -638,10 +634,7 @@ fn approval_page_approves_with_a_real_click_in_headless_chromium() {
     );
     let mut l = Loop::start(&agent, "etl", echo.addr);
     l.go();
-    let id = wait_pending(&agent)["approval_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = wait_pending_id(&agent);
     let shot = dir.path().join("approvals.png");
     let out = std::process::Command::new("node")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/approval_page.js"))
@@ -775,10 +768,7 @@ s.close()
             &port,
         ],
     );
-    let id = wait_pending(&agent)["approval_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = wait_pending_id(&agent);
     assert!(child.wait().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pending(&agent, "after hang-up").is_empty() {

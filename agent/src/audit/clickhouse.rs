@@ -347,6 +347,23 @@ impl Ch {
         }
     }
 
+    /// The client `[audit]` describes (`None` without `clickhouse_url`).
+    pub fn from_config(
+        cfg: &crate::config::Config,
+    ) -> Result<Option<Self>, crate::secrets::SecretError> {
+        let Some(url) = &cfg.audit.clickhouse_url else {
+            return Ok(None);
+        };
+        let mut ch = Self::new(url, &cfg.audit.database);
+        if let Some(user) = &cfg.audit.user {
+            ch = ch.with_user(user);
+        }
+        if let Some(p) = &cfg.audit.password_file {
+            ch = ch.with_password(&crate::secrets::read_file(cfg, "audit.password_file", p)?);
+        }
+        Ok(Some(ch))
+    }
+
     pub fn with_user(mut self, user: &str) -> Self {
         self.client = self.client.with_user(user);
         self.inserts = self.inserts.with_user(user);

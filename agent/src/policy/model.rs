@@ -44,6 +44,8 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::config::line_col;
+
 use super::{
     glob, glob_set, ApprovalSpec, Grant, Policy, Rule, Verdict, WorkloadSel,
     DEFAULT_APPROVAL_TIMEOUT,
@@ -187,13 +189,6 @@ impl Ctx<'_> {
             reason: reason.into(),
         });
     }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
 }
 
 fn parse_grant(s: &str) -> Result<Grant, String> {

@@ -408,6 +408,7 @@ mod tests {
     /// A client connected to a relay task towards `upstream`.
     async fn relayed(
         upstream: SocketAddr,
+        abort: CancellationToken,
     ) -> (TcpStream, tokio::task::JoinHandle<Outcome>, Arc<Counters>) {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = front.local_addr().unwrap();
@@ -415,15 +416,7 @@ mod tests {
         let c = counters.clone();
         let task = tokio::spawn(async move {
             let (sock, _) = front.accept().await.unwrap();
-            relay(
-                sock,
-                upstream,
-                Duration::from_secs(2),
-                c,
-                None,
-                CancellationToken::new(),
-            )
-            .await
+            relay(sock, upstream, Duration::from_secs(2), c, None, abort).await
         });
         (TcpStream::connect(addr).await.unwrap(), task, counters)
     }
@@ -443,7 +436,7 @@ mod tests {
             s.write_all(&vec![9u8; 3 << 20]).await.unwrap();
             got.len()
         });
-        let (mut client, task, counters) = relayed(upstream).await;
+        let (mut client, task, counters) = relayed(upstream, CancellationToken::new()).await;
         // More than COPY_LIMIT, so both the copy and the splice paths run.
         let payload: Vec<u8> = (0..(2usize << 20)).map(|i| (i % 251) as u8).collect();
         client.write_all(&payload).await.unwrap();
@@ -511,7 +504,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let dead = l.local_addr().unwrap();
         drop(l);
-        let (mut client, task, _) = relayed(dead).await;
+        let (mut client, task, _) = relayed(dead, CancellationToken::new()).await;
         let out = task.await.unwrap();
         assert_eq!(out.outcome, "upstream_unreachable");
         assert!(out.detail.unwrap().contains(&dead.to_string()));
@@ -528,23 +521,8 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
             drop(s);
         });
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = front.local_addr().unwrap();
         let abort = CancellationToken::new();
-        let a = abort.clone();
-        let task = tokio::spawn(async move {
-            let (sock, _) = front.accept().await.unwrap();
-            relay(
-                sock,
-                upstream,
-                Duration::from_secs(2),
-                Arc::default(),
-                None,
-                a,
-            )
-            .await
-        });
-        let _client = TcpStream::connect(addr).await.unwrap();
+        let (_client, task, _) = relayed(upstream, abort.clone()).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         abort.cancel();
         let out = tokio::time::timeout(Duration::from_secs(5), task)
