@@ -137,26 +137,33 @@ impl WorkloadResolver {
     /// then its ancestors from the deepest up) that belongs to a workload.
     /// Rescans the subtree once when none is known yet.
     pub fn resolve(&self, ids: &[u64]) -> Option<WorkloadId> {
+        // `ids` is most specific first. Only the connecting cgroup itself is
+        // trusted from the cache: an ancestor hit there may just mean its
+        // new child was not scanned yet (a new workload would otherwise
+        // resolve to its parent, the root).
+        let first = *ids.iter().find(|&&id| id != 0)?;
+        if let Some(w) = self.cache.read().ok().and_then(|c| c.get(&first).cloned()) {
+            return Some(w);
+        }
+        let fresh = self.scan();
         let find = |m: &HashMap<u64, WorkloadId>| {
             ids.iter()
                 .filter(|&&id| id != 0)
                 .find_map(|id| m.get(id).cloned())
         };
-        if let Some(w) = self.cache.read().ok().and_then(|c| find(&c)) {
-            return Some(w);
+        let Ok(mut c) = self.cache.write() else {
+            return find(&fresh);
+        };
+        // Keep ids of cgroups that are gone (records can arrive late), up to
+        // a bound; past it, start over from what exists now.
+        if c.len() + fresh.len() > MAX_CACHED {
+            *c = fresh;
+        } else {
+            c.extend(fresh);
         }
-        let fresh = self.scan();
-        let found = find(&fresh);
-        if let Ok(mut c) = self.cache.write() {
-            // Keep ids of cgroups that are gone (records can arrive late), up to
-            // a bound; past it, start over from what exists now.
-            if c.len() + fresh.len() > MAX_CACHED {
-                *c = fresh;
-            } else {
-                c.extend(fresh);
-            }
-        }
-        found
+        // The cgroup may be gone already (a short-lived loop): its nearest
+        // known ancestor names the workload.
+        find(&c)
     }
 
     /// Walks the agent's subtree and the named cgroups.
