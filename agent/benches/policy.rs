@@ -43,6 +43,8 @@ fn bench(c: &mut Criterion) {
         protocol: "postgres",
         kind: "connect",
         jwt_subject: None,
+        method: None,
+        path: None,
     };
     // Identity matched once per connection, decisions per request.
     let matched = p.workload_matches(&req);

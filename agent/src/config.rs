@@ -244,7 +244,8 @@ impl fmt::Debug for CredentialConfig {
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalsConfig {
-    /// URLs that receive a Slack-compatible JSON POST for each held request.
+    /// `http://` or `https://` URLs that receive a Slack-compatible JSON POST
+    /// for each held request (`https` verified against the system roots).
     /// Treated as secrets (a Slack webhook URL carries its token): only the
     /// host is ever logged.
     #[serde(default)]
@@ -530,15 +531,9 @@ impl Config {
             }
         }
         for (i, w) in self.approvals.webhooks.iter().enumerate() {
-            if !w.starts_with("http://") {
-                return Err(self.invalid(
-                    format!("approvals.webhooks[{i}]"),
-                    "must be an http:// URL (https webhooks are not supported yet; use a local relay)",
-                ));
-            }
-            if w.parse::<hyper::Uri>().is_err() {
-                return Err(self.invalid(format!("approvals.webhooks[{i}]"), "is not a valid URL"));
-            }
+            // The reason never echoes the URL: it is a secret.
+            crate::http_client::parse_url(w)
+                .map_err(|r| self.invalid(format!("approvals.webhooks[{i}]"), r))?;
         }
         let mut approvers = HashSet::new();
         for (i, a) in self.approvers.iter().enumerate() {
@@ -714,6 +709,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("targets[0].credential.pasword_file"), "{e}");
+    }
+
+    #[test]
+    fn webhooks_may_be_https_and_nothing_else() {
+        let c =
+            parse("[agent]\n[approvals]\nwebhooks = [\"https://hooks.example/T0/B0/secret\"]\n");
+        assert!(c.is_ok(), "{:?}", c.err().map(|e| e.to_string()));
+        let e = parse("[agent]\n[approvals]\nwebhooks = [\"ftp://hooks.example/secret\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("approvals.webhooks[0]"), "{e}");
+        assert!(e.contains("must be an http:// or https:// URL"), "{e}");
+        assert!(!e.contains("secret"), "the URL is a secret: {e}");
     }
 
     #[test]

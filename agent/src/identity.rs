@@ -7,8 +7,15 @@
 //! Bearer`, the PostgreSQL password, the SSH password) calls
 //! [`JwtVerifier::verify`]; which workloads require it is policy.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
 use jsonwebtoken::{
     decode, decode_header,
     errors::ErrorKind,
@@ -17,8 +24,22 @@ use jsonwebtoken::{
 };
 use serde::Deserialize;
 
+use crate::http_client::{self, HttpClient};
+
+/// Keys fetched from a URL are refreshed when older than this.
+const JWKS_MAX_AGE: Duration = Duration::from_secs(600);
+/// At most one fetch per this interval once keys are cached (unknown key ids,
+/// refreshes), so tokens with made-up key ids cannot hammer the IdP.
+const JWKS_MIN_REFETCH: Duration = Duration::from_secs(30);
+/// At most one fetch per this interval while no keys are cached.
+const JWKS_MIN_RETRY_EMPTY: Duration = Duration::from_secs(5);
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const JWKS_MAX_BYTES: usize = 1 << 20;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JwtError {
+    /// The JWKS could not be read: `path` is the file, or the URL without
+    /// its query.
     #[error("cannot read the JWKS {path}: {reason}")]
     Jwks { path: String, reason: String },
     #[error("the token is not a JWT: {0}")]
@@ -51,25 +72,71 @@ pub struct Claims {
 }
 
 pub struct JwtVerifier {
-    keys: JwkSet,
+    keys: Keys,
     issuer: String,
     audience: String,
 }
 
+enum Keys {
+    /// Given, or read from a file when the policy compiled.
+    Static(JwkSet),
+    /// Fetched from a URL on first use, cached, refreshed.
+    Remote(Box<RemoteJwks>),
+}
+
+struct RemoteJwks {
+    url: hyper::Uri,
+    /// The URL without its query, for errors.
+    shown: String,
+    client: HttpClient,
+    cached: ArcSwapOption<Fetched>,
+    /// Held while fetching: concurrent verifies wait for one fetch.
+    refresh: tokio::sync::Mutex<FetchState>,
+}
+
+struct Fetched {
+    keys: JwkSet,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct FetchState {
+    last_attempt: Option<Instant>,
+    /// Why the last fetch failed (cleared by a successful one).
+    last_error: Option<String>,
+}
+
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtVerifier")
-            .field("issuer", &self.issuer)
-            .field("audience", &self.audience)
-            .field("keys", &self.keys.keys.len())
-            .finish()
+        let mut d = f.debug_struct("JwtVerifier");
+        d.field("issuer", &self.issuer)
+            .field("audience", &self.audience);
+        match &self.keys {
+            Keys::Static(k) => d.field("keys", &k.keys.len()),
+            Keys::Remote(r) => d
+                .field("jwks_url", &r.shown)
+                .field("keys", &r.cached.load().as_ref().map(|c| c.keys.keys.len())),
+        };
+        d.finish()
     }
+}
+
+fn pick<'a>(keys: &'a JwkSet, kid: Option<&str>) -> Option<&'a Jwk> {
+    match kid {
+        Some(k) => keys.find(k),
+        None if keys.keys.len() == 1 => keys.keys.first(),
+        None => None,
+    }
+}
+
+fn decoding_key(jwk: &Jwk) -> Result<DecodingKey, JwtError> {
+    DecodingKey::from_jwk(jwk).map_err(|e| JwtError::Invalid(e.to_string()))
 }
 
 impl JwtVerifier {
     pub fn new(keys: JwkSet, issuer: &str, audience: &str) -> Self {
         Self {
-            keys,
+            keys: Keys::Static(keys),
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
         }
@@ -85,15 +152,49 @@ impl JwtVerifier {
         Ok(Self::new(keys, issuer, audience))
     }
 
-    fn key(&self, kid: Option<&str>) -> Option<&Jwk> {
-        match kid {
-            Some(k) => self.keys.find(k),
-            None if self.keys.keys.len() == 1 => self.keys.keys.first(),
-            None => None,
+    /// A JWKS served at `url` (`http://` or `https://`; `ca_file` is the CA
+    /// to trust instead of the system roots). Nothing is fetched here: keys
+    /// are fetched on first use, cached, refreshed after 10 minutes, and
+    /// re-fetched (at most every 30 s) for a token with an unknown key id.
+    pub fn from_jwks_url(
+        url: &str,
+        ca_file: Option<&Path>,
+        issuer: &str,
+        audience: &str,
+    ) -> Result<Self, JwtError> {
+        let uri = http_client::parse_url(url).map_err(|r| JwtError::Jwks {
+            // The query may carry a token.
+            path: url.split('?').next().unwrap_or_default().to_owned(),
+            reason: format!("jwks_url {r}"),
+        })?;
+        let shown = http_client::without_query(&uri);
+        let client = http_client::build(ca_file).map_err(|e| JwtError::Jwks {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            keys: Keys::Remote(Box::new(RemoteJwks {
+                url: uri,
+                shown,
+                client,
+                cached: ArcSwapOption::empty(),
+                refresh: tokio::sync::Mutex::new(FetchState::default()),
+            })),
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+        })
+    }
+
+    async fn key(&self, kid: Option<&str>) -> Result<DecodingKey, JwtError> {
+        match &self.keys {
+            Keys::Static(keys) => pick(keys, kid)
+                .ok_or_else(|| JwtError::UnknownKey(kid.map(str::to_owned)))
+                .and_then(decoding_key),
+            Keys::Remote(r) => r.key(kid).await,
         }
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
+    pub async fn verify(&self, token: &str) -> Result<Claims, JwtError> {
         let header = decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
         if !matches!(
             header.alg,
@@ -108,10 +209,7 @@ impl JwtVerifier {
             // Symmetric algorithms would let anyone holding the "public" JWKS sign.
             return Err(JwtError::Algorithm(header.alg));
         }
-        let jwk = self
-            .key(header.kid.as_deref())
-            .ok_or_else(|| JwtError::UnknownKey(header.kid.clone()))?;
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| JwtError::Invalid(e.to_string()))?;
+        let key = self.key(header.kid.as_deref()).await?;
         let mut v = Validation::new(header.alg);
         v.set_issuer(&[&self.issuer]);
         v.set_audience(&[&self.audience]);
@@ -134,41 +232,199 @@ impl JwtVerifier {
     }
 }
 
+impl RemoteJwks {
+    fn host(&self) -> &str {
+        self.url.host().unwrap_or("?")
+    }
+
+    async fn key(&self, kid: Option<&str>) -> Result<DecodingKey, JwtError> {
+        // Fast path: fresh keys holding this kid.
+        let cached = self.cached.load_full();
+        if let Some(c) = &cached {
+            if let Some(jwk) = pick(&c.keys, kid) {
+                if c.at.elapsed() < JWKS_MAX_AGE {
+                    return decoding_key(jwk);
+                }
+                // Stale: refresh unless another verify already is.
+                let Ok(state) = self.refresh.try_lock() else {
+                    return decoding_key(jwk);
+                };
+                return self.refresh_then(state, kid).await;
+            }
+        }
+        let state = self.refresh.lock().await;
+        self.refresh_then(state, kid).await
+    }
+
+    /// With the refresh lock held: fetches unless the keys are fresh and hold
+    /// `kid` (another verify fetched while this one waited) or the last fetch
+    /// was too recent, then looks `kid` up.
+    async fn refresh_then(
+        &self,
+        mut state: tokio::sync::MutexGuard<'_, FetchState>,
+        kid: Option<&str>,
+    ) -> Result<DecodingKey, JwtError> {
+        let cached = self.cached.load_full();
+        let usable = cached
+            .as_ref()
+            .is_some_and(|c| c.at.elapsed() < JWKS_MAX_AGE && pick(&c.keys, kid).is_some());
+        let gap = if cached.is_some() {
+            JWKS_MIN_REFETCH
+        } else {
+            JWKS_MIN_RETRY_EMPTY
+        };
+        if !usable && state.last_attempt.is_none_or(|t| t.elapsed() >= gap) {
+            state.last_attempt = Some(Instant::now());
+            match self.fetch().await {
+                Ok(keys) => {
+                    tracing::debug!(jwks_host = %self.host(), keys = keys.keys.len(), "fetched the JWKS");
+                    state.last_error = None;
+                    self.cached.store(Some(Arc::new(Fetched {
+                        keys,
+                        at: Instant::now(),
+                    })));
+                }
+                Err(reason) => {
+                    if cached.is_some() {
+                        tracing::warn!(jwks_host = %self.host(), error = %reason, "JWKS refresh failed; keeping the cached keys");
+                    } else {
+                        tracing::warn!(jwks_host = %self.host(), error = %reason, "JWKS fetch failed");
+                    }
+                    state.last_error = Some(reason);
+                }
+            }
+        }
+        match self.cached.load_full() {
+            Some(c) => pick(&c.keys, kid)
+                .ok_or_else(|| JwtError::UnknownKey(kid.map(str::to_owned)))
+                .and_then(decoding_key),
+            None => Err(JwtError::Jwks {
+                path: self.shown.clone(),
+                reason: state
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "not fetched yet".into()),
+            }),
+        }
+    }
+
+    /// One GET; the reason never holds the URL (its query may carry a token).
+    async fn fetch(&self) -> Result<JwkSet, String> {
+        let req = hyper::Request::get(self.url.clone())
+            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::USER_AGENT, "loopgate")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let get = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| http_client::error_chain(&e))?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(format!("the server answered {status}"));
+            }
+            let ctype = resp
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_owned();
+            let body = Limited::new(resp.into_body(), JWKS_MAX_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?
+                .to_bytes();
+            Ok((ctype, body))
+        };
+        let (ctype, body) = tokio::time::timeout(JWKS_FETCH_TIMEOUT, get)
+            .await
+            .map_err(|_| format!("no answer within {}s", JWKS_FETCH_TIMEOUT.as_secs()))??;
+        parse_jwks(&body).map_err(|r| format!("{r} (content-type {ctype})"))
+    }
+
+    #[cfg(test)]
+    async fn age_by(&self, d: Duration) {
+        let back = |t: Instant| t.checked_sub(d).unwrap_or(t);
+        let mut st = self.refresh.lock().await;
+        st.last_attempt = st.last_attempt.map(back);
+        if let Some(c) = self.cached.load_full() {
+            self.cached.store(Some(Arc::new(Fetched {
+                keys: c.keys.clone(),
+                at: back(c.at),
+            })));
+        }
+    }
+}
+
+/// A fetched JWKS: keys this agent cannot use (other key types, encryption
+/// keys with unknown parameters) are skipped rather than failing the set.
+fn parse_jwks(body: &[u8]) -> Result<JwkSet, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("the answer is not JSON: {e}"))?;
+    let Some(keys) = v.get("keys").and_then(|k| k.as_array()) else {
+        return Err("the answer is not a JWKS (no \"keys\" array)".into());
+    };
+    let keys: Vec<Jwk> = keys
+        .iter()
+        .filter_map(|k| match serde_json::from_value::<Jwk>(k.clone()) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::debug!(error = %e, "skipping a JWKS key this agent cannot use");
+                None
+            }
+        })
+        .collect();
+    if keys.is_empty() {
+        return Err("the JWKS has no usable key".into());
+    }
+    Ok(JwkSet { keys })
+}
+
 #[cfg(test)]
 mod tests {
     use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+    use hyper::StatusCode;
     use jsonwebtoken::{encode, EncodingKey, Header};
 
     use super::*;
+    use crate::http_client::test_support::{pki, serve, Server};
 
     struct Issuer {
+        kid: String,
         key: EncodingKey,
         jwks: JwkSet,
     }
 
-    /// A real P-256 key pair (rcgen) and its JWKS.
-    fn issuer() -> Issuer {
+    /// A real P-256 key pair (rcgen) and its JWKS, key id `kid`.
+    fn issuer_with(kid: &str) -> Issuer {
         let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let raw = kp.public_key_raw(); // 0x04 || x || y
         let jwks: JwkSet = serde_json::from_value(serde_json::json!({"keys": [{
-            "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
+            "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
             "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
             "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
         }]}))
         .unwrap();
         Issuer {
+            kid: kid.to_owned(),
             key: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
             jwks,
         }
     }
 
-    fn token(i: &Issuer, aud: &str, exp_in: i64) -> String {
+    fn issuer() -> Issuer {
+        issuer_with("k1")
+    }
+
+    fn token_kid(i: &Issuer, kid: &str, aud: &str, exp_in: i64) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
         let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("k1".into());
+        h.kid = Some(kid.into());
         encode(
             &h,
             &serde_json::json!({"sub": "etl-bot", "iss": "https://idp.example", "aud": aud, "exp": now + exp_in, "iat": now}),
@@ -177,38 +433,45 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn good_expired_and_wrong_audience_tokens() {
+    fn token(i: &Issuer, aud: &str, exp_in: i64) -> String {
+        token_kid(i, &i.kid, aud, exp_in)
+    }
+
+    #[tokio::test]
+    async fn good_expired_and_wrong_audience_tokens() {
         let i = issuer();
         let v = JwtVerifier::new(i.jwks.clone(), "https://idp.example", "loopgate");
-        let c = v.verify(&token(&i, "loopgate", 300)).unwrap();
+        let c = v.verify(&token(&i, "loopgate", 300)).await.unwrap();
         assert_eq!(c.sub, "etl-bot");
         assert_eq!(
-            v.verify(&token(&i, "loopgate", -3600)),
+            v.verify(&token(&i, "loopgate", -3600)).await,
             Err(JwtError::Expired)
         );
         assert_eq!(
-            v.verify(&token(&i, "someone-else", 300)),
+            v.verify(&token(&i, "someone-else", 300)).await,
             Err(JwtError::WrongAudience {
                 expected: "loopgate".into()
             })
         );
         let other = JwtVerifier::new(i.jwks.clone(), "https://other-idp.example", "loopgate");
         assert!(matches!(
-            other.verify(&token(&i, "loopgate", 300)),
+            other.verify(&token(&i, "loopgate", 300)).await,
             Err(JwtError::WrongIssuer { .. })
         ));
         // Signed by another key with the same kid.
         let forged = issuer();
         assert_eq!(
-            v.verify(&token(&forged, "loopgate", 300)),
+            v.verify(&token(&forged, "loopgate", 300)).await,
             Err(JwtError::BadSignature)
         );
-        assert!(matches!(v.verify("not-a-jwt"), Err(JwtError::Malformed(_))));
+        assert!(matches!(
+            v.verify("not-a-jwt").await,
+            Err(JwtError::Malformed(_))
+        ));
     }
 
-    #[test]
-    fn symmetric_tokens_are_refused() {
+    #[tokio::test]
+    async fn symmetric_tokens_are_refused() {
         let i = issuer();
         let v = JwtVerifier::new(i.jwks, "https://idp.example", "loopgate");
         let t = encode(
@@ -217,6 +480,244 @@ mod tests {
             &EncodingKey::from_secret(b"guessable"),
         )
         .unwrap();
-        assert_eq!(v.verify(&t), Err(JwtError::Algorithm(Algorithm::HS256)));
+        assert_eq!(
+            v.verify(&t).await,
+            Err(JwtError::Algorithm(Algorithm::HS256))
+        );
+    }
+
+    fn jwks_json(sets: &[&Issuer]) -> String {
+        let keys: Vec<&Jwk> = sets.iter().flat_map(|i| i.jwks.keys.iter()).collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
+    async fn jwks_server(tls: Option<Arc<rustls::ServerConfig>>, body: String) -> Server {
+        serve(tls, vec![(StatusCode::OK, "application/json", body)]).await
+    }
+
+    fn remote(v: &JwtVerifier) -> &RemoteJwks {
+        match &v.keys {
+            Keys::Remote(r) => r,
+            Keys::Static(_) => panic!("not a URL verifier"),
+        }
+    }
+
+    #[test]
+    fn jwks_urls_are_checked_without_fetching() {
+        // Nothing listens there: construction must not try.
+        let v = JwtVerifier::from_jwks_url(
+            "http://127.0.0.1:9/jwks.json?key=secret",
+            None,
+            "https://idp.example",
+            "loopgate",
+        )
+        .unwrap();
+        assert!(format!("{v:?}").contains("http://127.0.0.1:9/jwks.json"));
+        assert!(!format!("{v:?}").contains("secret"));
+        let e = JwtVerifier::from_jwks_url("file:///etc/jwks.json", None, "i", "a").unwrap_err();
+        assert_eq!(
+            e,
+            JwtError::Jwks {
+                path: "file:///etc/jwks.json".into(),
+                reason: "jwks_url must be an http:// or https:// URL".into()
+            }
+        );
+        let e = JwtVerifier::from_jwks_url(
+            "https://idp.example/jwks",
+            Some(Path::new("/nonexistent/ca.pem")),
+            "i",
+            "a",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, JwtError::Jwks { path, reason } if path == "https://idp.example/jwks" && reason.contains("/nonexistent/ca.pem")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn jwks_url_fetched_once_and_shared_by_concurrent_verifies() {
+        let i = issuer();
+        let srv = jwks_server(None, jwks_json(&[&i])).await;
+        let v = JwtVerifier::from_jwks_url(
+            &format!("http://{}/jwks.json?tenant=t1", srv.addr),
+            None,
+            "https://idp.example",
+            "loopgate",
+        )
+        .unwrap();
+        assert_eq!(srv.hits(), 0, "nothing fetched at construction");
+        let t = token(&i, "loopgate", 300);
+        let all = futures_util::future::join_all((0..8).map(|_| v.verify(&t))).await;
+        assert!(all
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|c| c.sub == "etl-bot")));
+        for _ in 0..3 {
+            v.verify(&t).await.unwrap();
+        }
+        assert_eq!(
+            v.verify(&token(&i, "loopgate", -3600)).await,
+            Err(JwtError::Expired)
+        );
+        assert_eq!(srv.hits(), 1);
+        assert_eq!(
+            srv.state.lock().unwrap().requests[0].0,
+            "/jwks.json?tenant=t1"
+        );
+        // Older than 10 minutes: refreshed on the next verify.
+        remote(&v).age_by(Duration::from_secs(601)).await;
+        v.verify(&t).await.unwrap();
+        assert_eq!(srv.hits(), 2);
+    }
+
+    #[tokio::test]
+    async fn unknown_kids_refetch_at_most_every_30s() {
+        let (k1, k2) = (issuer_with("k1"), issuer_with("k2"));
+        let srv = jwks_server(None, jwks_json(&[&k1])).await;
+        let v = JwtVerifier::from_jwks_url(
+            &format!("http://{}/jwks", srv.addr),
+            None,
+            "https://idp.example",
+            "loopgate",
+        )
+        .unwrap();
+        v.verify(&token(&k1, "loopgate", 300)).await.unwrap();
+        assert_eq!(srv.hits(), 1);
+        // The IdP rotates; a token signed with the new key arrives 30 s later.
+        srv.answer(StatusCode::OK, "application/json", jwks_json(&[&k1, &k2]));
+        remote(&v).age_by(JWKS_MIN_REFETCH).await;
+        let c = v.verify(&token(&k2, "loopgate", 300)).await.unwrap();
+        assert_eq!(c.sub, "etl-bot");
+        assert_eq!(srv.hits(), 2);
+        // Made-up key ids: one refetch per 30 s at most.
+        for n in 0..10 {
+            assert_eq!(
+                v.verify(&token_kid(&k1, &format!("bogus{n}"), "loopgate", 300))
+                    .await,
+                Err(JwtError::UnknownKey(Some(format!("bogus{n}"))))
+            );
+        }
+        assert_eq!(srv.hits(), 2);
+        remote(&v).age_by(JWKS_MIN_REFETCH).await;
+        for _ in 0..10 {
+            assert!(matches!(
+                v.verify(&token_kid(&k1, "bogus", "loopgate", 300)).await,
+                Err(JwtError::UnknownKey(_))
+            ));
+        }
+        assert_eq!(srv.hits(), 3);
+        // Known keys keep verifying without fetching.
+        v.verify(&token(&k1, "loopgate", 300)).await.unwrap();
+        v.verify(&token(&k2, "loopgate", 300)).await.unwrap();
+        assert_eq!(srv.hits(), 3);
+    }
+
+    #[tokio::test]
+    async fn fetch_failures() {
+        let i = issuer();
+        let t = token(&i, "loopgate", 300);
+        // Nothing listening, nothing cached.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let v = JwtVerifier::from_jwks_url(
+            &format!("http://127.0.0.1:{port}/jwks?secret=s3"),
+            None,
+            "https://idp.example",
+            "loopgate",
+        )
+        .unwrap();
+        for _ in 0..2 {
+            match v.verify(&t).await {
+                Err(JwtError::Jwks { path, reason }) => {
+                    assert_eq!(path, format!("http://127.0.0.1:{port}/jwks"));
+                    assert!(reason.contains("onnect"), "{reason}");
+                    assert!(!reason.contains("s3"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Not 2xx, not JSON, not a JWKS.
+        for (status, ctype, body, want) in [
+            (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no",
+                "the server answered 404 Not Found",
+            ),
+            (
+                StatusCode::OK,
+                "text/html",
+                "<html>login</html>",
+                "the answer is not JSON",
+            ),
+            (
+                StatusCode::OK,
+                "application/json",
+                "{\"k\": 1}",
+                "not a JWKS",
+            ),
+        ] {
+            let srv = serve(None, vec![(status, ctype, body.to_owned())]).await;
+            let v = JwtVerifier::from_jwks_url(
+                &format!("http://{}/jwks", srv.addr),
+                None,
+                "https://idp.example",
+                "loopgate",
+            )
+            .unwrap();
+            match v.verify(&t).await {
+                Err(JwtError::Jwks { reason, .. }) => assert!(reason.contains(want), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Cached keys outlive a failing IdP.
+        let srv = jwks_server(None, jwks_json(&[&i])).await;
+        let v = JwtVerifier::from_jwks_url(
+            &format!("http://{}/jwks", srv.addr),
+            None,
+            "https://idp.example",
+            "loopgate",
+        )
+        .unwrap();
+        v.verify(&t).await.unwrap();
+        srv.answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "down".into(),
+        );
+        remote(&v).age_by(JWKS_MAX_AGE).await;
+        v.verify(&t).await.unwrap();
+        assert_eq!(srv.hits(), 2);
+        // The failed refresh counts against the 30 s limit.
+        v.verify(&t).await.unwrap();
+        assert_eq!(srv.hits(), 2);
+    }
+
+    #[tokio::test]
+    async fn https_jwks_needs_its_ca() {
+        let i = issuer();
+        let pki = pki();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &pki.ca_pem).unwrap();
+        let srv = jwks_server(Some(pki.server.clone()), jwks_json(&[&i])).await;
+        let url = format!("https://{}/jwks", srv.addr);
+        let t = token(&i, "loopgate", 300);
+        let v =
+            JwtVerifier::from_jwks_url(&url, Some(&ca), "https://idp.example", "loopgate").unwrap();
+        assert_eq!(v.verify(&t).await.unwrap().sub, "etl-bot");
+        assert_eq!(srv.hits(), 1);
+        let untrusting =
+            JwtVerifier::from_jwks_url(&url, None, "https://idp.example", "loopgate").unwrap();
+        match untrusting.verify(&t).await {
+            Err(JwtError::Jwks { path, reason }) => {
+                assert_eq!(path, url);
+                assert!(reason.contains("invalid peer certificate"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(srv.hits(), 1);
     }
 }

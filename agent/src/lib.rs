@@ -35,6 +35,7 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod exec;
+pub mod http_client;
 pub mod identity;
 pub mod metrics;
 pub mod notify;

@@ -22,6 +22,7 @@ pub struct Metrics {
     audit_dropped: Gauge,
     kernel: Family<Labels, Gauge>,
     pending_approvals: Gauge,
+    http_responses: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -77,7 +78,14 @@ impl Metrics {
             "Requests currently held for approval",
             pending_approvals.clone(),
         );
+        let http_responses = Family::<Labels, Counter>::default();
+        registry.register(
+            "http_responses",
+            "Upstream HTTP responses relayed to loops, by status code",
+            http_responses.clone(),
+        );
         Self {
+            http_responses,
             registry,
             sessions,
             decisions,
@@ -104,6 +112,12 @@ impl Metrics {
                 ("verdict".into(), verdict.into()),
                 ("rule".into(), rule.into()),
             ])
+            .inc();
+    }
+
+    pub fn http_response(&self, code: u16) {
+        self.http_responses
+            .get_or_create(&vec![("code".into(), code.to_string())])
             .inc();
     }
 

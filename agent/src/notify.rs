@@ -1,14 +1,16 @@
 //! Approval notifications: a Slack-compatible JSON POST to each configured
-//! webhook, retried with backoff. Webhook URLs are secrets (a Slack URL
-//! carries its token): messages name only the host.
+//! `http://` or `https://` webhook, retried with backoff. Webhook URLs are
+//! secrets (a Slack URL carries its token): messages name only the host.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
-use crate::approval::Held;
+use crate::{
+    approval::Held,
+    http_client::{self, HttpClient, HttpClientError},
+};
 
 const ATTEMPTS: u32 = 5;
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -17,7 +19,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Notifier {
     webhooks: Vec<hyper::Uri>,
     page_url: Option<String>,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    client: HttpClient,
 }
 
 /// The Slack-compatible message (`text` is what Slack shows; the other fields
@@ -52,12 +54,28 @@ pub fn message(h: &Held, page_url: Option<&str>) -> serde_json::Value {
 }
 
 impl Notifier {
+    /// `https` webhooks are verified against the system roots.
     pub fn new(webhooks: &[String], page_url: Option<String>) -> Self {
-        Self {
-            webhooks: webhooks.iter().filter_map(|w| w.parse().ok()).collect(),
+        Self::with_ca_file(webhooks, page_url, None)
+            .expect("without a CA file, building the client cannot fail")
+    }
+
+    /// `https` webhooks are verified against `ca_file` when given (else the
+    /// system roots). URLs that are not `http(s)://` are skipped (the config
+    /// validation refuses them).
+    pub fn with_ca_file(
+        webhooks: &[String],
+        page_url: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, HttpClientError> {
+        Ok(Self {
+            webhooks: webhooks
+                .iter()
+                .filter_map(|w| http_client::parse_url(w).ok())
+                .collect(),
             page_url,
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
+            client: http_client::build(ca_file)?,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -80,7 +98,7 @@ impl Notifier {
                     let Ok(req) = req else { return };
                     let status = match tokio::time::timeout(TIMEOUT, client.request(req)).await {
                         Ok(Ok(r)) => Ok(r.status()),
-                        Ok(Err(e)) => Err(e.to_string()),
+                        Ok(Err(e)) => Err(http_client::error_chain(&e)),
                         Err(_) => Err("timed out".into()),
                     };
                     match status {
@@ -101,5 +119,135 @@ impl Notifier {
                 tracing::error!(approval_id = %id, webhook_host = %host, attempts = ATTEMPTS, "approval notification not delivered");
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+        time::Instant,
+    };
+
+    use hyper::StatusCode;
+
+    use super::*;
+    use crate::http_client::test_support::{pki, serve};
+
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Log {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Log {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    fn held() -> Held {
+        Held {
+            approval_id: uuid::Uuid::now_v7(),
+            session_id: uuid::Uuid::now_v7(),
+            workload: "nightly-etl".into(),
+            target: "orders-db".into(),
+            rule_id: "writes".into(),
+            reason: "writes need a human".into(),
+            request: "DELETE FROM orders".into(),
+            pid: 42,
+            uid: 1000,
+            requested_at: "2026-01-01T00:00:00Z".into(),
+            expires_at: "2026-01-01T00:05:00Z".into(),
+            approvers: vec!["alice".into()],
+        }
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs on the test's single thread, so the spawned senders log into `log`.
+    #[tokio::test]
+    async fn https_webhook_with_a_private_ca_and_no_url_in_logs() {
+        let log = Log::default();
+        let w = log.clone();
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || w.clone())
+                .finish(),
+        );
+        let pki = pki();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &pki.ca_pem).unwrap();
+        let srv = serve(
+            Some(pki.server.clone()),
+            vec![
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "busy".into(),
+                ),
+                (StatusCode::OK, "text/plain", "ok".into()),
+            ],
+        )
+        .await;
+        let url = format!(
+            "https://{}/services/T0/B0/SECRETTOKEN?x=QUERYSECRET",
+            srv.addr
+        );
+        let h = held();
+        let n = Notifier::with_ca_file(
+            std::slice::from_ref(&url),
+            Some("http://127.0.0.1:15002/approvals".into()),
+            Some(&ca),
+        )
+        .unwrap();
+        assert!(!n.is_empty());
+        n.held(&h);
+        wait_for("two POSTs", || srv.hits() == 2).await;
+        {
+            let st = srv.state.lock().unwrap();
+            let (path, body) = &st.requests[1];
+            assert_eq!(path, "/services/T0/B0/SECRETTOKEN?x=QUERYSECRET");
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["approval_id"], h.approval_id.to_string());
+            assert_eq!(v["workload"], "nightly-etl");
+        }
+
+        // Without the CA, the system roots do not know the server.
+        let untrusting = Notifier::new(std::slice::from_ref(&url), None);
+        untrusting.held(&h);
+        wait_for("a TLS failure logged", || {
+            log.text().contains("approval webhook unreachable")
+        })
+        .await;
+        assert_eq!(srv.hits(), 2);
+        let text = log.text();
+        assert!(
+            text.contains("approval webhook refused the notification"),
+            "{text}"
+        );
+        assert!(text.contains("invalid peer certificate"), "{text}");
+        assert!(text.contains("webhook_host=127.0.0.1"), "{text}");
+        assert!(!text.contains("SECRETTOKEN"), "{text}");
+        assert!(!text.contains("QUERYSECRET"), "{text}");
     }
 }

@@ -14,6 +14,8 @@ use std::{
     time::Duration,
 };
 
+use std::os::fd::{AsRawFd, RawFd};
+
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -26,7 +28,10 @@ use crate::{
     cgroup::WorkloadResolver,
     ebpf::{comm, original_destination, Kernel},
     policy::{store::PolicyStore, Request, Verdict},
-    protocol::tcp::{self, Capture, Counters},
+    protocol::{
+        http,
+        tcp::{self, Capture, Counters},
+    },
     secrets::Masker,
     targets::TargetTable,
 };
@@ -42,6 +47,9 @@ pub struct Proxy {
     /// Payload bytes captured per session and direction (0: none).
     pub capture_bytes: u64,
     pub masker: Arc<dyn Masker>,
+    /// Stored credentials of HTTP targets, by target name, as `Authorization`
+    /// header values.
+    pub credentials: HashMap<String, crate::secrets::Secret>,
     /// This host's name, in every audit row.
     pub host: String,
     pub sessions: SessionTable,
@@ -51,6 +59,12 @@ pub struct Proxy {
     /// Closes open sessions (the grace period is over).
     pub abort: CancellationToken,
     pub tracker: TaskTracker,
+}
+
+#[derive(Clone, Copy)]
+enum Handler {
+    Tcp,
+    Http,
 }
 
 /// Sessions in flight, for `loopgate status`.
@@ -66,6 +80,9 @@ struct ActiveSession {
     exe: Option<String>,
     target: String,
     protocol: String,
+    /// The verified JWT subject, once a handler made the session decision
+    /// with it.
+    jwt_subject: Arc<Mutex<Option<String>>>,
     pid: u32,
     started_at: String,
     counters: Arc<Counters>,
@@ -122,19 +139,24 @@ impl SessionTable {
         let Ok(m) = self.inner.lock() else { return 0 };
         let mut n = 0;
         for (id, s) in m.iter() {
-            let d = policy.evaluate(
-                &Request {
-                    workload: &s.workload,
-                    cgroup: &s.cgroup,
-                    uid: s.uid,
-                    exe: s.exe.as_deref(),
-                    target: &s.target,
-                    protocol: &s.protocol,
-                    kind: "connect",
-                    jwt_subject: None,
-                },
-                None,
-            );
+            let subject = s.jwt_subject.lock().ok().and_then(|g| g.clone());
+            let r = Request {
+                workload: &s.workload,
+                cgroup: &s.cgroup,
+                uid: s.uid,
+                exe: s.exe.as_deref(),
+                target: &s.target,
+                protocol: &s.protocol,
+                kind: crate::policy::CONNECT,
+                jwt_subject: subject.as_deref(),
+                method: None,
+                path: None,
+            };
+            if subject.is_none() && policy.jwt_required(&r).is_some() {
+                // No session decision yet: the first request makes it.
+                continue;
+            }
+            let d = policy.evaluate(&r, None);
             if d.verdict == Verdict::Deny {
                 if let Ok(mut r) = s.revoked.lock() {
                     *r = Some(format!(
@@ -167,15 +189,13 @@ impl SessionTable {
 /// `poll(POLLRDHUP)` on a blocking thread, which neither consumes the bytes
 /// the loop may already have sent nor touches tokio's readiness for the relay.
 /// Dropping the future stops the watcher within half a second.
-async fn client_hung_up(sock: &TcpStream) {
-    use std::os::fd::AsRawFd;
+async fn client_hung_up(fd: RawFd) {
     struct Stop(Arc<std::sync::atomic::AtomicBool>);
     impl Drop for Stop {
         fn drop(&mut self) {
             self.0.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    let fd = sock.as_raw_fd();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _stop = Stop(stop.clone());
     let watcher = tokio::task::spawn_blocking(move || {
@@ -239,7 +259,8 @@ fn socket2_v6only(s: &tokio::net::TcpSocket) -> std::io::Result<()> {
 }
 
 impl Proxy {
-    fn event(
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn event(
         &self,
         s: &SessionRow,
         kind: &str,
@@ -247,6 +268,7 @@ impl Proxy {
         verdict: &str,
         rule_id: &str,
         reason: &str,
+        attrs: Vec<(String, String)>,
     ) {
         self.audit.record(Record::Event(EventRow {
             event_id: Uuid::now_v7(),
@@ -263,9 +285,115 @@ impl Proxy {
             reason: reason.to_owned(),
             pid: s.tgid,
             uid: s.uid,
-            attr_keys: Vec::new(),
-            attr_values: Vec::new(),
+            attr_keys: attrs.iter().map(|(k, _)| k.clone()).collect(),
+            attr_values: attrs.into_iter().map(|(_, v)| v).collect(),
         }));
+    }
+
+    /// Makes one policy decision and records it: evaluates, counts, writes
+    /// the `kind` event, and for `approve` holds the request until an approver
+    /// decides, it times out, or the loop (socket `client_fd`) hangs up.
+    /// `Ok` means go ahead; `Err` carries the refusal reason.
+    pub(crate) async fn decide(
+        &self,
+        row: &SessionRow,
+        req: &Request<'_>,
+        request: &str,
+        attrs: Vec<(String, String)>,
+        client_fd: RawFd,
+    ) -> Result<crate::policy::Decision, (crate::policy::Decision, String)> {
+        let decision = self.policy.current().evaluate(req, None);
+        self.metrics
+            .decision(decision.verdict.as_str(), &decision.rule_id);
+        self.event(
+            row,
+            req.kind,
+            request,
+            decision.verdict.as_str(),
+            &decision.rule_id,
+            &decision.reason,
+            attrs.clone(),
+        );
+        let refusal = match decision.verdict {
+            Verdict::Allow | Verdict::Mask => None,
+            Verdict::Deny => Some(decision.reason.clone()),
+            Verdict::Approve => {
+                let spec = decision
+                    .approval
+                    .clone()
+                    .unwrap_or(crate::policy::ApprovalSpec {
+                        approvers: Vec::new(),
+                        timeout: crate::policy::DEFAULT_APPROVAL_TIMEOUT,
+                        grant: crate::policy::Grant::Once,
+                    });
+                let held = Held {
+                    approval_id: Uuid::now_v7(),
+                    session_id: row.session_id,
+                    workload: row.workload.clone(),
+                    target: row.target.clone(),
+                    rule_id: decision.rule_id.clone(),
+                    reason: decision.reason.clone(),
+                    request: request.to_owned(),
+                    pid: row.tgid,
+                    uid: row.uid,
+                    requested_at: String::new(),
+                    expires_at: String::new(),
+                    approvers: Vec::new(),
+                };
+                // Held requests end early when the loop hangs up (no grant is
+                // created for a loop that is gone) or the agent shuts down.
+                let cancel = self.abort.child_token();
+                let request_fut = self.approvals.request(held, &spec, &cancel);
+                tokio::pin!(request_fut);
+                let mut hung_up = false;
+                let outcome = loop {
+                    tokio::select! {
+                        o = &mut request_fut => break o,
+                        _ = client_hung_up(client_fd), if !hung_up => {
+                            hung_up = true;
+                            cancel.cancel();
+                        }
+                    }
+                };
+                match outcome {
+                    // The policy may have been reloaded while the request was held.
+                    ApprovalOutcome::Approved { .. }
+                        if self.policy.current().evaluate(req, None).verdict == Verdict::Deny =>
+                    {
+                        Some("approved, but a policy reload denied it meanwhile".into())
+                    }
+                    ApprovalOutcome::Approved { approver, reason } => {
+                        self.event(
+                            row,
+                            "approval",
+                            request,
+                            "allow",
+                            &decision.rule_id,
+                            &format!("approved by {approver}: {reason}"),
+                            attrs,
+                        );
+                        None
+                    }
+                    ApprovalOutcome::Denied { approver, reason } => {
+                        Some(format!("approval denied by {approver}: {reason}"))
+                    }
+                    ApprovalOutcome::TimedOut => Some(format!(
+                        "no approval within {}",
+                        humantime::format_duration(spec.timeout)
+                    )),
+                    ApprovalOutcome::Cancelled if hung_up => {
+                        Some("the loop hung up while its request was held".into())
+                    }
+                    ApprovalOutcome::Cancelled => {
+                        Some("the agent shut down while the request was held".into())
+                    }
+                }
+            }
+        };
+        match refusal {
+            None => Ok(decision),
+            Some(r) => Err((decision, r)),
+        }
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -351,111 +479,49 @@ impl Proxy {
             protocol,
             kind: "connect",
             jwt_subject: None,
+            method: None,
+            path: None,
         };
-        let mut decision = policy.evaluate(&l4, None);
-        if let Some((wl, _)) = policy.jwt_required(&l4) {
-            // Raw TCP carries no token: a workload that requires the second
-            // factor is refused rather than let through on the first alone.
-            decision = crate::policy::Decision {
-                verdict: Verdict::Deny,
-                rule_id: format!("jwt-required:{wl}"),
-                reason: format!(
-                    "workload {wl} requires a JWT second factor, and a {protocol} connection carries none"
-                ),
-                approval: None,
-                mask: Vec::new(),
-            };
-        }
+        // A workload that requires the JWT second factor is decided when the
+        // token arrives, by a handler whose protocol carries one (HTTP). Raw
+        // TCP carries none: such a loop is refused rather than let through on
+        // the first factor alone.
+        let jwt = policy.jwt_required(&l4).map(|(w, v)| (w.to_owned(), v));
         drop(policy);
-        let request = format!("connect {destination}");
+        let handler = match protocol {
+            "http" => Handler::Http,
+            _ => Handler::Tcp,
+        };
         self.metrics.session(protocol, &row.workload);
-        self.metrics
-            .decision(decision.verdict.as_str(), &decision.rule_id);
-        self.event(
-            &row,
-            "connect",
-            &request,
-            decision.verdict.as_str(),
-            &decision.rule_id,
-            &decision.reason,
-        );
-        let refusal = match decision.verdict {
-            Verdict::Allow | Verdict::Mask => None,
-            Verdict::Deny => Some(decision.reason.clone()),
-            Verdict::Approve => {
-                let spec = decision
-                    .approval
-                    .clone()
-                    .unwrap_or(crate::policy::ApprovalSpec {
-                        approvers: Vec::new(),
-                        timeout: crate::policy::DEFAULT_APPROVAL_TIMEOUT,
-                        grant: crate::policy::Grant::Once,
-                    });
-                let held = Held {
-                    approval_id: Uuid::now_v7(),
-                    session_id,
-                    workload: row.workload.clone(),
-                    target: row.target.clone(),
-                    rule_id: decision.rule_id.clone(),
-                    reason: decision.reason.clone(),
-                    request: request.clone(),
-                    pid: rec.tgid,
-                    uid: rec.uid,
-                    requested_at: String::new(),
-                    expires_at: String::new(),
-                    approvers: Vec::new(),
-                };
-                // Held requests end early when the loop hangs up (no grant is
-                // created for a loop that is gone) or the agent shuts down.
-                let cancel = self.abort.child_token();
-                let request_fut = self.approvals.request(held, &spec, &cancel);
-                tokio::pin!(request_fut);
-                let mut hung_up = false;
-                let outcome = loop {
-                    tokio::select! {
-                        o = &mut request_fut => break o,
-                        _ = client_hung_up(&sock), if !hung_up => {
-                            hung_up = true;
-                            cancel.cancel();
-                        }
-                    }
-                };
-                match outcome {
-                    // The policy may have been reloaded while the request was held.
-                    ApprovalOutcome::Approved { .. }
-                        if self.policy.current().evaluate(&l4, None).verdict == Verdict::Deny =>
-                    {
-                        Some("approved, but a policy reload denied it meanwhile".into())
-                    }
-                    ApprovalOutcome::Approved { approver, reason } => {
-                        self.event(
-                            &row,
-                            "approval",
-                            &request,
-                            "allow",
-                            &decision.rule_id,
-                            &format!("approved by {approver}: {reason}"),
-                        );
-                        None
-                    }
-                    ApprovalOutcome::Denied { approver, reason } => {
-                        Some(format!("approval denied by {approver}: {reason}"))
-                    }
-                    ApprovalOutcome::TimedOut => Some(format!(
-                        "no approval within {}",
-                        humantime::format_duration(spec.timeout)
-                    )),
-                    ApprovalOutcome::Cancelled if hung_up => {
-                        Some("the loop hung up while its request was held".into())
-                    }
-                    ApprovalOutcome::Cancelled => {
-                        Some("the agent shut down while the request was held".into())
-                    }
-                }
+        let request = format!("connect {destination}");
+        let client_fd = sock.as_raw_fd();
+        let refusal = match (&jwt, handler) {
+            (Some(_), Handler::Http) => None,
+            (Some((wl, _)), Handler::Tcp) => {
+                let rule_id = format!("jwt-required:{wl}");
+                let reason = format!(
+                    "workload {wl} requires a JWT second factor, and a {protocol} connection carries none"
+                );
+                self.metrics.decision("deny", &rule_id);
+                self.event(
+                    &row,
+                    "connect",
+                    &request,
+                    "deny",
+                    &rule_id,
+                    &reason,
+                    Vec::new(),
+                );
+                Some(reason)
             }
+            (None, _) => self
+                .decide(&row, &l4, &request, Vec::new(), client_fd)
+                .await
+                .err()
+                .map(|(_, reason)| reason),
         };
         if let Some(reason) = refusal {
-            tracing::info!(%session_id, workload = %row.workload, target = %row.target, rule = %decision.rule_id, %reason, "connection refused by policy");
+            tracing::info!(%session_id, workload = %row.workload, target = %row.target, %reason, "connection refused by policy");
             // A reset tells the loop at once that the connection is refused.
             let _ = sock.set_zero_linger();
             drop(sock);
@@ -468,15 +534,17 @@ impl Proxy {
         }
         let revoke = self.abort.child_token();
         let revoked = Arc::new(Mutex::new(None));
+        let jwt_subject = Arc::new(Mutex::new(None));
         self.sessions.insert(
             session_id,
             ActiveSession {
                 workload,
                 cgroup: row.cgroup.clone(),
                 uid: rec.uid,
-                exe,
+                exe: exe.clone(),
                 target,
                 protocol: protocol.to_owned(),
+                jwt_subject: jwt_subject.clone(),
                 pid: rec.tgid,
                 started_at: timestamp(started_at),
                 counters: counters.clone(),
@@ -490,16 +558,42 @@ impl Proxy {
             limit: self.capture_bytes,
             masker: self.masker.clone(),
         });
-        let out = tcp::relay(
-            sock,
-            destination,
-            self.connect_timeout,
-            counters.clone(),
-            capture,
-            revoke,
-        )
-        .instrument(span.clone())
-        .await;
+        let out = match handler {
+            Handler::Tcp => {
+                tcp::relay(
+                    sock,
+                    destination,
+                    self.connect_timeout,
+                    counters.clone(),
+                    capture,
+                    revoke,
+                )
+                .instrument(span.clone())
+                .await
+            }
+            Handler::Http => {
+                let authorization = self.credentials.get(&row.target).and_then(|s| {
+                    let mut v = hyper::header::HeaderValue::from_str(s.expose()).ok()?;
+                    v.set_sensitive(true);
+                    Some(v)
+                });
+                let s = Arc::new(http::Session::new(
+                    self.clone(),
+                    row.clone(),
+                    exe,
+                    jwt,
+                    jwt_subject,
+                    destination,
+                    authorization,
+                    capture,
+                    self.connect_timeout,
+                    client_fd,
+                ));
+                http::serve(s, sock, counters.clone(), revoke)
+                    .instrument(span.clone())
+                    .await
+            }
+        };
         let out = match revoked.lock().ok().and_then(|r| r.clone()) {
             Some(reason) => tcp::Outcome {
                 outcome: "revoked",

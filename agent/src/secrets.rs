@@ -107,8 +107,47 @@ pub fn target_secrets(cfg: &Config) -> Result<Vec<Secret>, SecretError> {
             out.push(read_env(cfg, &key("token_env"), v)?);
         }
     }
+    // The header values as sent (a Basic value is base64 of user:password).
+    out.extend(http_authorizations(cfg)?.into_values());
     if let Some(p) = &cfg.audit.password_file {
         out.push(read_file(cfg, "audit.password_file", p)?);
+    }
+    Ok(out)
+}
+
+/// The `Authorization` header value of each HTTP target with a stored
+/// credential: `Bearer <token>` from `token_file`/`token_env`, else `Basic`
+/// from `username` + `password_file`/`password_env`.
+pub fn http_authorizations(
+    cfg: &Config,
+) -> Result<std::collections::HashMap<String, Secret>, SecretError> {
+    use base64::Engine;
+    let mut out = std::collections::HashMap::new();
+    for (i, t) in cfg.targets.iter().enumerate() {
+        if t.protocol != crate::config::Protocol::Http {
+            continue;
+        }
+        let Some(c) = &t.credential else { continue };
+        let key = |k: &str| format!("targets[{i}].credential.{k}");
+        let token = match (&c.token_file, &c.token_env) {
+            (Some(p), _) => Some(read_file(cfg, &key("token_file"), p)?),
+            (None, Some(v)) => Some(read_env(cfg, &key("token_env"), v)?),
+            (None, None) => None,
+        };
+        let password = match (&c.password_file, &c.password_env) {
+            (Some(p), _) => Some(read_file(cfg, &key("password_file"), p)?),
+            (None, Some(v)) => Some(read_env(cfg, &key("password_env"), v)?),
+            (None, None) => None,
+        };
+        let value = match (token, &c.username, password) {
+            (Some(t), _, _) => format!("Bearer {}", t.0),
+            (None, Some(u), Some(p)) => format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{}", p.0))
+            ),
+            _ => continue,
+        };
+        out.insert(t.name.clone(), Secret(value));
     }
     Ok(out)
 }

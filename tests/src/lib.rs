@@ -473,6 +473,8 @@ impl EchoServer {
 pub struct HttpServer {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicUsize>,
+    /// Each request's line and headers, as received.
+    pub heads: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl HttpServer {
@@ -481,23 +483,28 @@ impl HttpServer {
             TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind http server on {ip}: {e}"));
         let addr = l.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
         let r = requests.clone();
+        let h = heads.clone();
         thread::spawn(move || {
             for s in l.incoming() {
                 let Ok(s) = s else { continue };
                 let r = r.clone();
+                let h = h.clone();
                 thread::spawn(move || {
                     let mut reader = BufReader::new(s.try_clone().unwrap());
                     let mut line = String::new();
+                    let mut head = String::new();
                     // Request line and headers up to the blank line.
                     loop {
                         line.clear();
                         match reader.read_line(&mut line) {
                             Ok(0) | Err(_) => return,
                             Ok(_) if line == "\r\n" || line == "\n" => break,
-                            Ok(_) => {}
+                            Ok(_) => head.push_str(&line),
                         }
                     }
+                    h.lock().unwrap().push(head);
                     r.fetch_add(1, Ordering::SeqCst);
                     let mut s = s;
                     let _ = write!(
@@ -509,7 +516,11 @@ impl HttpServer {
                 });
             }
         });
-        HttpServer { addr, requests }
+        HttpServer {
+            addr,
+            requests,
+            heads,
+        }
     }
 }
 

@@ -108,11 +108,19 @@ pub struct Request<'a> {
     pub exe: Option<&'a str>,
     pub target: &'a str,
     pub protocol: &'a str,
-    /// `connect` at L4; protocol handlers add their own kinds.
+    /// `connect` at L4 (once per session); protocol handlers add their own
+    /// kinds (`request` for HTTP).
     pub kind: &'a str,
     /// Subject of a JWT second factor the protocol handler verified.
     pub jwt_subject: Option<&'a str>,
+    /// HTTP request method (upper case), for `methods` rules.
+    pub method: Option<&'a str>,
+    /// HTTP request path without the query, for `paths` rules.
+    pub path: Option<&'a str>,
 }
+
+/// The kind of the one decision made when a session opens.
+pub const CONNECT: &str = "connect";
 
 /// A compiled workload selector.
 #[derive(Debug)]
@@ -145,6 +153,28 @@ impl WorkloadSel {
     }
 }
 
+impl Rule {
+    /// The request attributes. A rule without `kinds` applies to the session
+    /// decision (`connect`) unless it names request attributes (`methods`,
+    /// `paths`), in which case it applies to requests.
+    fn matches_request(&self, r: &Request<'_>) -> bool {
+        let l7 = self.methods.is_some() || self.paths.is_some();
+        let kind_ok = match &self.kinds {
+            Some(k) => k.is_match(r.kind),
+            None => (r.kind == CONNECT) != l7,
+        };
+        kind_ok
+            && self.methods.as_ref().is_none_or(|ms| {
+                r.method
+                    .is_some_and(|m| ms.iter().any(|x| x.eq_ignore_ascii_case(m)))
+            })
+            && self
+                .paths
+                .as_ref()
+                .is_none_or(|ps| r.path.is_some_and(|p| ps.is_match(p)))
+    }
+}
+
 #[derive(Debug)]
 struct Rule {
     id: String,
@@ -152,6 +182,10 @@ struct Rule {
     workloads: Vec<usize>,
     protocols: Option<Vec<String>>,
     kinds: Option<GlobSet>,
+    /// HTTP methods (upper case); `None`: any.
+    methods: Option<Vec<String>>,
+    /// Globs on the HTTP path (`*` stays within a segment, `**` crosses).
+    paths: Option<GlobSet>,
     verdict: Verdict,
     reason: String,
     approval: Option<ApprovalSpec>,
@@ -234,8 +268,7 @@ impl Policy {
                 .protocols
                 .as_ref()
                 .is_none_or(|p| p.iter().any(|x| x == r.protocol));
-            let kind_ok = rule.kinds.as_ref().is_none_or(|k| k.is_match(r.kind));
-            if wl_ok && proto_ok && kind_ok {
+            if wl_ok && proto_ok && rule.matches_request(r) {
                 best = Some(rule);
                 if rule.verdict == Verdict::Deny {
                     break;
@@ -249,6 +282,17 @@ impl Policy {
                 reason: rule.reason.clone(),
                 approval: rule.approval.clone(),
                 mask: rule.mask.clone(),
+            };
+        }
+        if r.kind != CONNECT {
+            // Target and global defaults decide whether a session may open;
+            // inside an allowed session, what no rule names is allowed.
+            return Decision {
+                verdict: Verdict::Allow,
+                rule_id: "session".into(),
+                reason: "no request rule matched; the session was allowed when it opened".into(),
+                approval: None,
+                mask: Vec::new(),
             };
         }
         if let Some((v, reason)) = self.target_defaults.get(r.target) {
@@ -283,6 +327,19 @@ impl Policy {
 
 fn glob(pattern: &str) -> Result<globset::GlobMatcher, globset::Error> {
     Ok(Glob::new(pattern)?.compile_matcher())
+}
+
+/// Path globs: `*` matches within one segment, `**` across segments.
+fn path_set(patterns: &[String]) -> Result<GlobSet, globset::Error> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        b.add(
+            globset::GlobBuilder::new(p)
+                .literal_separator(true)
+                .build()?,
+        );
+    }
+    b.build()
 }
 
 fn glob_set(patterns: &[String]) -> Result<GlobSet, globset::Error> {

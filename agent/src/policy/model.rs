@@ -12,6 +12,9 @@
 //! exe = "/usr/bin/psql"            # glob on the executable path
 //! # second factor: the loop must also present a JWT (where the protocol
 //! # carries a credential), verified against this JWKS, then stripped
+//! # (or jwks_url = "https://idp.example/.well-known/jwks.json", fetched on
+//! # first use and cached; ca_file = "/etc/loopgate/idp-ca.pem" to trust a
+//! # private CA instead of the system roots)
 //! jwt = { issuer = "https://idp.example", audience = "loopgate", jwks_file = "/etc/loopgate/jwks.json" }
 //!
 //! [[targets]]
@@ -24,7 +27,13 @@
 //! workloads = ["etl"]              # selector names, or "*" (the default)
 //! targets = ["orders-db"]          # target names, or "*"
 //! protocols = ["postgres"]         # optional
-//! kinds = ["connect"]              # optional globs on the request kind
+//! kinds = ["connect"]              # optional globs on the request kind: `connect`
+//!                                  # (the session decision) or `request` (HTTP)
+//! methods = ["DELETE", "PUT"]      # optional, HTTP requests: methods
+//! paths = ["/admin/**"]            # optional, HTTP requests: path globs
+//!                                  # (`*` within a segment, `**` across)
+//! # Without `kinds`, a rule decides whether a session opens (`connect`),
+//! # unless it names `methods` or `paths`: then it decides each request.
 //! action = "approve"               # allow | deny | approve | mask
 //! reason = "writes need a human"
 //! approvers = ["alice"]            # approve: who may decide (default: any approver)
@@ -135,7 +144,15 @@ struct RawWorkload {
 struct RawJwt {
     issuer: String,
     audience: String,
-    jwks_file: String,
+    /// Exactly one of `jwks_file` and `jwks_url`.
+    #[serde(default)]
+    jwks_file: Option<String>,
+    /// Fetched on first use (never while compiling), cached, refreshed.
+    #[serde(default)]
+    jwks_url: Option<String>,
+    /// The CA to trust for `jwks_url` instead of the system roots.
+    #[serde(default)]
+    ca_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -158,6 +175,10 @@ struct RawRule {
     protocols: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     kinds: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    methods: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    paths: Option<Spanned<Vec<String>>>,
     action: Spanned<String>,
     #[serde(default)]
     reason: Option<String>,
@@ -332,11 +353,35 @@ pub fn compile(
             };
             let jwt = w.jwt.as_ref().and_then(|j| {
                 let r = j.get_ref();
-                match crate::identity::JwtVerifier::from_jwks_file(
-                    Path::new(&r.jwks_file),
-                    &r.issuer,
-                    &r.audience,
-                ) {
+                let v = match (&r.jwks_file, &r.jwks_url, &r.ca_file) {
+                    (Some(f), None, None) => crate::identity::JwtVerifier::from_jwks_file(
+                        Path::new(f),
+                        &r.issuer,
+                        &r.audience,
+                    ),
+                    (None, Some(u), ca) => crate::identity::JwtVerifier::from_jwks_url(
+                        u,
+                        ca.as_deref().map(Path::new),
+                        &r.issuer,
+                        &r.audience,
+                    ),
+                    (Some(_), Some(_), _) => {
+                        cx.err(j.span(), "jwt: set jwks_file or jwks_url, not both");
+                        return None;
+                    }
+                    (None, None, _) => {
+                        cx.err(j.span(), "jwt: set jwks_file or jwks_url");
+                        return None;
+                    }
+                    (Some(_), None, Some(_)) => {
+                        cx.err(
+                            j.span(),
+                            "jwt: ca_file is for jwks_url (a JWKS fetched over https)",
+                        );
+                        return None;
+                    }
+                };
+                match v {
                     Ok(v) => Some(std::sync::Arc::new(v)),
                     Err(e) => {
                         cx.err(j.span(), e.to_string());
@@ -479,6 +524,55 @@ pub fn compile(
                     None
                 }
             });
+            let http_protocols = ["http", "https", "kubernetes"];
+            for (field, span) in [
+                ("methods", r.methods.as_ref().map(|m| m.span())),
+                ("paths", r.paths.as_ref().map(|m| m.span())),
+            ] {
+                let Some(span) = span else { continue };
+                if let Some(ps) = &protocols {
+                    if !ps.iter().any(|p| http_protocols.contains(&p.as_str())) {
+                        cx.err(
+                            span.clone(),
+                            format!("{field} applies to http, https and kubernetes requests, and this rule's protocols are {}", ps.join(", ")),
+                        );
+                    }
+                }
+                if let Some(k) = &r.kinds {
+                    if k.get_ref().iter().any(|k| k == super::CONNECT) {
+                        cx.err(
+                            span,
+                            format!("{field} describes requests; a `connect` kind has none"),
+                        );
+                    }
+                }
+            }
+            let methods = r.methods.as_ref().map(|m| {
+                for x in m.get_ref() {
+                    if x.is_empty() || !x.bytes().all(|b| b.is_ascii_uppercase()) {
+                        cx.err(
+                            m.span(),
+                            format!(
+                                "method `{x}` is not an upper-case HTTP method like GET or DELETE"
+                            ),
+                        );
+                    }
+                }
+                m.get_ref().clone()
+            });
+            let paths = r.paths.as_ref().and_then(|p| {
+                if let Some(bad) = p.get_ref().iter().find(|x| !x.starts_with('/')) {
+                    cx.err(p.span(), format!("path `{bad}` must start with /"));
+                    return None;
+                }
+                match super::path_set(p.get_ref()) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        cx.err(p.span(), format!("bad glob in paths: {e}"));
+                        None
+                    }
+                }
+            });
             let approval = if verdict == Verdict::Approve {
                 let timeout = match &r.approval_timeout {
                     None => DEFAULT_APPROVAL_TIMEOUT,
@@ -551,6 +645,8 @@ pub fn compile(
                 workloads,
                 protocols,
                 kinds,
+                methods,
+                paths,
                 verdict,
                 reason: r
                     .reason

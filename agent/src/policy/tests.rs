@@ -30,6 +30,8 @@ fn req<'a>(workload: &'a str, target: &'a str) -> Request<'a> {
         protocol: "tcp",
         kind: "connect",
         jwt_subject: None,
+        method: None,
+        path: None,
     }
 }
 
@@ -278,5 +280,127 @@ fn a_workload_can_require_a_jwt() {
     assert!(
         e[0].contains(":4:7: cannot read the JWKS /nonexistent/jwks.json"),
         "{e:?}"
+    );
+}
+
+#[test]
+fn http_rules_decide_requests_and_connect_rules_decide_sessions() {
+    let p = policy(
+        r#"
+[[targets]]
+name = "api"
+default = "approve"
+
+[[rules]]
+id = "open-api"
+targets = ["api"]
+action = "allow"
+
+[[rules]]
+id = "no-deletes"
+targets = ["api"]
+methods = ["DELETE"]
+action = "deny"
+
+[[rules]]
+id = "admin-needs-a-human"
+targets = ["api"]
+paths = ["/admin/**"]
+action = "approve"
+
+[[rules]]
+id = "one-level"
+targets = ["api"]
+methods = ["PUT"]
+paths = ["/items/*"]
+action = "deny"
+"#,
+    );
+    let mut r = req("w", "api");
+    r.protocol = "http";
+    // The session decision: the connect rule, not the request rules.
+    assert_eq!(p.evaluate(&r, None).rule_id, "open-api");
+    let at = |method: &'static str, path: &'static str| {
+        let mut q = r.clone();
+        q.kind = "request";
+        q.method = Some(method);
+        q.path = Some(path);
+        let d = p.evaluate(&q, None);
+        (d.verdict, d.rule_id)
+    };
+    assert_eq!(
+        at("DELETE", "/items/1"),
+        (Verdict::Deny, "no-deletes".into())
+    );
+    assert_eq!(
+        at("GET", "/admin/users/7"),
+        (Verdict::Approve, "admin-needs-a-human".into())
+    );
+    // Deny beats approve across request rules.
+    assert_eq!(at("DELETE", "/admin/x").0, Verdict::Deny);
+    assert_eq!(at("PUT", "/items/1").0, Verdict::Deny);
+    // `*` stays within one path segment.
+    assert_eq!(
+        at("PUT", "/items/1/tags"),
+        (Verdict::Allow, "session".into())
+    );
+    // Inside an allowed session, the target default (approve) does not apply
+    // to each request again.
+    assert_eq!(at("GET", "/items"), (Verdict::Allow, "session".into()));
+}
+
+#[test]
+fn http_attributes_are_validated() {
+    let e = errors(
+        "[[rules]]\nid = \"a\"\ntargets = [\"db\"]\nprotocols = [\"postgres\"]\nmethods = [\"delete\"]\npaths = [\"admin\"]\naction = \"deny\"\n",
+    );
+    assert!(
+        e.iter()
+            .any(|x| x.contains("p.toml:5:11: methods applies to http")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|x| x.contains("method `delete` is not an upper-case")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|x| x.contains("p.toml:6:9: path `admin` must start with /")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn jwt_sources_are_checked_offline() {
+    let w = |jwt: &str| {
+        errors(&format!(
+            "[[workloads]]\nname = \"bots\"\nworkload = \"bot-*\"\njwt = {{ issuer = \"https://idp.example\", audience = \"loopgate\"{jwt} }}\n"
+        ))
+    };
+    // A URL is not fetched when policies compile (`policy check` is offline).
+    assert_eq!(
+        w(", jwks_url = \"https://idp.invalid/jwks\""),
+        Vec::<String>::new()
+    );
+    let both = w(", jwks_url = \"https://idp.invalid/jwks\", jwks_file = \"/x\"");
+    assert!(
+        both[0].starts_with("/etc/loopgate/policies/p.toml:4:7: ") && both[0].contains("not both"),
+        "{both:?}"
+    );
+    let neither = w("");
+    assert!(
+        neither[0].contains("set jwks_file or jwks_url"),
+        "{neither:?}"
+    );
+    let ca = w(", jwks_file = \"/x\", ca_file = \"/ca.pem\"");
+    assert!(
+        ca.iter().any(|e| e.contains("ca_file is for jwks_url")),
+        "{ca:?}"
+    );
+    let ftp = w(", jwks_url = \"ftp://idp.invalid/jwks\"");
+    assert!(
+        ftp[0].contains("must be an http:// or https:// URL"),
+        "{ftp:?}"
     );
 }

@@ -1,7 +1,8 @@
 //! Protocol handlers. Each takes an accepted loop connection whose identity and
 //! original destination are known, and relays it upstream while recording.
 //!
-//! Only the raw TCP handler exists so far; targets registered with another
-//! protocol are relayed by it until their handler lands (the agent says so at
-//! start-up).
+//! `http` terminates HTTP/1.1 and decides each request; `tcp` relays bytes.
+//! Targets registered with a protocol that has no handler yet (postgres, ssh,
+//! https, kubernetes) are relayed as raw TCP (the agent says so at start-up).
+pub mod http;
 pub mod tcp;

@@ -34,6 +34,7 @@ const COPY_BUF: usize = 32 * 1024;
 
 /// Payload capture of a session: the first `limit` bytes of each direction
 /// become `chunks` rows, after the masking hook.
+#[derive(Clone)]
 pub struct Capture {
     pub session_id: Uuid,
     pub sink: Arc<dyn AuditSink>,
@@ -62,8 +63,8 @@ impl Capture {
 /// and the last `max_secret_len - 1` bytes are held back until more arrive
 /// (or the direction ends), so a secret split across two reads is still
 /// masked as a whole. Dropping it records what is held back.
-struct CaptureStream<'a> {
-    capture: &'a Capture,
+pub(crate) struct CaptureStream {
+    capture: Capture,
     side: Side,
     pending: Vec<u8>,
     /// Stream offset of `pending[0]`.
@@ -75,8 +76,8 @@ struct CaptureStream<'a> {
     masked: bool,
 }
 
-impl<'a> CaptureStream<'a> {
-    fn new(capture: &'a Capture, side: Side) -> Self {
+impl CaptureStream {
+    pub(crate) fn new(capture: Capture, side: Side) -> Self {
         Self {
             capture,
             side,
@@ -88,7 +89,7 @@ impl<'a> CaptureStream<'a> {
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
         let now = now_micros();
         if self.pending.is_empty() {
             self.pending_ts = now;
@@ -122,7 +123,7 @@ impl<'a> CaptureStream<'a> {
     }
 }
 
-impl Drop for CaptureStream<'_> {
+impl Drop for CaptureStream {
     fn drop(&mut self) {
         let rest = std::mem::take(&mut self.pending);
         self.emit(rest);
@@ -145,7 +146,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn new(outcome: &'static str, detail: Option<String>) -> Self {
+    pub(crate) fn new(outcome: &'static str, detail: Option<String>) -> Self {
         Self { outcome, detail }
     }
 }
@@ -217,7 +218,7 @@ pub async fn relay(
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Side {
+pub(crate) enum Side {
     Client,
     Upstream,
 }
@@ -312,7 +313,7 @@ async fn pump(
     };
     let fail = |side, op, err| PumpError { side, op, err };
     let mut copied = 0usize;
-    let mut cap = capture.map(|c| CaptureStream::new(c, side));
+    let mut cap = capture.map(|c| CaptureStream::new(c.clone(), side));
     let capture_limit = capture.map_or(0, |c| c.limit as usize);
     let copy_limit = COPY_LIMIT.max(capture_limit);
     let mut buf = vec![0u8; COPY_BUF];
@@ -478,7 +479,7 @@ mod tests {
             ])),
         };
         {
-            let mut s = CaptureStream::new(&cap, Side::Client);
+            let mut s = CaptureStream::new(cap.clone(), Side::Client);
             s.push(b"user=app password=hunt");
             s.push(b"er2-db-pass; more bytes after the secret");
         }

@@ -1,0 +1,628 @@
+//! HTTP/1.1 targets (`protocol = "http"`): the agent terminates the loop's
+//! connection with hyper and, for each request,
+//!
+//! 1. verifies the JWT second factor when the workload requires one (taken
+//!    from `Authorization: Bearer`), and makes the session decision with the
+//!    token's subject on the first request (a later request must carry the
+//!    same subject);
+//! 2. decides the request (`kind = "request"`, `methods`, `paths` rules):
+//!    denied requests get a 403 JSON body, `approve` holds the request;
+//! 3. strips the loop's own credentials and adds the target's stored one
+//!    (`token_*` → `Bearer`, `username` + `password_*` → `Basic`), so the
+//!    upstream only ever sees the stored credential and the loop never does;
+//! 4. forwards it on the session's own upstream connection, and records the
+//!    response status.
+//!
+//! Payload capture records the upstream side (after rewriting), so a loop's
+//! token never reaches the audit; the stored credential there is masked.
+//! Protocol upgrades (WebSocket) are not supported yet: the upgrade headers
+//! are hop-by-hop and are not forwarded.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    os::fd::RawFd,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::{
+    body::Incoming,
+    client::conn::http1::SendRequest,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    service::service_fn,
+    Request as HttpRequest, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::tcp::{Capture, CaptureStream, Counters, Outcome, Side};
+use crate::{
+    audit::SessionRow,
+    identity::JwtVerifier,
+    policy::{Request, CONNECT},
+    proxy::Proxy,
+};
+
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// Request kind of an HTTP request, for `kinds` globs.
+pub const REQUEST: &str = "request";
+
+/// Headers that describe one hop, not the request (RFC 9110 §7.6.1), plus
+/// the loop's proxy credentials.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// One loop connection to an HTTP target.
+pub(crate) struct Session {
+    pub proxy: Arc<Proxy>,
+    pub row: SessionRow,
+    pub exe: Option<String>,
+    /// The workload that requires a JWT, and its verifier.
+    pub jwt: Option<(String, Arc<JwtVerifier>)>,
+    /// The verified subject, once the session decision was made with it
+    /// (shared with the session table, for re-checks on reload).
+    pub subject: Arc<Mutex<Option<String>>>,
+    pub upstream: SocketAddr,
+    /// The stored credential, as an `Authorization` value (sensitive).
+    pub authorization: Option<HeaderValue>,
+    /// Shared by every upstream connection of the session, so offsets and
+    /// sequence numbers continue across reconnects.
+    capture: Option<Arc<Mutex<TapCapture>>>,
+    pub connect_timeout: Duration,
+    /// The loop's socket, watched for hang-ups while a request is held.
+    pub client_fd: RawFd,
+    /// The session decision refused the loop (outcome `denied`).
+    refused: Mutex<Option<String>>,
+    /// The last upstream failure, for the session outcome.
+    upstream_error: Mutex<Option<(&'static str, String)>>,
+    sender: tokio::sync::Mutex<Option<SendRequest<Incoming>>>,
+    conn_tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        proxy: Arc<Proxy>,
+        row: SessionRow,
+        exe: Option<String>,
+        jwt: Option<(String, Arc<JwtVerifier>)>,
+        subject: Arc<Mutex<Option<String>>>,
+        upstream: SocketAddr,
+        authorization: Option<HeaderValue>,
+        capture: Option<Capture>,
+        connect_timeout: Duration,
+        client_fd: RawFd,
+    ) -> Self {
+        Self {
+            proxy,
+            row,
+            exe,
+            jwt,
+            subject,
+            upstream,
+            authorization,
+            capture: capture.map(|c| Arc::new(Mutex::new(TapCapture::new(c)))),
+            connect_timeout,
+            client_fd,
+            refused: Mutex::new(None),
+            upstream_error: Mutex::new(None),
+            sender: tokio::sync::Mutex::new(None),
+            conn_tasks: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// Serves the loop's connection until it closes, fails, or `abort` fires.
+pub(crate) async fn serve(
+    s: Arc<Session>,
+    client: TcpStream,
+    counters: Arc<Counters>,
+    abort: CancellationToken,
+) -> Outcome {
+    let _ = client.set_nodelay(true);
+    // Bytes are counted on the loop's side; capture is on the upstream side.
+    let io = TokioIo::new(Tap::new(client, Some(counters), None, true));
+    let svc = {
+        let s = s.clone();
+        service_fn(move |req| {
+            let s = s.clone();
+            async move { Ok::<_, Infallible>(s.request(req).await) }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        r = &mut conn => Some(r),
+        _ = abort.cancelled() => None,
+    };
+    for t in s
+        .conn_tasks
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default()
+    {
+        t.abort();
+    }
+    let Some(served) = served else {
+        return Outcome::new("shutdown", Some("closed by agent shutdown".into()));
+    };
+    if let Some(r) = s.refused.lock().ok().and_then(|mut r| r.take()) {
+        return Outcome::new("denied", Some(r));
+    }
+    match served {
+        Err(e) if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() => Outcome::new(
+            "client_error",
+            Some(format!("malformed HTTP from the loop: {e}")),
+        ),
+        Err(e) if e.is_incomplete_message() => Outcome::new(
+            "client_error",
+            Some("the loop closed the connection in the middle of a request".into()),
+        ),
+        Err(e) => Outcome::new("client_error", Some(format!("HTTP connection: {e}"))),
+        Ok(()) => match s.upstream_error.lock().ok().and_then(|mut u| u.take()) {
+            Some((outcome, detail)) => Outcome::new(outcome, Some(detail)),
+            None => Outcome::new("ok", None),
+        },
+    }
+}
+
+impl Session {
+    async fn request(self: &Arc<Self>, mut req: HttpRequest<Incoming>) -> Response<Body> {
+        let method = req.method().as_str().to_owned();
+        let path = req.uri().path().to_owned();
+        let mut text = format!(
+            "{method} {}",
+            req.uri().path_and_query().map_or("/", |p| p.as_str())
+        );
+        {
+            // A stored credential pasted into a URL stays out of the audit.
+            let mut b = std::mem::take(&mut text).into_bytes();
+            self.proxy.masker.mask(&mut b);
+            text = String::from_utf8_lossy(&b).into_owned();
+        }
+
+        // 1. The second factor.
+        let subject = match &self.jwt {
+            None => None,
+            Some((wl, verifier)) => {
+                let verified = match bearer(req.headers()) {
+                    None => Err(format!(
+                        "workload {wl} requires a JWT: send it as Authorization: Bearer <token>"
+                    )),
+                    Some(token) => verifier.verify(token).await.map_err(|e| e.to_string()),
+                };
+                match verified {
+                    Ok(claims) => Some(claims.sub),
+                    Err(reason) => {
+                        let rule_id = format!("jwt:{wl}");
+                        self.proxy.metrics.decision("deny", &rule_id);
+                        self.proxy.event(
+                            &self.row,
+                            REQUEST,
+                            &text,
+                            "deny",
+                            &rule_id,
+                            &reason,
+                            vec![
+                                ("method".into(), method.clone()),
+                                ("path".into(), path.clone()),
+                            ],
+                        );
+                        return self.unauthorized(&reason);
+                    }
+                }
+            }
+        };
+        let identity = |kind, m, p| Request {
+            workload: &self.row.workload,
+            cgroup: &self.row.cgroup,
+            uid: self.row.uid,
+            exe: self.exe.as_deref(),
+            target: &self.row.target,
+            protocol: &self.row.protocol,
+            kind,
+            jwt_subject: subject.as_deref(),
+            method: m,
+            path: p,
+        };
+        let mut attrs = vec![
+            ("method".to_owned(), method.clone()),
+            ("path".to_owned(), path.clone()),
+        ];
+        if let Some(sub) = &subject {
+            attrs.push(("jwt_sub".into(), sub.clone()));
+            let known = self.subject.lock().ok().and_then(|g| g.clone());
+            match known {
+                // The session decision, now that the identity is complete.
+                None => {
+                    let l4 = identity(CONNECT, None, None);
+                    let request = format!("connect {} (jwt sub {sub})", self.row.destination);
+                    if let Err((d, reason)) = self
+                        .proxy
+                        .decide(&self.row, &l4, &request, attrs.clone(), self.client_fd)
+                        .await
+                    {
+                        if let Ok(mut r) = self.refused.lock() {
+                            *r = Some(reason.clone());
+                        }
+                        return refusal(
+                            StatusCode::FORBIDDEN,
+                            &d.rule_id,
+                            &reason,
+                            &self.row,
+                            true,
+                        );
+                    }
+                    if let Ok(mut g) = self.subject.lock() {
+                        *g = Some(sub.clone());
+                    }
+                }
+                Some(k) if k != *sub => {
+                    let reason = format!(
+                        "this connection belongs to JWT subject {k}; a token for {sub} needs a new connection"
+                    );
+                    return self.unauthorized_close(&reason);
+                }
+                Some(_) => {}
+            }
+        }
+
+        // 2. The request decision.
+        let r = identity(REQUEST, Some(&method), Some(&path));
+        if let Err((d, reason)) = self
+            .proxy
+            .decide(&self.row, &r, &text, attrs, self.client_fd)
+            .await
+        {
+            return refusal(StatusCode::FORBIDDEN, &d.rule_id, &reason, &self.row, false);
+        }
+
+        // 3. Credentials: the loop's never reach the upstream.
+        let h = req.headers_mut();
+        strip_hop_by_hop(h);
+        if self.jwt.is_some() || self.authorization.is_some() {
+            h.remove(header::AUTHORIZATION);
+        }
+        if let Some(a) = &self.authorization {
+            h.insert(header::AUTHORIZATION, a.clone());
+        }
+        // Origin-form on the upstream connection.
+        if req.uri().authority().is_some() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map_or("/".to_owned(), |p| p.as_str().to_owned());
+            if let Ok(u) = pq.parse() {
+                *req.uri_mut() = u;
+            }
+        }
+
+        // 4. Forward.
+        let resp = match self.send(req).await {
+            Ok(r) => r,
+            Err((outcome, detail)) => {
+                tracing::warn!(upstream = %self.upstream, error = %detail, "HTTP upstream failed");
+                if let Ok(mut u) = self.upstream_error.lock() {
+                    *u = Some((outcome, detail.clone()));
+                }
+                return json(
+                    StatusCode::BAD_GATEWAY,
+                    serde_json::json!({
+                        "error": "loopgate: the upstream failed",
+                        "reason": detail,
+                        "session_id": self.row.session_id,
+                    }),
+                    false,
+                );
+            }
+        };
+        let status = resp.status();
+        self.proxy.metrics.http_response(status.as_u16());
+        self.proxy.event(
+            &self.row,
+            "response",
+            &text,
+            "allow",
+            "",
+            status.as_str(),
+            vec![("status".into(), status.as_u16().to_string())],
+        );
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(parts, Either::Left(body))
+    }
+
+    /// Sends on the session's upstream connection, (re)connecting when there
+    /// is none or the upstream closed it.
+    async fn send(
+        &self,
+        req: HttpRequest<Incoming>,
+    ) -> Result<Response<Incoming>, (&'static str, String)> {
+        let mut guard = self.sender.lock().await;
+        if guard.as_ref().is_none_or(|s| s.is_closed()) {
+            *guard = Some(self.connect().await?);
+        }
+        let Some(sender) = guard.as_mut() else {
+            return Err(("upstream_error", "no upstream connection".into()));
+        };
+        if sender.ready().await.is_err() {
+            *sender = self.connect().await?;
+        }
+        sender.send_request(req).await.map_err(|e| {
+            (
+                "upstream_error",
+                format!("HTTP request to {}: {e}", self.upstream),
+            )
+        })
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Incoming>, (&'static str, String)> {
+        let up = self.upstream;
+        let sock = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(up)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(("upstream_unreachable", format!("connect {up}: {e}"))),
+            Err(_) => {
+                return Err((
+                    "upstream_unreachable",
+                    format!("connect {up}: timed out after {:?}", self.connect_timeout),
+                ))
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let io = TokioIo::new(Tap::new(sock, None, self.capture.clone(), false));
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| ("upstream_error", format!("HTTP handshake with {up}: {e}")))?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %up, error = %e, "upstream HTTP connection ended");
+            }
+        });
+        if let Ok(mut t) = self.conn_tasks.lock() {
+            t.retain(|t| !t.is_finished());
+            t.push(task);
+        }
+        Ok(sender)
+    }
+
+    fn unauthorized(&self, reason: &str) -> Response<Body> {
+        let mut r = refusal(StatusCode::UNAUTHORIZED, "", reason, &self.row, false);
+        let challenge = format!(
+            "Bearer realm=\"loopgate\", error=\"invalid_token\", error_description=\"{}\"",
+            reason.replace(['"', '\\'], "'")
+        );
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        r
+    }
+
+    fn unauthorized_close(&self, reason: &str) -> Response<Body> {
+        let mut r = self.unauthorized(reason);
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    }
+}
+
+/// The loop's bearer token, if it sent one.
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    let v = h.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named by Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(*n);
+    }
+}
+
+/// A protocol-native refusal: a JSON body naming the rule and the reason.
+fn refusal(
+    status: StatusCode,
+    rule_id: &str,
+    reason: &str,
+    row: &SessionRow,
+    close: bool,
+) -> Response<Body> {
+    let mut body = serde_json::json!({
+        "error": if status == StatusCode::UNAUTHORIZED {
+            "loopgate: the JWT second factor was refused"
+        } else {
+            "loopgate: refused by policy"
+        },
+        "reason": reason,
+        "session_id": row.session_id,
+    });
+    if !rule_id.is_empty() {
+        body["rule"] = rule_id.into();
+    }
+    json(status, body, close)
+}
+
+fn json(status: StatusCode, body: serde_json::Value, close: bool) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(
+        body.to_string() + "\n",
+    ))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if close {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// A socket that counts and/or captures what passes. `reads_are_up`: reads
+/// are the loop → upstream direction (the loop's side of the proxy).
+struct Tap {
+    inner: TcpStream,
+    counters: Option<Arc<Counters>>,
+    capture: Option<Arc<Mutex<TapCapture>>>,
+    reads_are_up: bool,
+}
+
+struct TapCapture {
+    up: CaptureStream,
+    down: CaptureStream,
+    limit: u64,
+    seen: [u64; 2],
+}
+
+impl TapCapture {
+    fn new(c: Capture) -> Self {
+        Self {
+            limit: c.limit,
+            up: CaptureStream::new(c.clone(), Side::Client),
+            down: CaptureStream::new(c, Side::Upstream),
+            seen: [0, 0],
+        }
+    }
+}
+
+impl Tap {
+    fn new(
+        inner: TcpStream,
+        counters: Option<Arc<Counters>>,
+        capture: Option<Arc<Mutex<TapCapture>>>,
+        reads_are_up: bool,
+    ) -> Self {
+        Self {
+            inner,
+            counters,
+            capture,
+            reads_are_up,
+        }
+    }
+
+    fn saw(&mut self, read: bool, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let up = read == self.reads_are_up;
+        if let Some(c) = &self.counters {
+            let ctr = if up { &c.up } else { &c.down };
+            ctr.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(mut c) = self.capture.as_ref().and_then(|c| c.lock().ok()) {
+            let i = usize::from(!up);
+            let left = c.limit.saturating_sub(c.seen[i]) as usize;
+            if left > 0 {
+                let part = &bytes[..bytes.len().min(left)];
+                if up {
+                    c.up.push(part);
+                } else {
+                    c.down.push(part);
+                }
+                c.seen[i] += part.len() as u64;
+            }
+        }
+    }
+}
+
+impl AsyncRead for Tap {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.saw(true, &buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tap {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.saw(false, &buf[..n]);
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_and_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  tok.en "),
+        );
+        assert_eq!(bearer(&h), Some("tok.en"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-trace"),
+        );
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-trace").is_none() && h.get("upgrade").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+}

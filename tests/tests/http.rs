@@ -1,0 +1,352 @@
+//! HTTP targets: per-request decisions, the stored credential, and the JWT
+//! second factor, with real curl loops and a real upstream on loopback.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use loopgate_e2e::*;
+
+const BODY: &str = "orders: 3\n";
+const STORED: &str = "stored-api-token-7f3a9c";
+const ISSUER: &str = "https://idp.loopgate.test";
+
+/// A test identity provider: a real P-256 key (rcgen), its JWKS file, and
+/// signed tokens.
+struct Idp {
+    key: EncodingKey,
+    jwks: PathBuf,
+}
+
+impl Idp {
+    fn new(dir: &Path) -> Idp {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = kp.public_key_raw();
+        let jwks = dir.join("jwks.json");
+        std::fs::write(
+            &jwks,
+            serde_json::json!({"keys": [{
+                "kty": "EC", "crv": "P-256", "kid": "test-1", "alg": "ES256", "use": "sig",
+                "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
+                "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+            }]})
+            .to_string(),
+        )
+        .unwrap();
+        Idp {
+            key: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
+            jwks,
+        }
+    }
+
+    fn token(&self, sub: &str, aud: &str, exp_in: i64) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("test-1".into());
+        encode(
+            &h,
+            &serde_json::json!({"sub": sub, "iss": ISSUER, "aud": aud, "iat": now, "exp": now + exp_in}),
+            &self.key,
+        )
+        .unwrap()
+    }
+}
+
+/// A tagged curl: returns (HTTP status, body). `-w` puts the status last.
+fn curl(agent: &Agent, workload: &str, url: &str, extra: &[&str]) -> (u16, String) {
+    let mut args = vec!["curl", "-sS", "-m", "20", "-w", "\n%{http_code}"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = agent.exec(workload, &args);
+    let text = stdout(&out);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn secrets_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("lgt-http-secrets-")
+        .tempdir()
+        .unwrap();
+    std::fs::write(d.path().join("api-token"), format!("{STORED}\n")).unwrap();
+    d
+}
+
+#[test]
+fn jwt_second_factor_is_verified_stripped_and_replaced_by_the_stored_credential() {
+    let ch = ClickHouse::start();
+    let http = HttpServer::start("127.10.4.1", BODY);
+    let dir = secrets_dir();
+    let idp = Idp::new(dir.path());
+    let policy = format!(
+        r#"
+[[workloads]]
+name = "signed-bots"
+workload = "signed-*"
+jwt = {{ issuer = "{ISSUER}", audience = "loopgate", jwks_file = "{}" }}
+
+[[targets]]
+name = "orders-api"
+default = "deny"
+reason = "orders-api is open to signed bots only"
+
+[[rules]]
+id = "signed-bots-use-orders"
+workloads = ["signed-bots"]
+targets = ["orders-api"]
+action = "allow"
+"#,
+        idp.jwks.display()
+    );
+    let agent = Agent::start(
+        AgentSpec::new("httpjwt")
+            .target("orders-api", &http.addr.to_string(), "http")
+            .raw(&format!(
+                "[targets.credential]\ntoken_file = \"{}\"\n",
+                dir.path().join("api-token").display()
+            ))
+            .clickhouse(&ch, "")
+            .policy("api.toml", &policy),
+    );
+    let url = format!("http://{}/orders?limit=3", http.addr);
+
+    // A good token: the request goes through with the stored credential only.
+    let good = idp.token("etl-bot@example", "loopgate", 300);
+    let auth = format!("Authorization: Bearer {good}");
+    let (code, body) = curl(&agent, "signed-etl", &url, &["-H", &auth]);
+    assert_eq!((code, body.as_str()), (200, BODY), "{}", agent.log());
+    let heads = http.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1);
+    let head = heads[0].to_ascii_lowercase();
+    assert!(head.starts_with("get /orders?limit=3 http/1.1"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "authorization: bearer {}",
+            STORED.to_ascii_lowercase()
+        )),
+        "the upstream did not get the stored credential: {head}"
+    );
+    assert!(
+        !heads[0].contains(&good),
+        "the loop's JWT reached the upstream"
+    );
+    assert_eq!(head.matches("authorization:").count(), 1, "{head}");
+
+    // Expired, wrong audience, missing: 401 with the reason; nothing upstream.
+    let expired = idp.token("etl-bot@example", "loopgate", -3600);
+    let (code, body) = curl(
+        &agent,
+        "signed-etl",
+        &url,
+        &["-H", &format!("Authorization: Bearer {expired}")],
+    );
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("the token has expired"), "{body}");
+    let wrong = idp.token("etl-bot@example", "another-service", 300);
+    let (code, body) = curl(
+        &agent,
+        "signed-etl",
+        &url,
+        &["-H", &format!("Authorization: Bearer {wrong}")],
+    );
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("audience is not loopgate"), "{body}");
+    let (code, body) = curl(&agent, "signed-etl", &url, &[]);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("requires a JWT"), "{body}");
+    // A workload that needs no token is refused at connect by the target
+    // default: curl sees the connection reset.
+    let (code, _) = curl(&agent, "unsigned", &url, &["-H", &auth]);
+    assert_eq!(code, 0, "an unsigned workload got an HTTP answer");
+    assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The audit: who, with which subject, and why each was refused.
+    ch.wait_count(
+        "SELECT count() FROM loopgate.events FINAL WHERE target = 'orders-api'",
+        // good: connect + request + response; 3 refusals; unsigned: connect
+        7,
+        30,
+    );
+    let rows = ch.query(
+        "SELECT kind, verdict, rule_id, reason, arrayStringConcat(attr_values, ',') FROM loopgate.events FINAL WHERE target = 'orders-api' ORDER BY ts FORMAT TSV",
+    );
+    let has = |prefix: &str, part: &str| {
+        rows.lines()
+            .any(|l| l.starts_with(prefix) && l.contains(part))
+    };
+    // The session decision is made with the token's subject.
+    assert!(
+        has(
+            "connect\tallow\tsigned-bots-use-orders\t",
+            "etl-bot@example"
+        ),
+        "{rows}"
+    );
+    assert!(has("request\tallow\tsession\t", "GET,/orders"), "{rows}");
+    assert!(has("response\tallow\t\t200\t", "200"), "{rows}");
+    assert!(
+        has("request\tdeny\tjwt:signed-bots\tthe token has expired", ""),
+        "{rows}"
+    );
+    assert!(
+        has(
+            "request\tdeny\tjwt:signed-bots\t",
+            "audience is not loopgate"
+        ),
+        "{rows}"
+    );
+    assert!(
+        has("request\tdeny\tjwt:signed-bots\t", "requires a JWT"),
+        "{rows}"
+    );
+    assert!(
+        has("connect\tdeny\ttarget-default:orders-api\t", ""),
+        "{rows}"
+    );
+    let sessions = ch.query(
+        "SELECT workload, protocol, outcome FROM loopgate.sessions FINAL WHERE target = 'orders-api' ORDER BY started_at FORMAT TSV",
+    );
+    assert!(sessions.starts_with("signed-etl\thttp\tok\n"), "{sessions}");
+    assert!(sessions.contains("unsigned\thttp\tdenied"), "{sessions}");
+
+    // Neither secret is written anywhere: log, audit rows or captured bytes.
+    let log = agent.log();
+    for secret in [STORED, good.as_str()] {
+        assert!(!log.contains(secret), "a secret is in the agent log");
+        assert_eq!(
+            ch.count(&format!(
+                "SELECT count() FROM loopgate.chunks FINAL WHERE position(data, '{secret}') > 0"
+            )),
+            0,
+            "a secret is in the captured payload"
+        );
+        assert_eq!(
+            ch.count(&format!(
+                "SELECT count() FROM loopgate.events FINAL WHERE position(request, '{secret}') > 0 OR position(reason, '{secret}') > 0"
+            )),
+            0
+        );
+    }
+    assert!(
+        ch.count("SELECT count() FROM loopgate.chunks FINAL WHERE position(data, 'GET /orders?limit=3') > 0") > 0,
+        "the upstream side of the request was not captured"
+    );
+}
+
+#[test]
+fn http_requests_are_decided_by_method_and_path_and_held_for_approval() {
+    let http = HttpServer::start("127.10.4.2", BODY);
+    let policy = r#"
+[[rules]]
+id = "no-deletes"
+targets = ["inventory"]
+methods = ["DELETE"]
+action = "deny"
+reason = "loops may not delete inventory"
+
+[[rules]]
+id = "admin-needs-a-human"
+targets = ["inventory"]
+paths = ["/admin/**"]
+action = "approve"
+approvers = ["alice"]
+"#;
+    let agent = Agent::start(
+        AgentSpec::new("httprules")
+            .target("inventory", &http.addr.to_string(), "http")
+            .raw("\n[[approvers]]\nname = \"alice\"\nuid = 0\n")
+            .policy("inventory.toml", policy),
+    );
+    let base = format!("http://{}", http.addr);
+
+    let (code, body) = curl(&agent, "stock-bot", &format!("{base}/items/7"), &[]);
+    assert_eq!((code, body.as_str()), (200, BODY));
+    // Denied in the protocol: a 403 JSON body naming the rule.
+    let (code, body) = curl(
+        &agent,
+        "stock-bot",
+        &format!("{base}/items/7"),
+        &["-X", "DELETE"],
+    );
+    assert_eq!(code, 403, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["rule"], "no-deletes");
+    assert_eq!(v["reason"], "loops may not delete inventory");
+    assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Held for approval, then approved by alice: the request completes.
+    let child = agent.spawn_exec(
+        "stock-bot",
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "30",
+            "-w",
+            "\n%{http_code}",
+            &format!("{base}/admin/reindex"),
+        ],
+    );
+    let id = loop {
+        let out = agent.cli(&["approvals", "list", "--json"]);
+        if let Some(l) = stdout(&out).lines().next() {
+            let v: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["rule_id"], "admin-needs-a-human");
+            assert_eq!(v["request"], "GET /admin/reindex");
+            break v["approval_id"].as_str().unwrap().to_owned();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        http.requests.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "held requests wait"
+    );
+    let out = agent.cli(&["approvals", "approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n200"), "{text}");
+    assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    let s = agent.wait_sessions("three http sessions", |s| {
+        s.len() == 3 && s.iter().all(|r| r["outcome"] == "ok")
+    });
+    assert!(s.iter().all(|r| r["protocol"] == "http"), "{s:?}");
+}
+
+#[test]
+fn malformed_http_from_a_loop_ends_only_its_session() {
+    let http = HttpServer::start("127.10.4.3", BODY);
+    let agent =
+        Agent::start(AgentSpec::new("httpbad").target("api", &http.addr.to_string(), "http"));
+    let out = agent.python(
+        "garbage-bot",
+        r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"NOT HTTP AT ALL\x00\x01\r\n\r\n")
+print(s.recv(200).split(b"\r\n")[0].decode())
+"#,
+        &[&http.addr.ip().to_string(), &http.addr.port().to_string()],
+    );
+    assert!(stdout(&out).starts_with("HTTP/1.1 400"), "{}", stdout(&out));
+    let (code, body) = curl(&agent, "good-bot", &format!("http://{}/x", http.addr), &[]);
+    assert_eq!((code, body.as_str()), (200, BODY));
+    let s = agent.wait_sessions("two sessions", |s| {
+        s.len() == 2 && s.iter().all(|r| r["outcome"] != "open")
+    });
+    let bad = s.iter().find(|r| r["workload"] == "garbage-bot").unwrap();
+    assert_eq!(bad["outcome"], "client_error", "{bad}");
+    assert!(
+        bad["detail"].as_str().unwrap().contains("malformed HTTP"),
+        "{bad}"
+    );
+    assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
