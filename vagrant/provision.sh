@@ -12,7 +12,9 @@ PKGS=(
   build-essential pkg-config ca-certificates
   curl iproute2 procps psmisc
   python3               # /usr/bin/python3: the loops in tests and the demo
+  python3-psycopg2      # a Python PostgreSQL driver as a loop (imports under /usr/bin/python3 only)
   python3-venv          # the chdb-core venv below
+  postgresql postgresql-client           # a real PostgreSQL target in tests (tests start their own)
   clickhouse-server clickhouse-client   # the audit store (18.16 on Debian 12); tests start their own
   chromium              # the approval page test clicks in headless Chromium
 )

@@ -199,7 +199,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
 
     // Credentials are read (and checked) now: a missing one is a start-up error.
     let secrets = crate::secrets::target_secrets(&cfg)?;
-    let credentials = crate::secrets::http_authorizations(&cfg)?;
+    let credentials = crate::secrets::target_credentials(&cfg)?;
     // Approver tokens too: a bad one stops the agent before anything is attached.
     let mut tokens = Vec::new();
     for (i, a) in cfg.approvers.iter().enumerate() {
@@ -292,7 +292,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         tracing::info!(program = p.program, cgroup = %p.cgroup, link_id = p.link_id, program_id = p.program_id, how = p.how, "program attached");
     }
     for (name, proto) in targets.protocols() {
-        if !matches!(proto, Protocol::Tcp | Protocol::Http) {
+        if !matches!(proto, Protocol::Tcp | Protocol::Http | Protocol::Postgres) {
             tracing::warn!(target_name = name, protocol = %proto, "no {proto} handler yet: sessions to this target are relayed and recorded as raw TCP");
         }
     }

@@ -29,7 +29,7 @@ use crate::{
     ebpf::{comm, original_destination, Kernel},
     policy::{store::PolicyStore, Request, Verdict},
     protocol::{
-        http,
+        http, postgres,
         tcp::{self, Capture, Counters},
     },
     secrets::Masker,
@@ -47,9 +47,8 @@ pub struct Proxy {
     /// Payload bytes captured per session and direction (0: none).
     pub capture_bytes: u64,
     pub masker: Arc<dyn Masker>,
-    /// Stored credentials of HTTP targets, by target name, as `Authorization`
-    /// header values.
-    pub credentials: HashMap<String, crate::secrets::Secret>,
+    /// Stored credentials, by target name.
+    pub credentials: HashMap<String, crate::secrets::StoredCredential>,
     /// This host's name, in every audit row.
     pub host: String,
     pub sessions: SessionTable,
@@ -65,6 +64,7 @@ pub struct Proxy {
 enum Handler {
     Tcp,
     Http,
+    Postgres,
 }
 
 /// Sessions in flight, for `loopgate status`.
@@ -490,13 +490,14 @@ impl Proxy {
         drop(policy);
         let handler = match protocol {
             "http" => Handler::Http,
+            "postgres" => Handler::Postgres,
             _ => Handler::Tcp,
         };
         self.metrics.session(protocol, &row.workload);
         let request = format!("connect {destination}");
         let client_fd = sock.as_raw_fd();
         let refusal = match (&jwt, handler) {
-            (Some(_), Handler::Http) => None,
+            (Some(_), Handler::Http | Handler::Postgres) => None,
             (Some((wl, _)), Handler::Tcp) => {
                 let rule_id = format!("jwt-required:{wl}");
                 let reason = format!(
@@ -572,7 +573,8 @@ impl Proxy {
                 .await
             }
             Handler::Http => {
-                let authorization = self.credentials.get(&row.target).and_then(|s| {
+                let authorization = self.credentials.get(&row.target).and_then(|c| {
+                    let s = c.authorization.as_ref()?;
                     let mut v = hyper::header::HeaderValue::from_str(s.expose()).ok()?;
                     v.set_sensitive(true);
                     Some(v)
@@ -590,6 +592,27 @@ impl Proxy {
                     client_fd,
                 ));
                 http::serve(s, sock, counters.clone(), revoke)
+                    .instrument(span.clone())
+                    .await
+            }
+            Handler::Postgres => {
+                let s = postgres::Session {
+                    proxy: self.clone(),
+                    row: row.clone(),
+                    exe,
+                    jwt,
+                    subject: jwt_subject,
+                    upstream: destination,
+                    credential: self
+                        .credentials
+                        .get(&row.target)
+                        .cloned()
+                        .unwrap_or_default(),
+                    capture,
+                    connect_timeout: self.connect_timeout,
+                    client_fd,
+                };
+                postgres::serve(s, sock, counters.clone(), revoke)
                     .instrument(span.clone())
                     .await
             }

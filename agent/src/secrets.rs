@@ -108,25 +108,34 @@ pub fn target_secrets(cfg: &Config) -> Result<Vec<Secret>, SecretError> {
         }
     }
     // The header values as sent (a Basic value is base64 of user:password).
-    out.extend(http_authorizations(cfg)?.into_values());
+    out.extend(
+        target_credentials(cfg)?
+            .into_values()
+            .filter_map(|c| c.authorization),
+    );
     if let Some(p) = &cfg.audit.password_file {
         out.push(read_file(cfg, "audit.password_file", p)?);
     }
     Ok(out)
 }
 
-/// The `Authorization` header value of each HTTP target with a stored
-/// credential: `Bearer <token>` from `token_file`/`token_env`, else `Basic`
-/// from `username` + `password_file`/`password_env`.
-pub fn http_authorizations(
+/// A target's stored credential, as its handler uses it.
+#[derive(Clone, Debug, Default)]
+pub struct StoredCredential {
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// HTTP targets: the `Authorization` header value (`Bearer <token>` from
+    /// `token_*`, else `Basic` from `username` + `password_*`).
+    pub authorization: Option<Secret>,
+}
+
+/// The stored credential of every target that has one, by target name.
+pub fn target_credentials(
     cfg: &Config,
-) -> Result<std::collections::HashMap<String, Secret>, SecretError> {
+) -> Result<std::collections::HashMap<String, StoredCredential>, SecretError> {
     use base64::Engine;
     let mut out = std::collections::HashMap::new();
     for (i, t) in cfg.targets.iter().enumerate() {
-        if t.protocol != crate::config::Protocol::Http {
-            continue;
-        }
         let Some(c) = &t.credential else { continue };
         let key = |k: &str| format!("targets[{i}].credential.{k}");
         let token = match (&c.token_file, &c.token_env) {
@@ -139,15 +148,23 @@ pub fn http_authorizations(
             (None, Some(v)) => Some(read_env(cfg, &key("password_env"), v)?),
             (None, None) => None,
         };
-        let value = match (token, &c.username, password) {
-            (Some(t), _, _) => format!("Bearer {}", t.0),
-            (None, Some(u), Some(p)) => format!(
+        let authorization = match (&token, &c.username, &password) {
+            _ if t.protocol != crate::config::Protocol::Http => None,
+            (Some(t), _, _) => Some(Secret(format!("Bearer {}", t.0))),
+            (None, Some(u), Some(p)) => Some(Secret(format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(format!("{u}:{}", p.0))
-            ),
-            _ => continue,
+            ))),
+            _ => None,
         };
-        out.insert(t.name.clone(), Secret(value));
+        out.insert(
+            t.name.clone(),
+            StoredCredential {
+                username: c.username.clone(),
+                password,
+                authorization,
+            },
+        );
     }
     Ok(out)
 }

@@ -790,3 +790,219 @@ pub fn playwright_core() -> PathBuf {
     );
     p
 }
+
+/// A real PostgreSQL server (Debian's, run as `postgres`) on `ip`, with its
+/// data in a temporary directory; stopped on drop. Host logins use
+/// SCRAM-SHA-256; `postgres` logs in over the unix socket for set-up.
+pub struct PgServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed (cargo xtask setup installs it)")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    versions.sort();
+    versions
+        .last()
+        .expect("no PostgreSQL version")
+        .join("bin")
+        .join(name)
+}
+
+impl PgServer {
+    pub fn start(ip: &str) -> PgServer {
+        let dir = tempfile::Builder::new()
+            .prefix("lgt-pg-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path().display().to_string();
+        let chown = Command::new("chown")
+            .args(["-R", "postgres:postgres", &d])
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let as_pg = |cmd: &Path, args: &[&str]| {
+            let out = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(cmd)
+                .args(args)
+                .output()
+                .expect("runuser postgres");
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                cmd.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        as_pg(
+            &pg_bin("initdb"),
+            &[
+                "-D",
+                &format!("{d}/data"),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+            ],
+        );
+        let port = free_port();
+        // setpriv execs (no forking wrapper): the child is the postmaster.
+        let child = Command::new("setpriv")
+            .args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+            .arg(pg_bin("postgres"))
+            .args([
+                "-D",
+                &format!("{d}/data"),
+                "-p",
+                &port.to_string(),
+                "-k",
+                &d,
+                "-c",
+                &format!("listen_addresses={ip}"),
+                "-c",
+                "fsync=off",
+            ])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.path().join("postgres.log"))
+                    .map(Stdio::from)
+                    .unwrap_or(Stdio::null()),
+            )
+            .spawn()
+            .expect("start postgres");
+        let pg = PgServer {
+            addr: format!("{ip}:{port}").parse().unwrap(),
+            dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = Command::new(pg_bin("pg_isready"))
+                .args(["-h", &d, "-p", &port.to_string(), "-q"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start: {}",
+                std::fs::read_to_string(pg.dir.path().join("postgres.log")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        pg
+    }
+
+    /// Runs SQL as the `postgres` superuser over the unix socket.
+    pub fn admin(&self, sql: &str) -> String {
+        let out = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "psql",
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .args(["-h", &self.dir.path().display().to_string()])
+            .args([
+                "-p",
+                &self.addr.port().to_string(),
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGINT: fast shutdown.
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The issuer of [`Idp`] tokens.
+pub const ISSUER: &str = "https://idp.loopgate.test";
+
+/// A test identity provider: a real P-256 key (rcgen), its JWKS file, and
+/// signed tokens.
+pub struct Idp {
+    key: jsonwebtoken::EncodingKey,
+    pub jwks: PathBuf,
+}
+
+impl Idp {
+    pub fn new(dir: &Path) -> Idp {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = kp.public_key_raw();
+        let jwks = dir.join("jwks.json");
+        std::fs::write(
+            &jwks,
+            serde_json::json!({"keys": [{
+                "kty": "EC", "crv": "P-256", "kid": "test-1", "alg": "ES256", "use": "sig",
+                "x": b64url(&raw[1..33]),
+                "y": b64url(&raw[33..65]),
+            }]})
+            .to_string(),
+        )
+        .unwrap();
+        Idp {
+            key: jsonwebtoken::EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
+            jwks,
+        }
+    }
+
+    pub fn token(&self, sub: &str, aud: &str, exp_in: i64) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("test-1".into());
+        jsonwebtoken::encode(
+            &h,
+            &serde_json::json!({"sub": sub, "iss": ISSUER, "aud": aud, "iat": now, "exp": now + exp_in}),
+            &self.key,
+        )
+        .unwrap()
+    }
+}
+
+fn b64url(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}

@@ -1,62 +1,10 @@
 //! HTTP targets: per-request decisions, the stored credential, and the JWT
 //! second factor, with real curl loops and a real upstream on loopback.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
-};
-
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use loopgate_e2e::*;
 
 const BODY: &str = "orders: 3\n";
 const STORED: &str = "stored-api-token-7f3a9c";
-const ISSUER: &str = "https://idp.loopgate.test";
-
-/// A test identity provider: a real P-256 key (rcgen), its JWKS file, and
-/// signed tokens.
-struct Idp {
-    key: EncodingKey,
-    jwks: PathBuf,
-}
-
-impl Idp {
-    fn new(dir: &Path) -> Idp {
-        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let raw = kp.public_key_raw();
-        let jwks = dir.join("jwks.json");
-        std::fs::write(
-            &jwks,
-            serde_json::json!({"keys": [{
-                "kty": "EC", "crv": "P-256", "kid": "test-1", "alg": "ES256", "use": "sig",
-                "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
-                "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
-            }]})
-            .to_string(),
-        )
-        .unwrap();
-        Idp {
-            key: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
-            jwks,
-        }
-    }
-
-    fn token(&self, sub: &str, aud: &str, exp_in: i64) -> String {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("test-1".into());
-        encode(
-            &h,
-            &serde_json::json!({"sub": sub, "iss": ISSUER, "aud": aud, "iat": now, "exp": now + exp_in}),
-            &self.key,
-        )
-        .unwrap()
-    }
-}
 
 /// A tagged curl: returns (HTTP status, body). `-w` puts the status last.
 fn curl(agent: &Agent, workload: &str, url: &str, extra: &[&str]) -> (u16, String) {

@@ -161,23 +161,40 @@ pub async fn relay(
     capture: Option<Capture>,
     abort: CancellationToken,
 ) -> Outcome {
-    let server = match tokio::time::timeout(connect_timeout, TcpStream::connect(upstream)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Outcome::new(
-                "upstream_unreachable",
-                Some(format!("connect {upstream}: {e}")),
-            )
-        }
-        Err(_) => {
-            return Outcome::new(
-                "upstream_unreachable",
-                Some(format!(
-                    "connect {upstream}: timed out after {connect_timeout:?}"
-                )),
-            )
-        }
-    };
+    match connect(upstream, connect_timeout).await {
+        Ok(server) => relay_streams(client, server, counters, capture, abort).await,
+        Err(o) => o,
+    }
+}
+
+/// Connects to the upstream, within `connect_timeout`.
+pub async fn connect(
+    upstream: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<TcpStream, Outcome> {
+    match tokio::time::timeout(connect_timeout, TcpStream::connect(upstream)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(Outcome::new(
+            "upstream_unreachable",
+            Some(format!("connect {upstream}: {e}")),
+        )),
+        Err(_) => Err(Outcome::new(
+            "upstream_unreachable",
+            Some(format!(
+                "connect {upstream}: timed out after {connect_timeout:?}"
+            )),
+        )),
+    }
+}
+
+/// Relays between two connected sockets (see [`relay`]).
+pub async fn relay_streams(
+    client: TcpStream,
+    server: TcpStream,
+    counters: Arc<Counters>,
+    capture: Option<Capture>,
+    abort: CancellationToken,
+) -> Outcome {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let up = pump(

@@ -1,0 +1,201 @@
+//! PostgreSQL targets: the agent answers the start-up, logs in upstream with
+//! the stored credential (SCRAM-SHA-256), and takes a JWT second factor from
+//! the loop's password. Real PostgreSQL, real psql loops.
+
+use loopgate_e2e::*;
+
+const STORED: &str = "pg-stored-pw-4471-Zq";
+
+/// A real server with role `app` (SCRAM password `STORED`) and a table.
+fn server(ip: &str) -> PgServer {
+    let pg = PgServer::start(ip);
+    pg.admin(&format!(
+        "CREATE ROLE app LOGIN PASSWORD '{STORED}'; CREATE TABLE orders (id int); \
+         INSERT INTO orders VALUES (1), (2), (3); GRANT SELECT ON orders TO app;"
+    ));
+    pg
+}
+
+/// A tagged psql that never prompts (`-w`); `env` is extra environment.
+fn psql(agent: &Agent, workload: &str, pg: &PgServer, env: &[&str], sql: &str) -> (bool, String) {
+    let conn = format!(
+        "host={} port={} user=loop-user dbname=postgres connect_timeout=10",
+        pg.addr.ip(),
+        pg.addr.port()
+    );
+    let mut args = vec!["env"];
+    args.extend_from_slice(env);
+    args.extend_from_slice(&["psql", "-X", "-w", "-At", "-d", &conn, "-c", sql]);
+    let out = agent.exec(workload, &args);
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+fn secret_file(dir: &std::path::Path, name: &str, value: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{value}\n")).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn psql_logs_in_with_the_stored_credential_it_never_sees() {
+    let pg = server("127.10.5.1");
+    let dir = tempfile::tempdir().unwrap();
+    let good = secret_file(dir.path(), "orders-db", STORED);
+    let bad = secret_file(dir.path(), "stale", "an-old-password");
+    let agent = Agent::start(
+        AgentSpec::new("pglogin")
+            .raw(&format!(
+                "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{good}\"\n",
+                pg.addr
+            )),
+    );
+    // The loop names any user and no password; the server sees `app`.
+    let (ok, out) = psql(
+        &agent,
+        "report-bot",
+        &pg,
+        &[],
+        "SELECT current_user, count(*) FROM orders",
+    );
+    assert!(ok, "{out}\n{}", agent.log());
+    assert_eq!(out.trim(), "app|3");
+    // A Python driver (psycopg2, libpq) the same way, with a query
+    // parameter and a cancel (sent on a second connection, relayed).
+    let out = agent.python(
+        "report-bot",
+        r#"
+import sys, threading, psycopg2
+c = psycopg2.connect(host=sys.argv[1], port=int(sys.argv[2]), user="anyone", dbname="postgres", connect_timeout=10)
+cur = c.cursor()
+cur.execute("SELECT current_user, count(*) FROM orders WHERE id >= %s", (2,))
+print(cur.fetchone())
+threading.Timer(0.5, c.cancel).start()
+try:
+    cur.execute("SELECT pg_sleep(20)")
+    print("not cancelled")
+except psycopg2.errors.QueryCanceled:
+    print("cancelled")
+"#,
+        &[&pg.addr.ip().to_string(), &pg.addr.port().to_string()],
+    );
+    assert_eq!(stdout(&out), "('app', 2)\ncancelled\n", "{}", stderr(&out));
+    let s = agent.wait_sessions("three postgres sessions", |s| {
+        s.len() == 3 && s.iter().all(|r| r["outcome"] != "open")
+    });
+    assert!(s.iter().all(|r| r["protocol"] == "postgres"), "{s:?}");
+    assert!(s.iter().all(|r| r["outcome"] == "ok"), "{s:?}");
+    assert_eq!(
+        s.iter()
+            .filter(|r| r["detail"] == "cancel request relayed")
+            .count(),
+        1
+    );
+    assert!(!agent.log().contains(STORED));
+    drop(agent);
+
+    // A stale stored password: the server's own error reaches the loop, and
+    // the session records it.
+    let agent = Agent::start(AgentSpec::new("pgstale").raw(&format!(
+        "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{bad}\"\n",
+        pg.addr
+    )));
+    let (ok, out) = psql(&agent, "report-bot", &pg, &[], "SELECT 1");
+    assert!(!ok);
+    assert!(
+        out.contains("password authentication failed for user \"app\""),
+        "{out}"
+    );
+    let s = agent.wait_sessions("one failed session", |s| {
+        s.len() == 1 && s[0]["outcome"] != "open"
+    });
+    assert_eq!(s[0]["outcome"], "upstream_error");
+    assert!(
+        s[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the server refused the login as app"),
+        "{:?}",
+        s[0]
+    );
+    assert!(!agent.log().contains("an-old-password"));
+}
+
+#[test]
+fn a_jwt_in_the_postgres_password_is_verified_and_replaced() {
+    let pg = server("127.10.5.2");
+    let dir = tempfile::Builder::new()
+        .prefix("lgt-pgjwt-")
+        .tempdir()
+        .unwrap();
+    let pw = secret_file(dir.path(), "orders-db", STORED);
+    let idp = Idp::new(dir.path());
+    let policy = format!(
+        r#"
+[[workloads]]
+name = "signed-bots"
+workload = "signed-*"
+jwt = {{ issuer = "{ISSUER}", audience = "orders-db", jwks_file = "{}" }}
+
+[[targets]]
+name = "orders-db"
+default = "deny"
+
+[[rules]]
+id = "signed-bots-read-orders"
+workloads = ["signed-bots"]
+targets = ["orders-db"]
+action = "allow"
+"#,
+        idp.jwks.display()
+    );
+    let agent = Agent::start(
+        AgentSpec::new("pgjwt")
+            .raw(&format!(
+                "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{pw}\"\n",
+                pg.addr
+            ))
+            .policy("orders.toml", &policy),
+    );
+    let sql = "SELECT current_user, count(*) FROM orders";
+    let good = format!("PGPASSWORD={}", idp.token("etl@example", "orders-db", 300));
+    let (ok, out) = psql(&agent, "signed-etl", &pg, &[&good], sql);
+    assert!(ok, "{out}\n{}", agent.log());
+    assert_eq!(out.trim(), "app|3");
+
+    let expired = format!("PGPASSWORD={}", idp.token("etl@example", "orders-db", -600));
+    let (ok, out) = psql(&agent, "signed-etl", &pg, &[&expired], sql);
+    assert!(!ok);
+    assert!(
+        out.contains("the JWT second factor was refused: the token has expired"),
+        "{out}"
+    );
+    let wrong = format!("PGPASSWORD={}", idp.token("etl@example", "billing-db", 300));
+    let (ok, out) = psql(&agent, "signed-etl", &pg, &[&wrong], sql);
+    assert!(!ok);
+    assert!(out.contains("audience is not orders-db"), "{out}");
+    // Without a password psql cannot answer the agent's request at all.
+    let (ok, out) = psql(&agent, "signed-etl", &pg, &[], sql);
+    assert!(!ok);
+    assert!(out.contains("password"), "{out}");
+
+    let s = agent.wait_sessions("four sessions", |s| {
+        s.len() == 4 && s.iter().all(|r| r["outcome"] != "open")
+    });
+    let outcomes: Vec<&str> = s.iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "ok").count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "denied").count(),
+        2,
+        "{outcomes:?}"
+    );
+    let log = agent.log();
+    assert!(!log.contains(STORED));
+    assert!(!log.contains(good.trim_start_matches("PGPASSWORD=")));
+}
