@@ -56,6 +56,10 @@ pub struct Held {
     pub requested_at: String,
     pub expires_at: String,
     pub approvers: Vec<String>,
+    /// The verified JWT subject, when the loop presented one (the approver
+    /// sees who; grants are per subject).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_subject: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,8 +77,8 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// (workload, target, rule)
-type GrantKey = (String, String, String);
+/// (workload, target, rule, JWT subject, session for `grant = "session"`)
+type GrantKey = (String, String, String, Option<String>, Option<Uuid>);
 
 struct Pending {
     held: Held,
@@ -85,7 +89,7 @@ struct Pending {
 pub struct Approvals {
     approvers: HashMap<u32, String>,
     pending: Mutex<HashMap<Uuid, Pending>>,
-    /// (workload, target, rule) → (until, approver)
+    /// (workload, target, rule, subject, session) → (until, approver)
     grants: Mutex<HashMap<GrantKey, (Instant, String)>>,
     audit: Arc<dyn AuditSink>,
     host: String,
@@ -118,6 +122,32 @@ fn row(
         approver: approver.to_owned(),
         reason: reason.to_owned(),
     })
+}
+
+/// Withdraws a pending request whose caller went away (see `request`).
+struct Withdraw<'a> {
+    approvals: &'a Approvals,
+    held: Option<Held>,
+    requested_at: i64,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        if let Ok(mut p) = self.approvals.pending.lock() {
+            p.remove(&held.approval_id);
+        }
+        self.approvals.record(row(
+            &held,
+            2,
+            now_micros(),
+            "cancelled",
+            "",
+            "the session was closed before a decision",
+            self.requested_at,
+        ));
+        tracing::info!(approval_id = %held.approval_id, "held request withdrawn: its session was closed");
+    }
 }
 
 impl Approvals {
@@ -165,8 +195,15 @@ impl Approvals {
             held.workload.clone(),
             held.target.clone(),
             held.rule_id.clone(),
+            held.jwt_subject.clone(),
+            None,
         );
-        if let Some(approver) = self.active_grant(&key) {
+        let mut session_key = key.clone();
+        session_key.4 = Some(held.session_id);
+        if let Some(approver) = self
+            .active_grant(&key)
+            .or_else(|| self.active_grant(&session_key))
+        {
             return Outcome::Approved {
                 approver: approver.clone(),
                 reason: format!("within a grant by {approver}"),
@@ -195,11 +232,19 @@ impl Approvals {
                 },
             );
         }
+        // If the caller is dropped while waiting (its session was closed),
+        // the request is withdrawn and recorded as cancelled.
+        let mut guard = Withdraw {
+            approvals: self,
+            held: Some(held.clone()),
+            requested_at,
+        };
         let outcome = tokio::select! {
             r = rx => r.unwrap_or(Outcome::Cancelled),
             _ = tokio::time::sleep(spec.timeout) => Outcome::TimedOut,
             _ = cancel.cancelled() => Outcome::Cancelled,
         };
+        guard.held = None;
         if let Ok(mut p) = self.pending.lock() {
             p.remove(&id);
         }
@@ -235,12 +280,28 @@ impl Approvals {
         tracing::info!(approval_id = %id, decision, approver, wait_ms = (decided_at - requested_at) / 1000, "approval decided");
         self.metrics
             .approval_waited(decision, (decided_at - requested_at) as f64 / 1e6);
-        if let (Outcome::Approved { approver, .. }, Grant::For(d)) = (&outcome, spec.grant) {
-            if let Ok(mut g) = self.grants.lock() {
-                g.insert(key, (Instant::now() + d, approver.clone()));
+        if let Outcome::Approved { approver, .. } = &outcome {
+            let grant = match spec.grant {
+                Grant::Once => None,
+                Grant::For(d) => Some((key, Instant::now() + d)),
+                // Until the session ends (`end_session`).
+                Grant::Session => Some((
+                    session_key,
+                    Instant::now() + Duration::from_secs(366 * 86_400),
+                )),
+            };
+            if let (Some((k, until)), Ok(mut g)) = (grant, self.grants.lock()) {
+                g.insert(k, (until, approver.clone()));
             }
         }
         outcome
+    }
+
+    /// Drops the session's `grant = "session"` grants.
+    pub fn end_session(&self, session_id: Uuid) {
+        if let Ok(mut g) = self.grants.lock() {
+            g.retain(|k, _| k.4 != Some(session_id));
+        }
     }
 
     fn active_grant(&self, key: &GrantKey) -> Option<String> {

@@ -168,6 +168,24 @@ impl JwtVerifier {
             reason: format!("jwks_url {r}"),
         })?;
         let shown = http_client::without_query(&uri);
+        // Keys fetched in clear text could be swapped by anyone on the path,
+        // who could then sign any token.
+        let loopback = match uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        {
+            Some("localhost") => true,
+            Some(h) => h
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()),
+            None => false,
+        };
+        if uri.scheme_str() != Some("https") && !loopback {
+            return Err(JwtError::Jwks {
+                path: shown,
+                reason: "jwks_url must be https:// (http:// only on loopback)".into(),
+            });
+        }
         let client = http_client::build(ca_file).map_err(|e| JwtError::Jwks {
             path: shown.clone(),
             reason: e.to_string(),

@@ -168,6 +168,7 @@ mod tests {
             requested_at: "2026-01-01T00:00:00Z".into(),
             expires_at: "2026-01-01T00:05:00Z".into(),
             approvers: vec!["alice".into()],
+            jwt_subject: None,
         }
     }
 

@@ -83,6 +83,9 @@ struct ActiveSession {
     /// The verified JWT subject, once a handler made the session decision
     /// with it.
     jwt_subject: Arc<Mutex<Option<String>>>,
+    /// The session decision waits for the first JWT (a token-carrying
+    /// handler, a workload that requires one).
+    awaiting_jwt: bool,
     pid: u32,
     started_at: String,
     counters: Arc<Counters>,
@@ -152,19 +155,26 @@ impl SessionTable {
                 method: None,
                 path: None,
             };
-            if subject.is_none() && policy.jwt_required(&r).is_some() {
-                // No session decision yet: the first request makes it.
-                continue;
-            }
-            let d = policy.evaluate(&r, None);
-            if d.verdict == Verdict::Deny {
+            let withdrawn = match (&subject, policy.jwt_required(&r)) {
+                // No session decision yet: the first token makes it.
+                (None, _) if s.awaiting_jwt => continue,
+                // Opened without a token, and one is required now.
+                (None, Some((wl, _))) => Some((
+                    format!("jwt-required:{wl}"),
+                    format!("workload {wl} now requires a JWT second factor"),
+                )),
+                _ => {
+                    let d = policy.evaluate(&r, None);
+                    (d.verdict == Verdict::Deny).then_some((d.rule_id, d.reason))
+                }
+            };
+            if let Some((rule_id, reason)) = withdrawn {
                 if let Ok(mut r) = s.revoked.lock() {
                     *r = Some(format!(
-                        "permission withdrawn by a policy reload: rule {}: {}",
-                        d.rule_id, d.reason
+                        "permission withdrawn by a policy reload: rule {rule_id}: {reason}"
                     ));
                 }
-                tracing::warn!(session_id = %id, workload = %s.workload, target = %s.target, rule = %d.rule_id, "closing a session whose permission was withdrawn");
+                tracing::warn!(session_id = %id, workload = %s.workload, target = %s.target, rule = %rule_id, "closing a session whose permission was withdrawn");
                 s.revoke.cancel();
                 n += 1;
             }
@@ -339,6 +349,7 @@ impl Proxy {
                     requested_at: String::new(),
                     expires_at: String::new(),
                     approvers: Vec::new(),
+                    jwt_subject: req.jwt_subject.map(str::to_owned),
                 };
                 // Held requests end early when the loop hangs up (no grant is
                 // created for a loop that is gone) or the agent shuts down.
@@ -487,6 +498,11 @@ impl Proxy {
         // TCP carries none: such a loop is refused rather than let through on
         // the first factor alone.
         let jwt = policy.jwt_required(&l4).map(|(w, v)| (w.to_owned(), v));
+        // HTTP-speaking targets without a handler yet: request rules that
+        // deny or hold could not be enforced, so the session is refused.
+        let unseen_request_rule = matches!(protocol, "https" | "kubernetes")
+            .then(|| policy.request_rule(&l4).map(str::to_owned))
+            .flatten();
         drop(policy);
         let handler = match protocol {
             "http" => Handler::Http,
@@ -497,6 +513,23 @@ impl Proxy {
         let request = format!("connect {destination}");
         let client_fd = sock.as_raw_fd();
         let refusal = match (&jwt, handler) {
+            _ if unseen_request_rule.is_some() => {
+                let rule_id = unseen_request_rule.unwrap_or_default();
+                let reason = format!(
+                    "rule {rule_id} decides {protocol} requests, which loopgate cannot inspect on this target yet; the session is refused rather than let through unchecked"
+                );
+                self.metrics.decision("deny", &rule_id);
+                self.event(
+                    &row,
+                    "connect",
+                    &request,
+                    "deny",
+                    &rule_id,
+                    &reason,
+                    Vec::new(),
+                );
+                Some(reason)
+            }
             (Some(_), Handler::Http | Handler::Postgres) => None,
             (Some((wl, _)), Handler::Tcp) => {
                 let rule_id = format!("jwt-required:{wl}");
@@ -546,6 +579,7 @@ impl Proxy {
                 target,
                 protocol: protocol.to_owned(),
                 jwt_subject: jwt_subject.clone(),
+                awaiting_jwt: jwt.is_some(),
                 pid: rec.tgid,
                 started_at: timestamp(started_at),
                 counters: counters.clone(),
@@ -582,6 +616,7 @@ impl Proxy {
                 let s = Arc::new(http::Session::new(
                     self.clone(),
                     row.clone(),
+                    self.targets.address(rec.target_id).cloned(),
                     exe,
                     jwt,
                     jwt_subject,
@@ -629,6 +664,7 @@ impl Proxy {
             counters.down.load(Ordering::Relaxed),
         );
         self.sessions.remove(&session_id);
+        self.approvals.end_session(session_id);
         let ended_at = now_micros();
         span.in_scope(|| {
             tracing::info!(

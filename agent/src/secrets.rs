@@ -22,6 +22,8 @@ pub enum SecretError {
         key: String,
         var: String,
     },
+    #[error("config {file}: key `{key}`: the value cannot be sent in an HTTP header (control characters or non-ASCII)")]
+    NotAHeader { file: PathBuf, key: String },
     #[error("config {file}: key `{key}`: {path} is empty")]
     Empty {
         file: PathBuf,
@@ -157,6 +159,18 @@ pub fn target_credentials(
             ))),
             _ => None,
         };
+        if let Some(a) = &authorization {
+            if !a.0.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+                return Err(SecretError::NotAHeader {
+                    file: cfg.source.clone(),
+                    key: key(if token.is_some() {
+                        "token_file"
+                    } else {
+                        "password_file"
+                    }),
+                });
+            }
+        }
         out.insert(
             t.name.clone(),
             StoredCredential {

@@ -71,6 +71,11 @@ impl TargetTable {
         Some((e.name.as_str(), e.protocol))
     }
 
+    /// The configured address of a target.
+    pub fn address(&self, id: u32) -> Option<&TargetAddress> {
+        Some(&self.entries.get((id as usize).checked_sub(1)?)?.address)
+    }
+
     /// Resolves every host name (blocking; call off the async runtime) and
     /// returns the kernel map contents. Names that fail keep their last addresses.
     pub fn resolve(&self) -> HashMap<TargetKey, TargetValue> {

@@ -332,6 +332,11 @@ fn stored_credentials_never_reach_the_audit_or_the_logs() {
         &["curl", "-sS", "-m", "10", &format!("http://{}/", http.addr)],
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    // The loop does not see it either: the response is masked on its way.
+    assert_eq!(
+        stdout(&out),
+        "welcome; db password is ************************\n"
+    );
     ch.wait_count(SESSIONS_OK, 1, 30);
     // The upstream's answer is recorded whole (the handler captures the
     // upstream side) and masked.

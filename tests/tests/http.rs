@@ -86,6 +86,19 @@ action = "allow"
     );
     assert_eq!(head.matches("authorization:").count(), 1, "{head}");
 
+    // The stored credential only goes to the target's own host name.
+    let (code, body) = curl(
+        &agent,
+        "signed-etl",
+        &url,
+        &["-H", &auth, "-H", "Host: attacker.example"],
+    );
+    assert_eq!(code, 421, "{body}");
+    assert!(
+        body.contains("Host attacker.example is not the target's address"),
+        "{body}"
+    );
+
     // Expired, wrong audience, missing: 401 with the reason; nothing upstream.
     let expired = idp.token("etl-bot@example", "loopgate", -3600);
     let (code, body) = curl(
@@ -117,8 +130,9 @@ action = "allow"
     // The audit: who, with which subject, and why each was refused.
     ch.wait_count(
         "SELECT count() FROM loopgate.events FINAL WHERE target = 'orders-api'",
-        // good: connect + request + response; 3 refusals; unsigned: connect
-        7,
+        // good: connect + request + response; Host: connect + request;
+        // 3 refusals; unsigned: connect
+        9,
         30,
     );
     let rows = ch.query(
@@ -137,7 +151,7 @@ action = "allow"
         "{rows}"
     );
     assert!(has("request\tallow\tsession\t", "GET,/orders"), "{rows}");
-    assert!(has("response\tallow\t\t200\t", "200"), "{rows}");
+    assert!(has("response\tallow\tsession\t200\t", "200"), "{rows}");
     assert!(
         has("request\tdeny\tjwt:signed-bots\tthe token has expired", ""),
         "{rows}"
@@ -199,6 +213,12 @@ action = "deny"
 reason = "loops may not delete inventory"
 
 [[rules]]
+id = "no-internal"
+targets = ["inventory"]
+paths = ["/internal/**"]
+action = "deny"
+
+[[rules]]
 id = "admin-needs-a-human"
 targets = ["inventory"]
 paths = ["/admin/**"]
@@ -226,6 +246,39 @@ approvers = ["alice"]
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["rule"], "no-deletes");
     assert_eq!(v["reason"], "loops may not delete inventory");
+    assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // One spelling of the path: encodings and dot-segments do not get past
+    // a path rule, and `/internal/**` covers `/internal` itself.
+    for p in [
+        "/%69nternal/keys",
+        "/items/../internal/keys",
+        "//internal",
+        "/internal",
+    ] {
+        let (code, body) = curl(
+            &agent,
+            "stock-bot",
+            &format!("{base}{p}"),
+            &["--path-as-is"],
+        );
+        assert_eq!(code, 403, "{p}: {body}");
+        assert!(body.contains("no-internal"), "{p}: {body}");
+    }
+    let (code, _) = curl(
+        &agent,
+        "stock-bot",
+        &format!("{base}/%2e%2e/internal"),
+        &["--path-as-is"],
+    );
+    assert_eq!(code, 400, "an ambiguous encoding is refused");
+    let (code, _) = curl(
+        &agent,
+        "stock-bot",
+        &format!("{base}/items"),
+        &["-X", "TRACE"],
+    );
+    assert_eq!(code, 405, "TRACE would echo the stored credential");
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
 
     // Held for approval, then approved by alice: the request completes.
@@ -263,8 +316,8 @@ approvers = ["alice"]
     assert!(text.ends_with("\n200"), "{text}");
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
 
-    let s = agent.wait_sessions("three http sessions", |s| {
-        s.len() == 3 && s.iter().all(|r| r["outcome"] == "ok")
+    let s = agent.wait_sessions("nine http sessions", |s| {
+        s.len() == 9 && s.iter().all(|r| r["outcome"] == "ok")
     });
     assert!(s.iter().all(|r| r["protocol"] == "http"), "{s:?}");
 }

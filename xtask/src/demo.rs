@@ -4,9 +4,11 @@
 //! 127.10.0.80, a ClickHouse server (Debian's 18.16) on loopback ports with its
 //! data in a temporary directory, and the loopgate agent with the HTTP server
 //! registered as a target, egress mode `deny` and the audit going to
-//! ClickHouse. Then it runs `curl` as a tagged loop twice: once to the target
-//! (redirected through the proxy and recorded) and once to an address that is
-//! not a target (refused in the kernel and recorded). It prints what the loop
+//! ClickHouse. The target has a stored token (added by the agent; the loop
+//! never has it) and a policy that refuses DELETE. Then it runs `curl` as a
+//! tagged loop three times: a GET to the target (redirected through the proxy
+//! and recorded), a DELETE (refused with a 403 JSON body naming the rule), and
+//! one to an address that is not a target (refused in the kernel and recorded). It prints what the loop
 //! saw and what loopgate recorded (sessions, a replay, an analyst query), then
 //! stops everything and detaches.
 
@@ -68,6 +70,20 @@ pub fn run() -> Result<()> {
     )?;
     println!("== starting ClickHouse (clickhouse-server 18.16, data in a temporary directory)");
     let ch = loopgate_e2e::ClickHouse::start();
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(
+        policies.join("orders.toml"),
+        r#"[[rules]]
+id = "no-deletes"
+targets = ["orders-api"]
+methods = ["DELETE"]
+action = "deny"
+reason = "loops may not delete orders"
+"#,
+    )?;
+    let token = dir.join("orders-api.token");
+    std::fs::write(&token, "demo-stored-token-not-shown-to-loops\n")?;
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
@@ -77,6 +93,7 @@ cgroup_root = "{ROOT}"
 proxy_port = {PORT}
 admin_socket = "{d}/admin.sock"
 state_dir = "{d}/state"
+policies = "{d}/policies"
 egress = "deny"
 
 [audit]
@@ -87,6 +104,8 @@ database = "loopgate"
 name = "orders-api"
 address = "{SERVER}:8080"
 protocol = "http"
+[targets.credential]
+token_file = "{d}/orders-api.token"
 "#,
             d = dir.display(),
             ch_url = ch.url(),
@@ -149,6 +168,28 @@ protocol = "http"
         bail!("the tagged curl to the registered target failed");
     }
 
+    println!(
+        "\n== loop 1b: the same loop tries `curl -X DELETE .../orders.json` (policy: no-deletes)"
+    );
+    let out = lg(&[
+        "exec",
+        "--workload",
+        "orders-bot",
+        "--",
+        "curl",
+        "-sS",
+        "-m",
+        "10",
+        "-X",
+        "DELETE",
+        &format!("http://{SERVER}:8080/orders.json"),
+    ])?;
+    let body = String::from_utf8_lossy(&out.stdout);
+    print!("{body}");
+    if !body.contains("no-deletes") {
+        bail!("the DELETE was not refused by the no-deletes rule");
+    }
+
     println!("\n== loop 2: the same loop tries 127.10.0.81:8080, which is not a registered target (egress = deny)");
     let out = lg(&[
         "exec",
@@ -169,7 +210,7 @@ protocol = "http"
     println!("\n== waiting for the records to reach ClickHouse");
     ch.wait_count(
         "SELECT count() FROM loopgate.sessions FINAL WHERE outcome != 'open'",
-        2,
+        3,
         30,
     );
     println!("\n== loopgate sessions   (read from ClickHouse)");

@@ -230,6 +230,36 @@ impl Policy {
             .find_map(|w| w.jwt.clone().map(|j| (w.name.as_str(), j)))
     }
 
+    /// A `deny` or `approve` rule that decides requests (not the session)
+    /// for this identity × target, if any: on a target whose requests the
+    /// agent cannot see yet, the session is refused instead of letting such
+    /// requests through unchecked.
+    pub fn request_rule(&self, r: &Request<'_>) -> Option<&str> {
+        let matched = self.workload_matches(r);
+        self.by_target
+            .get(r.target)
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
+            .iter()
+            .chain(self.any_target.iter())
+            .map(|&i| &self.rules[i])
+            .find(|rule| {
+                let l7 = rule.methods.is_some() || rule.paths.is_some();
+                let request_level = match &rule.kinds {
+                    Some(k) => !k.is_match(CONNECT),
+                    None => l7,
+                };
+                request_level
+                    && rule.verdict >= Verdict::Approve
+                    && (rule.workloads.is_empty() || rule.workloads.iter().any(|&w| matched[w]))
+                    && rule
+                        .protocols
+                        .as_ref()
+                        .is_none_or(|p| p.iter().any(|x| x == r.protocol))
+            })
+            .map(|rule| rule.id.as_str())
+    }
+
     pub fn workload_names(&self, matched: &[bool]) -> Vec<&str> {
         self.workloads
             .iter()
@@ -333,11 +363,12 @@ fn glob(pattern: &str) -> Result<globset::GlobMatcher, globset::Error> {
 fn path_set(patterns: &[String]) -> Result<GlobSet, globset::Error> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        b.add(
-            globset::GlobBuilder::new(p)
-                .literal_separator(true)
-                .build()?,
-        );
+        let glob = |p: &str| globset::GlobBuilder::new(p).literal_separator(true).build();
+        b.add(glob(p)?);
+        // `/x/**` covers `/x` itself too.
+        if let Some(base) = p.strip_suffix("/**").filter(|b| !b.is_empty()) {
+            b.add(glob(base)?);
+        }
     }
     b.build()
 }

@@ -398,6 +398,12 @@ fn jwt_sources_are_checked_offline() {
         ca.iter().any(|e| e.contains("ca_file is for jwks_url")),
         "{ca:?}"
     );
+    let plain = w(", jwks_url = \"http://idp.invalid/jwks\"");
+    assert!(
+        plain[0].contains("must be https:// (http:// only on loopback)"),
+        "{plain:?}"
+    );
+    assert!(w(", jwks_url = \"http://127.0.0.1:8080/jwks\"").is_empty());
     let ftp = w(", jwks_url = \"ftp://idp.invalid/jwks\"");
     assert!(
         ftp[0].contains("must be an http:// or https:// URL"),

@@ -48,12 +48,17 @@ use tokio_util::sync::CancellationToken;
 use super::tcp::{Capture, CaptureStream, Counters, Outcome, Side};
 use crate::{
     audit::SessionRow,
+    config::TargetAddress,
     identity::JwtVerifier,
     policy::{Request, CONNECT},
     proxy::Proxy,
+    secrets::Masker,
 };
 
-type Body = Either<Incoming, Full<Bytes>>;
+type Body = Either<MaskBody, Full<Bytes>>;
+
+/// A loop has this long to send a request's headers (slow clients are cut).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Request kind of an HTTP request, for `kinds` globs.
 pub const REQUEST: &str = "request";
@@ -75,6 +80,9 @@ const HOP_BY_HOP: &[&str] = &[
 pub(crate) struct Session {
     pub proxy: Arc<Proxy>,
     pub row: SessionRow,
+    /// The target's configured address: the `Host` a request must name
+    /// before the stored credential is added to it.
+    pub address: Option<TargetAddress>,
     pub exe: Option<String>,
     /// The workload that requires a JWT, and its verifier.
     pub jwt: Option<(String, Arc<JwtVerifier>)>,
@@ -103,6 +111,7 @@ impl Session {
     pub(crate) fn new(
         proxy: Arc<Proxy>,
         row: SessionRow,
+        address: Option<TargetAddress>,
         exe: Option<String>,
         jwt: Option<(String, Arc<JwtVerifier>)>,
         subject: Arc<Mutex<Option<String>>>,
@@ -115,6 +124,7 @@ impl Session {
         Self {
             proxy,
             row,
+            address,
             exe,
             jwt,
             subject,
@@ -150,6 +160,8 @@ pub(crate) async fn serve(
     };
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(io, svc);
     tokio::pin!(conn);
     let served = tokio::select! {
@@ -190,17 +202,45 @@ pub(crate) async fn serve(
 impl Session {
     async fn request(self: &Arc<Self>, mut req: HttpRequest<Incoming>) -> Response<Body> {
         let method = req.method().as_str().to_owned();
-        let path = req.uri().path().to_owned();
-        let mut text = format!(
-            "{method} {}",
-            req.uri().path_and_query().map_or("/", |p| p.as_str())
-        );
-        {
-            // A stored credential pasted into a URL stays out of the audit.
-            let mut b = std::mem::take(&mut text).into_bytes();
-            self.proxy.masker.mask(&mut b);
-            text = String::from_utf8_lossy(&b).into_owned();
+        // TRACE echoes the request (with the stored credential) back; CONNECT
+        // would open a tunnel past every request rule.
+        if matches!(method.as_str(), "TRACE" | "CONNECT") {
+            return json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({
+                    "error": format!("loopgate: {method} is not allowed through loopgate"),
+                    "session_id": self.row.session_id,
+                }),
+                false,
+            );
         }
+        // Rules see, and the upstream gets, one spelling of the path.
+        let path = match normalize_path(req.uri().path()) {
+            Ok(p) => p,
+            Err(why) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({
+                        "error": format!("loopgate: ambiguous request path: {why}"),
+                        "session_id": self.row.session_id,
+                    }),
+                    false,
+                )
+            }
+        };
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        // A stored credential pasted into a URL stays out of the audit.
+        let masked = |t: String| {
+            let mut b = t.into_bytes();
+            self.proxy.masker.mask(&mut b);
+            String::from_utf8_lossy(&b).into_owned()
+        };
+        let text = masked(format!("{method} {path}{query}"));
+        let shown_path = masked(path.clone());
 
         // 1. The second factor.
         let subject = match &self.jwt {
@@ -226,7 +266,7 @@ impl Session {
                             &reason,
                             vec![
                                 ("method".into(), method.clone()),
-                                ("path".into(), path.clone()),
+                                ("path".into(), shown_path.clone()),
                             ],
                         );
                         return self.unauthorized(&reason);
@@ -248,7 +288,7 @@ impl Session {
         };
         let mut attrs = vec![
             ("method".to_owned(), method.clone()),
-            ("path".to_owned(), path.clone()),
+            ("path".to_owned(), shown_path.clone()),
         ];
         if let Some(sub) = &subject {
             attrs.push(("jwt_sub".into(), sub.clone()));
@@ -282,6 +322,10 @@ impl Session {
                     let reason = format!(
                         "this connection belongs to JWT subject {k}; a token for {sub} needs a new connection"
                     );
+                    let rule_id = "jwt:subject-changed";
+                    self.proxy.metrics.decision("deny", rule_id);
+                    self.proxy
+                        .event(&self.row, REQUEST, &text, "deny", rule_id, &reason, attrs);
                     return self.unauthorized_close(&reason);
                 }
                 Some(_) => {}
@@ -290,15 +334,32 @@ impl Session {
 
         // 2. The request decision.
         let r = identity(REQUEST, Some(&method), Some(&path));
-        if let Err((d, reason)) = self
+        let decided = match self
             .proxy
             .decide(&self.row, &r, &text, attrs, self.client_fd)
             .await
         {
-            return refusal(StatusCode::FORBIDDEN, &d.rule_id, &reason, &self.row, false);
-        }
+            Ok(d) => d,
+            Err((d, reason)) => {
+                return refusal(StatusCode::FORBIDDEN, &d.rule_id, &reason, &self.row, false)
+            }
+        };
 
-        // 3. Credentials: the loop's never reach the upstream.
+        // 3. Credentials: the loop's never reach the upstream, and the stored
+        //    one only goes to the target's own host name.
+        if self.authorization.is_some() {
+            if let Err(why) = self.check_host(&req) {
+                return json(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    serde_json::json!({
+                        "error": "loopgate: the request is not addressed to this target",
+                        "reason": why,
+                        "session_id": self.row.session_id,
+                    }),
+                    false,
+                );
+            }
+        }
         let h = req.headers_mut();
         strip_hop_by_hop(h);
         if self.jwt.is_some() || self.authorization.is_some() {
@@ -307,14 +368,15 @@ impl Session {
         if let Some(a) = &self.authorization {
             h.insert(header::AUTHORIZATION, a.clone());
         }
-        // Origin-form on the upstream connection.
-        if req.uri().authority().is_some() {
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map_or("/".to_owned(), |p| p.as_str().to_owned());
-            if let Ok(u) = pq.parse() {
-                *req.uri_mut() = u;
+        // Origin-form, with the normalized path, on the upstream connection.
+        match format!("{path}{query}").parse() {
+            Ok(u) => *req.uri_mut() = u,
+            Err(_) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "loopgate: invalid request target"}),
+                    false,
+                )
             }
         }
 
@@ -337,20 +399,58 @@ impl Session {
                 );
             }
         };
+        if let Ok(mut u) = self.upstream_error.lock() {
+            *u = None;
+        }
         let status = resp.status();
         self.proxy.metrics.http_response(status.as_u16());
         self.proxy.event(
             &self.row,
             "response",
             &text,
-            "allow",
-            "",
+            decided.verdict.as_str(),
+            &decided.rule_id,
             status.as_str(),
             vec![("status".into(), status.as_u16().to_string())],
         );
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, Either::Left(body))
+        // A stored credential the upstream echoes back never reaches the loop.
+        let masker = self.proxy.masker.clone();
+        for v in parts.headers.values_mut() {
+            let mut b = v.as_bytes().to_vec();
+            if masker.mask(&mut b) {
+                if let Ok(m) = HeaderValue::from_bytes(&b) {
+                    *v = m;
+                }
+            }
+        }
+        Response::from_parts(parts, Either::Left(MaskBody::new(body, masker)))
+    }
+
+    /// The request's `Host` (or absolute-form authority) must name the
+    /// target's configured address, so the stored credential cannot be
+    /// steered to another virtual host behind the same upstream.
+    fn check_host(&self, req: &HttpRequest<Incoming>) -> Result<(), String> {
+        let Some(addr) = &self.address else {
+            return Ok(());
+        };
+        let named = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .ok_or_else(|| "the request names no Host".to_owned())?;
+        if host_matches(&named, addr) {
+            Ok(())
+        } else {
+            Err(format!("Host {named} is not the target's address {addr}"))
+        }
     }
 
     /// Sends on the session's upstream connection, (re)connecting when there
@@ -492,6 +592,157 @@ fn json(status: StatusCode, body: serde_json::Value, close: bool) -> Response<Bo
     r
 }
 
+/// Whether a `Host` value (`name[:port]`, `[v6][:port]`) names `addr`.
+fn host_matches(named: &str, addr: &TargetAddress) -> bool {
+    let (host, port) = match named.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') && p.bytes().all(|b| b.is_ascii_digit()) => {
+            (h, p.parse::<u16>().ok())
+        }
+        _ => (named, None),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let (want_host, want_port) = match addr {
+        TargetAddress::Ip(a) => (a.ip().to_string(), a.port()),
+        TargetAddress::Host { host, port } => (host.clone(), *port),
+    };
+    host.trim_end_matches('.').eq_ignore_ascii_case(&want_host)
+        && port.is_none_or(|p| p == want_port)
+}
+
+/// One spelling of a request path: unreserved `%XX` decoded, `.`/`..`
+/// resolved, repeated `/` collapsed. Encodings whose meaning upstreams
+/// disagree on (`%2F`, `%5C`, `%2E`, `%00`, a backslash) are refused.
+fn normalize_path(raw: &str) -> Result<String, &'static str> {
+    if raw == "*" {
+        return Ok(raw.to_owned());
+    }
+    if !raw.starts_with('/') {
+        return Err("the path does not start with /");
+    }
+    if raw.contains('\\') {
+        return Err("a backslash in the path");
+    }
+    let b = raw.as_bytes();
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = raw.get(i + 1..i + 3).ok_or("a truncated %-escape")?;
+            let v = u8::from_str_radix(hex, 16).map_err(|_| "a bad %-escape")?;
+            match v {
+                b'/' | b'\\' | b'.' | 0 => return Err("an encoded /, \\, . or NUL in the path"),
+                c if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'~' => {
+                    decoded.push(c as char)
+                }
+                c => decoded.push_str(&format!("%{c:02X}")),
+            }
+            i += 3;
+        } else {
+            decoded.push(b[i] as char);
+            i += 1;
+        }
+    }
+    let trailing = decoded.ends_with('/') && decoded.len() > 1;
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut p = format!("/{}", out.join("/"));
+    if trailing && p.len() > 1 {
+        p.push('/');
+    }
+    Ok(p)
+}
+
+/// A response body on its way to the loop, with every stored credential
+/// masked (same length, so `Content-Length` holds). The last
+/// `max_len - 1` bytes are held back until more arrive, so a value split
+/// across two frames is still masked.
+pub(crate) struct MaskBody {
+    inner: Incoming,
+    masker: Arc<dyn Masker>,
+    pending: Vec<u8>,
+    trailers: Option<hyper::body::Frame<Bytes>>,
+    done: bool,
+}
+
+impl MaskBody {
+    fn new(inner: Incoming, masker: Arc<dyn Masker>) -> Self {
+        Self {
+            inner,
+            masker,
+            pending: Vec::new(),
+            trailers: None,
+            done: false,
+        }
+    }
+}
+
+impl hyper::body::Body for MaskBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                if !this.pending.is_empty() {
+                    let out = std::mem::take(&mut this.pending);
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(out)))));
+                }
+                return Poll::Ready(this.trailers.take().map(Ok));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => this.done = true,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        this.pending.extend_from_slice(&data);
+                        this.masker.mask(&mut this.pending);
+                        let keep = this.masker.max_len().saturating_sub(1);
+                        if this.pending.len() > keep {
+                            let rest = this.pending.split_off(this.pending.len() - keep);
+                            let out = std::mem::replace(&mut this.pending, rest);
+                            return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(
+                                out,
+                            )))));
+                        }
+                    }
+                    Err(trailers) => {
+                        this.trailers = Some(trailers);
+                        this.done = true;
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending.is_empty() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let inner = self.inner.size_hint();
+        let held = self.pending.len() as u64;
+        let mut h = hyper::body::SizeHint::new();
+        h.set_lower(inner.lower() + held);
+        if let Some(u) = inner.upper() {
+            h.set_upper(u + held);
+        }
+        h
+    }
+}
+
 /// A socket that counts and/or captures what passes. `reads_are_up`: reads
 /// are the loop → upstream direction (the loop's side of the proxy).
 struct Tap {
@@ -624,5 +875,51 @@ mod tests {
         assert!(h.get("x-trace").is_none() && h.get("upgrade").is_none());
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn paths_have_one_spelling() {
+        for (raw, want) in [
+            ("/admin/x", "/admin/x"),
+            ("//admin//x", "/admin/x"),
+            ("/./admin/./x", "/admin/x"),
+            ("/items/../admin/x", "/admin/x"),
+            ("/../../admin", "/admin"),
+            ("/%61dmin/%7Euser", "/admin/~user"),
+            ("/a%20b/", "/a%20b/"),
+            ("/q%3fx", "/q%3Fx"),
+            ("/", "/"),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+        for bad in [
+            "/admin%2Fx",
+            "/%2e%2e/admin",
+            "/a\\b",
+            "/a%00",
+            "/a%zz",
+            "/a%4",
+            "admin",
+        ] {
+            assert!(normalize_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_must_name_the_target() {
+        let by_name = TargetAddress::Host {
+            host: "orders.internal".into(),
+            port: 8080,
+        };
+        assert!(host_matches("orders.internal:8080", &by_name));
+        assert!(host_matches("ORDERS.internal", &by_name));
+        assert!(!host_matches("orders.internal:9090", &by_name));
+        assert!(!host_matches("attacker.example", &by_name));
+        let by_ip = TargetAddress::Ip("127.10.4.1:80".parse().unwrap());
+        assert!(host_matches("127.10.4.1", &by_ip));
+        assert!(host_matches("127.10.4.1:80", &by_ip));
+        assert!(!host_matches("orders.internal", &by_ip));
+        let v6 = TargetAddress::Ip("[::1]:8080".parse().unwrap());
+        assert!(host_matches("[::1]:8080", &v6));
     }
 }
