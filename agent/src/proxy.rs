@@ -512,42 +512,35 @@ impl Proxy {
         self.metrics.session(protocol, &row.workload);
         let request = format!("connect {destination}");
         let client_fd = sock.as_raw_fd();
+        // A refusal made here, before any policy evaluation: counted and recorded.
+        let refuse = |rule_id: String, reason: String| {
+            self.metrics.decision("deny", &rule_id);
+            self.event(
+                &row,
+                "connect",
+                &request,
+                "deny",
+                &rule_id,
+                &reason,
+                Vec::new(),
+            );
+            Some(reason)
+        };
         let refusal = match (&jwt, handler) {
             _ if unseen_request_rule.is_some() => {
                 let rule_id = unseen_request_rule.unwrap_or_default();
                 let reason = format!(
                     "rule {rule_id} decides {protocol} requests, which loopgate cannot inspect on this target yet; the session is refused rather than let through unchecked"
                 );
-                self.metrics.decision("deny", &rule_id);
-                self.event(
-                    &row,
-                    "connect",
-                    &request,
-                    "deny",
-                    &rule_id,
-                    &reason,
-                    Vec::new(),
-                );
-                Some(reason)
+                refuse(rule_id, reason)
             }
             (Some(_), Handler::Http | Handler::Postgres) => None,
-            (Some((wl, _)), Handler::Tcp) => {
-                let rule_id = format!("jwt-required:{wl}");
-                let reason = format!(
+            (Some((wl, _)), Handler::Tcp) => refuse(
+                format!("jwt-required:{wl}"),
+                format!(
                     "workload {wl} requires a JWT second factor, and a {protocol} connection carries none"
-                );
-                self.metrics.decision("deny", &rule_id);
-                self.event(
-                    &row,
-                    "connect",
-                    &request,
-                    "deny",
-                    &rule_id,
-                    &reason,
-                    Vec::new(),
-                );
-                Some(reason)
-            }
+                ),
+            ),
             (None, _) => self
                 .decide(&row, &l4, &request, Vec::new(), client_fd)
                 .await

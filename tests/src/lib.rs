@@ -986,6 +986,31 @@ impl Idp {
         }
     }
 
+    /// A policy: workloads `signed-*` must present a JWT for `audience`, and
+    /// only they may use `target` (its default is deny).
+    pub fn signed_bots_policy(&self, target: &str, audience: &str, rule: &str) -> String {
+        format!(
+            r#"
+[[workloads]]
+name = "signed-bots"
+workload = "signed-*"
+jwt = {{ issuer = "{ISSUER}", audience = "{audience}", jwks_file = "{}" }}
+
+[[targets]]
+name = "{target}"
+default = "deny"
+reason = "{target} is open to signed bots only"
+
+[[rules]]
+id = "{rule}"
+workloads = ["signed-bots"]
+targets = ["{target}"]
+action = "allow"
+"#,
+            self.jwks.display()
+        )
+    }
+
     pub fn token(&self, sub: &str, aud: &str, exp_in: i64) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

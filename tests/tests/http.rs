@@ -32,26 +32,7 @@ fn jwt_second_factor_is_verified_stripped_and_replaced_by_the_stored_credential(
     let http = HttpServer::start("127.10.4.1", BODY);
     let dir = secrets_dir();
     let idp = Idp::new(dir.path());
-    let policy = format!(
-        r#"
-[[workloads]]
-name = "signed-bots"
-workload = "signed-*"
-jwt = {{ issuer = "{ISSUER}", audience = "loopgate", jwks_file = "{}" }}
-
-[[targets]]
-name = "orders-api"
-default = "deny"
-reason = "orders-api is open to signed bots only"
-
-[[rules]]
-id = "signed-bots-use-orders"
-workloads = ["signed-bots"]
-targets = ["orders-api"]
-action = "allow"
-"#,
-        idp.jwks.display()
-    );
+    let policy = idp.signed_bots_policy("orders-api", "loopgate", "signed-bots-use-orders");
     let agent = Agent::start(
         AgentSpec::new("httpjwt")
             .target("orders-api", &http.addr.to_string(), "http")

@@ -132,25 +132,7 @@ fn a_jwt_in_the_postgres_password_is_verified_and_replaced() {
         .unwrap();
     let pw = secret_file(dir.path(), "orders-db", STORED);
     let idp = Idp::new(dir.path());
-    let policy = format!(
-        r#"
-[[workloads]]
-name = "signed-bots"
-workload = "signed-*"
-jwt = {{ issuer = "{ISSUER}", audience = "orders-db", jwks_file = "{}" }}
-
-[[targets]]
-name = "orders-db"
-default = "deny"
-
-[[rules]]
-id = "signed-bots-read-orders"
-workloads = ["signed-bots"]
-targets = ["orders-db"]
-action = "allow"
-"#,
-        idp.jwks.display()
-    );
+    let policy = idp.signed_bots_policy("orders-db", "orders-db", "signed-bots-read-orders");
     let agent = Agent::start(
         AgentSpec::new("pgjwt")
             .raw(&format!(
