@@ -332,3 +332,69 @@ print(s.recv(200).split(b"\r\n")[0].decode())
     );
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[test]
+fn a_jwks_url_is_fetched_on_first_use_and_cached() {
+    let http = HttpServer::start("127.10.4.5", BODY);
+    let dir = tempfile::Builder::new()
+        .prefix("lgt-jwks-")
+        .tempdir()
+        .unwrap();
+    set_mode(dir.path(), 0o755);
+    let idp = Idp::new(dir.path());
+    // The identity provider: Python's http.server over the JWKS directory,
+    // on loopback (a remote jwks_url must be https).
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("idp.log")).unwrap();
+    let mut server = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.10.4.6",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.10.4.6:{port}/jwks.json");
+    let policy = idp
+        .signed_bots_policy("api", "loopgate", "signed-bots-use-api")
+        .replace(
+            &format!("jwks_file = \"{}\"", idp.jwks.display()),
+            &format!("jwks_url = \"{url}\""),
+        );
+    assert!(policy.contains("jwks_url"));
+    let agent = Agent::start(
+        AgentSpec::new("httpjwks")
+            .target("api", &http.addr.to_string(), "http")
+            .policy("api.toml", &policy),
+    );
+    // Wait for the IdP to listen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.10.4.6", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the IdP did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let auth = format!(
+        "Authorization: Bearer {}",
+        idp.token("etl@example", "loopgate", 300)
+    );
+    let target = format!("http://{}/a", http.addr);
+    for _ in 0..3 {
+        let (code, body) = curl(&agent, "signed-etl", &target, &["-H", &auth]);
+        assert_eq!((code, body.as_str()), (200, BODY), "{}", agent.log());
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let fetches = std::fs::read_to_string(dir.path().join("idp.log"))
+        .unwrap()
+        .matches("GET /jwks.json")
+        .count();
+    assert_eq!(fetches, 1, "keys are fetched once and cached");
+}

@@ -201,6 +201,8 @@ pub struct Policy {
     by_target: HashMap<String, Vec<usize>>,
     any_target: Vec<usize>,
     target_defaults: HashMap<String, (Verdict, String)>,
+    /// Per target: requests no rule names (default: allow).
+    request_defaults: HashMap<String, (Verdict, String)>,
     default: Verdict,
     pub files: usize,
     /// Whether any workload selector looks at the executable.
@@ -316,7 +318,21 @@ impl Policy {
         }
         if r.kind != CONNECT {
             // Target and global defaults decide whether a session may open;
-            // inside an allowed session, what no rule names is allowed.
+            // inside an allowed session, what no rule names follows the
+            // target's `request_default` (allow when unset).
+            if let Some((v, reason)) = self.request_defaults.get(r.target) {
+                return Decision {
+                    verdict: *v,
+                    rule_id: format!("request-default:{}", r.target),
+                    reason: reason.clone(),
+                    approval: (*v == Verdict::Approve).then(|| ApprovalSpec {
+                        approvers: Vec::new(),
+                        timeout: DEFAULT_APPROVAL_TIMEOUT,
+                        grant: Grant::Once,
+                    }),
+                    mask: Vec::new(),
+                };
+            }
             return Decision {
                 verdict: Verdict::Allow,
                 rule_id: "session".into(),

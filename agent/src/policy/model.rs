@@ -20,6 +20,8 @@
 //! [[targets]]
 //! name = "orders-db"               # a target of agent.toml
 //! default = "deny"                 # allow | deny | approve
+//! request_default = "deny"         # optional: requests no rule names inside an
+//!                                  # open session (HTTP); default allow
 //! reason = "orders-db is closed unless a rule opens it"
 //!
 //! [[rules]]
@@ -160,6 +162,8 @@ struct RawJwt {
 struct RawTarget {
     name: Spanned<String>,
     default: Spanned<String>,
+    #[serde(default)]
+    request_default: Option<Spanned<String>>,
     #[serde(default)]
     reason: Option<String>,
 }
@@ -437,6 +441,29 @@ pub fn compile(
                 .clone()
                 .unwrap_or_else(|| format!("no rule matched; {name} defaults to {}", v.as_str()));
             policy.target_defaults.insert(name.clone(), (v, reason));
+            if let Some(rd) = &t.request_default {
+                match Verdict::parse(rd.get_ref()) {
+                    Some(v @ (Verdict::Allow | Verdict::Deny | Verdict::Approve)) => {
+                        policy.request_defaults.insert(
+                            name.clone(),
+                            (
+                                v,
+                                format!(
+                                    "no request rule matched; requests to {name} default to {}",
+                                    v.as_str()
+                                ),
+                            ),
+                        );
+                    }
+                    _ => cx.err(
+                        rd.span(),
+                        format!(
+                            "request_default `{}` is not allow, deny or approve",
+                            rd.get_ref()
+                        ),
+                    ),
+                }
+            }
         }
     }
 

@@ -410,3 +410,43 @@ fn jwt_sources_are_checked_offline() {
         "{ftp:?}"
     );
 }
+
+#[test]
+fn request_defaults_make_allowlists() {
+    let p = policy(
+        r#"
+[[targets]]
+name = "api"
+default = "allow"
+request_default = "deny"
+
+[[rules]]
+id = "public-reads"
+targets = ["api"]
+methods = ["GET"]
+paths = ["/public/**"]
+action = "allow"
+"#,
+    );
+    let mut r = req("w", "api");
+    r.protocol = "http";
+    assert_eq!(
+        p.evaluate(&r, None).verdict,
+        Verdict::Allow,
+        "the session opens"
+    );
+    r.kind = "request";
+    r.method = Some("GET");
+    r.path = Some("/public/a");
+    assert_eq!(p.evaluate(&r, None).rule_id, "public-reads");
+    r.path = Some("/private/a");
+    let d = p.evaluate(&r, None);
+    assert_eq!(
+        (d.verdict, d.rule_id.as_str()),
+        (Verdict::Deny, "request-default:api")
+    );
+    assert!(errors(
+        "[[targets]]\nname = \"db\"\ndefault = \"allow\"\nrequest_default = \"mask\"\n"
+    )[0]
+    .contains("p.toml:4:19: request_default `mask` is not allow, deny or approve"));
+}

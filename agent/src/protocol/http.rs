@@ -454,27 +454,42 @@ impl Session {
     }
 
     /// Sends on the session's upstream connection, (re)connecting when there
-    /// is none or the upstream closed it.
+    /// is none or the upstream closed it. A request the connection never
+    /// took (the upstream closed an idle keep-alive connection just then) is
+    /// sent once more on a new connection.
     async fn send(
         &self,
-        req: HttpRequest<Incoming>,
+        mut req: HttpRequest<Incoming>,
     ) -> Result<Response<Incoming>, (&'static str, String)> {
         let mut guard = self.sender.lock().await;
-        if guard.as_ref().is_none_or(|s| s.is_closed()) {
-            *guard = Some(self.connect().await?);
+        let mut retried = false;
+        loop {
+            let reusable = match guard.as_mut() {
+                Some(s) => !s.is_closed() && s.ready().await.is_ok(),
+                None => false,
+            };
+            let sender = match guard.take() {
+                Some(s) if reusable => s,
+                _ => self.connect().await?,
+            };
+            let sender = guard.insert(sender);
+            match sender.try_send_request(req).await {
+                Ok(r) => return Ok(r),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !retried => {
+                        retried = true;
+                        req = unsent;
+                        *guard = None;
+                    }
+                    _ => {
+                        return Err((
+                            "upstream_error",
+                            format!("HTTP request to {}: {}", self.upstream, e.error()),
+                        ))
+                    }
+                },
+            }
         }
-        let Some(sender) = guard.as_mut() else {
-            return Err(("upstream_error", "no upstream connection".into()));
-        };
-        if sender.ready().await.is_err() {
-            *sender = self.connect().await?;
-        }
-        sender.send_request(req).await.map_err(|e| {
-            (
-                "upstream_error",
-                format!("HTTP request to {}: {e}", self.upstream),
-            )
-        })
     }
 
     async fn connect(&self) -> Result<SendRequest<Incoming>, (&'static str, String)> {
