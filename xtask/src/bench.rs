@@ -68,9 +68,98 @@ pub fn client(args: &[String]) -> Result<()> {
             }
             writeln!(out, "{}", t.elapsed().as_nanos())?;
         }
+        // HTTP/1.1 GETs: `http` on one keep-alive connection, `http-conn`
+        // with a new connection per request (as curl loops do).
+        "http" | "http-conn" => {
+            let req = format!("GET /bench HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n\r\n");
+            let mut conn: Option<std::io::BufReader<TcpStream>> = None;
+            for _ in 0..n {
+                let t = Instant::now();
+                if conn.is_none() || mode == "http-conn" {
+                    let s = TcpStream::connect(addr)?;
+                    s.set_nodelay(true)?;
+                    conn = Some(std::io::BufReader::new(s));
+                }
+                let Some(c) = conn.as_mut() else {
+                    unreachable!()
+                };
+                c.get_mut().write_all(req.as_bytes())?;
+                let body = read_http_response(c)?;
+                if body != HTTP_BODY_LEN {
+                    bail!("response body of {body} bytes, want {HTTP_BODY_LEN}");
+                }
+                writeln!(out, "{}", t.elapsed().as_nanos())?;
+            }
+        }
         _ => bail!("unknown mode {mode}"),
     }
     Ok(())
+}
+
+const HTTP_BODY_LEN: usize = 1024;
+
+/// Reads one response (status 200, `Content-Length` framing); returns the
+/// body length.
+fn read_http_response(c: &mut std::io::BufReader<TcpStream>) -> Result<usize> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    let mut len = None;
+    let mut first = true;
+    loop {
+        line.clear();
+        if c.read_line(&mut line)? == 0 {
+            bail!("connection closed before the response");
+        }
+        if first {
+            if !line.starts_with("HTTP/1.1 200") {
+                bail!("unexpected status line {line:?}");
+            }
+            first = false;
+        } else if line == "\r\n" {
+            break;
+        } else if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = Some(v.trim().parse::<usize>()?);
+            }
+        }
+    }
+    let len = len.context("no Content-Length")?;
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body)?;
+    Ok(len)
+}
+
+/// A keep-alive HTTP/1.1 server answering every request with 1 KiB.
+fn serve_http(l: TcpListener) {
+    use std::io::BufRead;
+    for s in l.incoming() {
+        let Ok(s) = s else { continue };
+        thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let Ok(mut w) = s.try_clone() else { return };
+            let mut r = std::io::BufReader::new(s);
+            let mut resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {HTTP_BODY_LEN}\r\n\r\n"
+            )
+            .into_bytes();
+            resp.extend(std::iter::repeat_n(b'x', HTTP_BODY_LEN));
+            let mut line = String::new();
+            loop {
+                // Headers up to the blank line (GETs carry no body).
+                loop {
+                    line.clear();
+                    match r.read_line(&mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if line == "\r\n" => break,
+                        Ok(_) => {}
+                    }
+                }
+                if w.write_all(&resp).is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 /// Echo for short connections (first byte 7), sink with a byte-count ack otherwise.
@@ -151,7 +240,7 @@ struct Bench {
     server: SocketAddr,
     dir: PathBuf,
     agents: Vec<AgentGuard>,
-    _relay: Option<KillOnDrop>,
+    relays: Vec<KillOnDrop>,
 }
 
 impl Bench {
@@ -174,12 +263,21 @@ impl Bench {
             server,
             dir,
             agents: Vec::new(),
-            _relay: None,
+            relays: Vec::new(),
         })
     }
 
     /// Starts an agent with the bench server as its target; returns its config.
     fn agent(&mut self, root: &str, extra: &str) -> Result<PathBuf> {
+        let target = format!(
+            "[[targets]]\nname = \"bench\"\naddress = \"{}\"\nprotocol = \"tcp\"\n",
+            self.server
+        );
+        self.agent_with(root, &target, extra)
+    }
+
+    /// Starts an agent with these `[[targets]]`; returns its config.
+    fn agent_with(&mut self, root: &str, targets: &str, extra: &str) -> Result<PathBuf> {
         let port = free_port()?;
         let d = self.dir.join(root);
         std::fs::create_dir_all(&d)?;
@@ -187,9 +285,8 @@ impl Bench {
         std::fs::write(
             &config,
             format!(
-                "[agent]\ncgroup_root = \"{root}\"\nproxy_port = {port}\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\n\n[[targets]]\nname = \"bench\"\naddress = \"{server}\"\nprotocol = \"tcp\"\n{extra}\n",
+                "[agent]\ncgroup_root = \"{root}\"\nproxy_port = {port}\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\n\n{targets}\n{extra}\n",
                 d = d.display(),
-                server = self.server,
             ),
         )?;
         let log = std::fs::File::create(d.join("agent.log"))?;
@@ -210,6 +307,12 @@ impl Bench {
     }
 
     fn haproxy(&mut self) -> Result<SocketAddr> {
+        let server = self.server;
+        self.haproxy_to("tcp", server)
+    }
+
+    /// HAProxy in `mode` (tcp | http) in front of `server`.
+    fn haproxy_to(&mut self, mode: &str, server: SocketAddr) -> Result<SocketAddr> {
         if Command::new("haproxy").arg("-v").output().is_err() {
             run(Command::new("apt-get").args(["install", "-y", "-qq", "haproxy"])).or_else(
                 |_| {
@@ -219,12 +322,11 @@ impl Bench {
             )?;
         }
         let port = free_port()?;
-        let hcfg = self.dir.join("haproxy.cfg");
+        let hcfg = self.dir.join(format!("haproxy-{mode}.cfg"));
         std::fs::write(
             &hcfg,
             format!(
-                "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten relay\n  bind 127.0.0.1:{port}\n  server s1 {}\n",
-                self.server
+                "global\n  maxconn 4000\ndefaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten relay\n  bind 127.0.0.1:{port}\n  server s1 {server}\n",
             ),
         )?;
         let child = Command::new("haproxy")
@@ -235,7 +337,7 @@ impl Bench {
             .stderr(Stdio::null())
             .spawn()
             .context("starting haproxy")?;
-        self._relay = Some(KillOnDrop(child));
+        self.relays.push(KillOnDrop(child));
         let relay: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(relay).is_err() {
@@ -248,6 +350,11 @@ impl Bench {
     }
 
     fn side(&self, s: &Side, mode: &str, n: usize) -> Result<Vec<u64>> {
+        self.side_to(s, mode, n, self.server)
+    }
+
+    /// A side run against `server` (direct and tagged sides dial it).
+    fn side_to(&self, s: &Side, mode: &str, n: usize, server: SocketAddr) -> Result<Vec<u64>> {
         let (mut cmd, addr) = match s {
             Side::Tagged(_, config) => {
                 let mut c = Command::new(&self.lg);
@@ -255,9 +362,9 @@ impl Bench {
                     .arg(config)
                     .args(["exec", "--workload", "bench", "--"])
                     .arg(&self.client);
-                (c, self.server)
+                (c, server)
             }
-            Side::Direct => (Command::new(&self.client), self.server),
+            Side::Direct => (Command::new(&self.client), server),
             Side::Relay(_, a) => (Command::new(&self.client), *a),
         };
         let out = cmd
@@ -279,18 +386,23 @@ impl Bench {
     /// Short connections, rounds alternating between the sides.
     fn short(&self, sides: &[Side], conns: usize) -> Result<()> {
         println!("== short connections: {conns} per side, {ROUNDS} alternating rounds");
-        let per_round = conns.div_ceil(ROUNDS);
+        self.latency(sides, "short", conns, self.server)
+    }
+
+    /// Per-operation latency of `mode`, rounds alternating between the sides.
+    fn latency(&self, sides: &[Side], mode: &str, n: usize, server: SocketAddr) -> Result<()> {
+        let per_round = n.div_ceil(ROUNDS);
         let mut lat: Vec<Vec<u64>> = vec![Vec::new(); sides.len()];
         for s in sides {
-            self.side(s, "short", 200)?; // warm-up
+            self.side_to(s, mode, 200, server)?; // warm-up
         }
         for _ in 0..ROUNDS {
             for (i, s) in sides.iter().enumerate() {
-                lat[i].extend(self.side(s, "short", per_round)?);
+                lat[i].extend(self.side_to(s, mode, per_round, server)?);
             }
         }
         let us = |ns: u64| ns as f64 / 1000.0;
-        println!("| side | connections | median µs | p99 µs | added median µs | ratio |");
+        println!("| side | operations | median µs | p99 µs | added median µs | ratio |");
         println!("|---|---|---|---|---|---|");
         let mut base = 0;
         for (i, s) in sides.iter().enumerate() {
@@ -444,4 +556,35 @@ pub fn audit(conns: usize, events: u64) -> Result<()> {
     }
     println!("\nsessions of the ClickHouse side delivered to ClickHouse: {shipped} of {want}");
     Ok(())
+}
+
+/// `cargo xtask bench http`: HTTP/1.1 requests direct vs HAProxy (http mode)
+/// vs loopgate's HTTP handler (per-request policy, credential injection,
+/// request/response events).
+pub fn http(requests: usize) -> Result<()> {
+    let mut b = Bench::new()?;
+    let listener = TcpListener::bind("127.10.0.91:0").context("bind bench HTTP server")?;
+    let server = listener.local_addr()?;
+    thread::spawn(move || serve_http(listener));
+    let token = b.dir.join("bench.token");
+    std::fs::write(&token, "bench-stored-token-0123456789\n")?;
+    let config = b.agent_with(
+        ROOT,
+        &format!(
+            "[[targets]]\nname = \"bench-http\"\naddress = \"{server}\"\nprotocol = \"http\"\n[targets.credential]\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+        "",
+    )?;
+    let relay = b.haproxy_to("http", server)?;
+    let sides = [
+        Side::Direct,
+        Side::Relay("haproxy (http mode)", relay),
+        Side::Tagged("through loopgate (http handler)", config),
+    ];
+    println!("== HTTP GET, 1 KiB responses, one keep-alive connection: {requests} per side, {ROUNDS} alternating rounds");
+    b.latency(&sides, "http", requests, server)?;
+    let conns = (requests / 5).max(200);
+    println!("\n== HTTP GET, a new connection per request: {conns} per side, {ROUNDS} alternating rounds");
+    b.latency(&sides, "http-conn", conns, server)
 }

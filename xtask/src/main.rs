@@ -34,9 +34,9 @@ enum Cmd {
     Demo,
     /// Benchmarks (figures in BENCHMARKS.md).
     Bench {
-        #[arg(value_parser = ["redirect", "audit", "policy"])]
+        #[arg(value_parser = ["redirect", "audit", "policy", "http"])]
         which: String,
-        /// Short connections per side.
+        /// Short connections (HTTP: requests) per side.
         #[arg(long, default_value_t = 5000)]
         conns: usize,
         /// Bulk transfer per side, MiB.
@@ -74,6 +74,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         } => match which.as_str() {
             "redirect" => bench::redirect(conns, mib),
             "audit" => bench::audit(conns, events),
+            "http" => bench::http(conns),
             "policy" => {
                 setup()?;
                 run(cargo().args(["bench", "-p", "loopgate", "--bench", "policy"]))
