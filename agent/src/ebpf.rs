@@ -589,7 +589,7 @@ pub fn ktime_to_system(ktime_ns: u64) -> std::time::SystemTime {
     now - std::time::Duration::from_nanos(mono_now.saturating_sub(ktime_ns))
 }
 
-fn register<T: AsRawFd>(inner: T) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
+pub(crate) fn register<T: AsRawFd>(inner: T) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: `inner` owns its fd and keeps it open for as long as the AsyncFd
     // (which owns `inner`) is registered.
     unsafe {

@@ -195,40 +195,32 @@ impl SessionTable {
     }
 }
 
-/// Resolves when the client hangs up (or the socket fails). Watches with
-/// `poll(POLLRDHUP)` on a blocking thread, which neither consumes the bytes
-/// the loop may already have sent nor touches tokio's readiness for the relay.
-/// Dropping the future stops the watcher within half a second.
+/// Resolves when the client hangs up (or the socket fails). Watches a
+/// duplicate of the socket in tokio's (edge-triggered) epoll for
+/// `EPOLLRDHUP`, which neither consumes the bytes the loop may already have
+/// sent nor touches the readiness of the socket the relay uses.
 async fn client_hung_up(fd: RawFd) {
-    struct Stop(Arc<std::sync::atomic::AtomicBool>);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: dup(2) of a socket the caller keeps open; the copy is ours.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return std::future::pending().await;
     }
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _stop = Stop(stop.clone());
-    let watcher = tokio::task::spawn_blocking(move || {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLRDHUP,
-            revents: 0,
+    // SAFETY: `dup` is a new descriptor owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+    let Ok(afd) = crate::ebpf::register(owned) else {
+        return std::future::pending().await;
+    };
+    loop {
+        let Ok(mut g) = afd.readable().await else {
+            return;
         };
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            // SAFETY: poll(2) on one pollfd only queries readiness. If the
-            // future is dropped and the fd closed (and reused) before this
-            // thread sees `stop`, its answer is discarded.
-            let r = unsafe { libc::poll(&mut p, 1, 500) };
-            if r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                return true;
-            }
+        if g.ready().is_read_closed() {
+            return;
         }
-        false
-    });
-    if let Ok(true) = watcher.await {
-        return;
+        // Data the loop sent early, not a hang-up: wait for the next edge.
+        g.clear_ready();
     }
-    std::future::pending::<()>().await
 }
 
 /// Binds the proxy listeners on 127.0.0.1 and ::1.
