@@ -29,9 +29,9 @@ const ROOT: &str = "lgt-bench";
 const ROUNDS: usize = 5;
 
 pub fn client(args: &[String]) -> Result<()> {
-    let (mode, addr, n) = match args {
-        [m, a, n] => (m.as_str(), a.parse::<SocketAddr>()?, n.parse::<usize>()?),
-        _ => bail!("usage: xtask bench-client short|bulk ADDR N"),
+    let (mode, addr, n, rest) = match args {
+        [m, a, n, rest @ ..] => (m.as_str(), a.parse::<SocketAddr>()?, n.parse::<usize>()?, rest),
+        _ => bail!("usage: xtask bench-client short|bulk|http|http-conn|pg-conn|pg-query ADDR N [PGPASSWORD]"),
     };
     let mut out = std::io::stdout().lock();
     match mode {
@@ -87,6 +87,39 @@ pub fn client(args: &[String]) -> Result<()> {
                 let body = read_http_response(c)?;
                 if body != HTTP_BODY_LEN {
                     bail!("response body of {body} bytes, want {HTTP_BODY_LEN}");
+                }
+                writeln!(out, "{}", t.elapsed().as_nanos())?;
+            }
+        }
+        // PostgreSQL (user `app`, database `postgres`): `pg-conn` connects,
+        // runs `SELECT 1` and closes per operation; `pg-query` runs
+        // `SELECT 1` on one connection. Through loopgate no password is given.
+        "pg-conn" | "pg-query" => {
+            let mut cfg = postgres::Config::new();
+            cfg.host(&addr.ip().to_string())
+                .port(addr.port())
+                .user("app")
+                .dbname("postgres");
+            if let Some(pw) = rest.first() {
+                cfg.password(pw);
+            }
+            let mut conn = None;
+            for _ in 0..n {
+                let t = Instant::now();
+                if conn.is_none() || mode == "pg-conn" {
+                    conn = Some(cfg.connect(postgres::NoTls)?);
+                }
+                let Some(c) = conn.as_mut() else {
+                    unreachable!()
+                };
+                let v: i32 = c.query_one("SELECT 1", &[])?.get(0);
+                if v != 1 {
+                    bail!("SELECT 1 returned {v}");
+                }
+                if mode == "pg-conn" {
+                    if let Some(c) = conn.take() {
+                        c.close()?;
+                    }
                 }
                 writeln!(out, "{}", t.elapsed().as_nanos())?;
             }
@@ -355,6 +388,18 @@ impl Bench {
 
     /// A side run against `server` (direct and tagged sides dial it).
     fn side_to(&self, s: &Side, mode: &str, n: usize, server: SocketAddr) -> Result<Vec<u64>> {
+        self.side_args(s, mode, n, server, &[])
+    }
+
+    /// A side with extra client arguments (the per-side password).
+    fn side_args(
+        &self,
+        s: &Side,
+        mode: &str,
+        n: usize,
+        server: SocketAddr,
+        extra: &[&str],
+    ) -> Result<Vec<u64>> {
         let (mut cmd, addr) = match s {
             Side::Tagged(_, config) => {
                 let mut c = Command::new(&self.lg);
@@ -369,6 +414,7 @@ impl Bench {
         };
         let out = cmd
             .args(["bench-client", mode, &addr.to_string(), &n.to_string()])
+            .args(extra)
             .output()?;
         if !out.status.success() {
             bail!(
@@ -391,14 +437,26 @@ impl Bench {
 
     /// Per-operation latency of `mode`, rounds alternating between the sides.
     fn latency(&self, sides: &[Side], mode: &str, n: usize, server: SocketAddr) -> Result<()> {
+        self.latency_args(sides, mode, n, server, &vec![Vec::new(); sides.len()])
+    }
+
+    /// [`Bench::latency`] with extra client arguments per side.
+    fn latency_args(
+        &self,
+        sides: &[Side],
+        mode: &str,
+        n: usize,
+        server: SocketAddr,
+        extra: &[Vec<&str>],
+    ) -> Result<()> {
         let per_round = n.div_ceil(ROUNDS);
         let mut lat: Vec<Vec<u64>> = vec![Vec::new(); sides.len()];
-        for s in sides {
-            self.side_to(s, mode, 200, server)?; // warm-up
+        for (i, s) in sides.iter().enumerate() {
+            self.side_args(s, mode, 100, server, &extra[i])?; // warm-up
         }
         for _ in 0..ROUNDS {
             for (i, s) in sides.iter().enumerate() {
-                lat[i].extend(self.side_to(s, mode, per_round, server)?);
+                lat[i].extend(self.side_args(s, mode, per_round, server, &extra[i])?);
             }
         }
         let us = |ns: u64| ns as f64 / 1000.0;
@@ -587,4 +645,93 @@ pub fn http(requests: usize) -> Result<()> {
     let conns = (requests / 5).max(200);
     println!("\n== HTTP GET, a new connection per request: {conns} per side, {ROUNDS} alternating rounds");
     b.latency(&sides, "http-conn", conns, server)
+}
+
+/// `cargo xtask bench postgres`: PostgreSQL connections and queries direct
+/// (SCRAM by the client) vs PgBouncer (session pooling) vs loopgate (the
+/// agent logs in upstream with the stored credential; the loop gives none).
+pub fn postgres(conns: usize) -> Result<()> {
+    const PW: &str = "pg-bench-pw-5b1d";
+    let mut b = Bench::new()?;
+    let pg = loopgate_e2e::PgServer::start("127.10.0.92");
+    pg.admin(&format!("CREATE ROLE app LOGIN PASSWORD '{PW}'"));
+    let server = pg.addr;
+    let pw_file = b.dir.join("app.pw");
+    std::fs::write(&pw_file, format!("{PW}\n"))?;
+    let config = b.agent_with(
+        ROOT,
+        &format!(
+            "[[targets]]\nname = \"bench-pg\"\naddress = \"{server}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
+            pw_file.display()
+        ),
+        "",
+    )?;
+    let bouncer = b.pgbouncer(server, PW)?;
+    let sides = [
+        Side::Direct,
+        Side::Relay("pgbouncer (session pool)", bouncer),
+        Side::Tagged("through loopgate (postgres handler)", config),
+    ];
+    let extra = vec![vec![PW], vec![PW], vec![]];
+    println!(
+        "== PostgreSQL: connect, SELECT 1, close: {conns} per side, {ROUNDS} alternating rounds"
+    );
+    b.latency_args(&sides, "pg-conn", conns, server, &extra)?;
+    let queries = conns * 10;
+    println!("\n== PostgreSQL: SELECT 1 on one connection: {queries} per side, {ROUNDS} alternating rounds");
+    b.latency_args(&sides, "pg-query", queries, server, &extra)
+}
+
+impl Bench {
+    /// PgBouncer 1.18 (Debian) in front of `server`, session pooling, SCRAM
+    /// from clients; run as `postgres` (it refuses root).
+    fn pgbouncer(&mut self, server: SocketAddr, pw: &str) -> Result<SocketAddr> {
+        if !std::path::Path::new("/usr/sbin/pgbouncer").exists() {
+            run(Command::new("apt-get").args(["install", "-y", "-qq", "pgbouncer"])).or_else(
+                |_| {
+                    run(Command::new("apt-get").args(["update", "-qq"]))?;
+                    run(Command::new("apt-get").args(["install", "-y", "-qq", "pgbouncer"]))
+                },
+            )?;
+        }
+        let port = free_port()?;
+        let d = self.dir.join("pgbouncer");
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("userlist.txt"), format!("\"app\" \"{pw}\"\n"))?;
+        std::fs::write(
+            d.join("pgbouncer.ini"),
+            format!(
+                "[databases]\npostgres = host={} port={} dbname=postgres\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {d}/userlist.txt\npool_mode = session\nmax_client_conn = 1000\ndefault_pool_size = 20\nlogfile = {d}/pgbouncer.log\n",
+                server.ip(),
+                server.port(),
+                d = d.display()
+            ),
+        )?;
+        run(Command::new("chown")
+            .arg("-R")
+            .arg("postgres:postgres")
+            .arg(&d))?;
+        run(Command::new("chmod").arg("0755").arg(&self.dir))?;
+        let child = Command::new("setpriv")
+            .args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+            .arg("/usr/sbin/pgbouncer")
+            .arg(d.join("pgbouncer.ini"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting pgbouncer")?;
+        self.relays.push(KillOnDrop(child));
+        let relay: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(relay).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "pgbouncer did not start: {}",
+                    std::fs::read_to_string(d.join("pgbouncer.log")).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(relay)
+    }
 }

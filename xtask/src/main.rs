@@ -34,7 +34,7 @@ enum Cmd {
     Demo,
     /// Benchmarks (figures in BENCHMARKS.md).
     Bench {
-        #[arg(value_parser = ["redirect", "audit", "policy", "http"])]
+        #[arg(value_parser = ["redirect", "audit", "policy", "http", "postgres"])]
         which: String,
         /// Short connections (HTTP: requests) per side.
         #[arg(long, default_value_t = 5000)]
@@ -75,6 +75,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             "redirect" => bench::redirect(conns, mib),
             "audit" => bench::audit(conns, events),
             "http" => bench::http(conns),
+            "postgres" => bench::postgres(conns),
             "policy" => {
                 setup()?;
                 run(cargo().args(["bench", "-p", "loopgate", "--bench", "policy"]))
