@@ -134,16 +134,26 @@ struct Withdraw<'a> {
 impl Drop for Withdraw<'_> {
     fn drop(&mut self) {
         let Some(held) = self.held.take() else { return };
-        if let Ok(mut p) = self.approvals.pending.lock() {
-            p.remove(&held.approval_id);
-        }
+        let was_pending = self
+            .approvals
+            .pending
+            .lock()
+            .map(|mut p| p.remove(&held.approval_id).is_some())
+            .unwrap_or(false);
+        let reason = if was_pending {
+            "the session was closed before a decision"
+        } else {
+            // An approver's decision was sent, but the session closed before
+            // it arrived: nothing was let through.
+            "decided, but the session was closed before the decision reached it"
+        };
         self.approvals.record(row(
             &held,
             2,
             now_micros(),
             "cancelled",
             "",
-            "the session was closed before a decision",
+            reason,
             self.requested_at,
         ));
         tracing::info!(approval_id = %held.approval_id, "held request withdrawn: its session was closed");

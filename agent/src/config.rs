@@ -199,6 +199,12 @@ pub struct TargetConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub credential: Option<CredentialConfig>,
+    /// PostgreSQL targets: the login methods the agent will answer with the
+    /// stored password (`scram-sha-256`, `md5`, `password`). Default: SCRAM
+    /// only, so a server (or anyone in between) cannot downgrade the login
+    /// and collect the password.
+    #[serde(default)]
+    pub auth_methods: Option<Vec<String>>,
 }
 
 /// References to a stored credential. Only paths and variable names live here.
@@ -528,6 +534,29 @@ impl Config {
                         self.invalid(key("credential"), "set token_file or token_env, not both")
                     );
                 }
+                let has_password = c.password_file.is_some() || c.password_env.is_some();
+                if t.protocol == Protocol::Postgres && has_password && c.username.is_none() {
+                    return Err(self.invalid(
+                        key("credential"),
+                        "a postgres password needs its username (the loop must not pick the role that gets it)",
+                    ));
+                }
+            }
+            if let Some(m) = &t.auth_methods {
+                if t.protocol != Protocol::Postgres {
+                    return Err(
+                        self.invalid(key("auth_methods"), "applies to postgres targets only")
+                    );
+                }
+                if let Some(bad) = m
+                    .iter()
+                    .find(|x| !["scram-sha-256", "md5", "password"].contains(&x.as_str()))
+                {
+                    return Err(self.invalid(
+                        key("auth_methods"),
+                        format!("`{bad}` is not scram-sha-256, md5 or password"),
+                    ));
+                }
             }
         }
         for (i, w) in self.approvals.webhooks.iter().enumerate() {
@@ -709,6 +738,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("targets[0].credential.pasword_file"), "{e}");
+    }
+
+    #[test]
+    fn postgres_credentials_name_their_role_and_login_methods() {
+        let t = |extra: &str| {
+            parse(&format!(
+                "[agent]\n[[targets]]\nname = \"db\"\naddress = \"10.0.0.5:5432\"\nprotocol = \"postgres\"\n{extra}"
+            ))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        let e = t("[targets.credential]\npassword_file = \"/x\"\n").unwrap_err();
+        assert!(
+            e.contains("targets[0].credential") && e.contains("needs its username"),
+            "{e}"
+        );
+        assert!(t("auth_methods = [\"scram-sha-256\", \"md5\"]\n").is_ok());
+        let e = t("auth_methods = [\"trust\"]\n").unwrap_err();
+        assert!(
+            e.contains("`trust` is not scram-sha-256, md5 or password"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -490,10 +490,11 @@ impl Proxy {
         // TCP carries none: such a loop is refused rather than let through on
         // the first factor alone.
         let jwt = policy.jwt_required(&l4).map(|(w, v)| (w.to_owned(), v));
-        // HTTP-speaking targets without a handler yet: request rules that
-        // deny or hold could not be enforced, so the session is refused.
-        let unseen_request_rule = matches!(protocol, "https" | "kubernetes")
-            .then(|| policy.request_rule(&l4).map(str::to_owned))
+        // Targets whose requests the agent cannot see yet (every handler but
+        // HTTP): request rules that deny or hold could not be enforced, so
+        // the session is refused.
+        let unseen_request_rule = (protocol != "http")
+            .then(|| policy.request_rule(&l4))
             .flatten();
         drop(policy);
         let handler = match protocol {

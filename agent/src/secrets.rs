@@ -129,6 +129,8 @@ pub struct StoredCredential {
     /// HTTP targets: the `Authorization` header value (`Bearer <token>` from
     /// `token_*`, else `Basic` from `username` + `password_*`).
     pub authorization: Option<Secret>,
+    /// PostgreSQL: login methods the stored password may answer.
+    pub auth_methods: Vec<String>,
 }
 
 /// The stored credential of every target that has one, by target name.
@@ -138,7 +140,20 @@ pub fn target_credentials(
     use base64::Engine;
     let mut out = std::collections::HashMap::new();
     for (i, t) in cfg.targets.iter().enumerate() {
-        let Some(c) = &t.credential else { continue };
+        let auth_methods = t
+            .auth_methods
+            .clone()
+            .unwrap_or_else(|| vec!["scram-sha-256".to_owned()]);
+        let Some(c) = &t.credential else {
+            out.insert(
+                t.name.clone(),
+                StoredCredential {
+                    auth_methods,
+                    ..Default::default()
+                },
+            );
+            continue;
+        };
         let key = |k: &str| format!("targets[{i}].credential.{k}");
         let token = match (&c.token_file, &c.token_env) {
             (Some(p), _) => Some(read_file(cfg, &key("token_file"), p)?),
@@ -177,6 +192,7 @@ pub fn target_credentials(
                 username: c.username.clone(),
                 password,
                 authorization,
+                auth_methods,
             },
         );
     }
@@ -191,6 +207,12 @@ pub trait Masker: Send + Sync {
     /// Length of the longest value masked (callers hold back one byte less, so
     /// a value split across two reads is still found).
     fn max_len(&self) -> usize;
+    /// How many trailing bytes of `data` to hold back until more arrive: by
+    /// default `max_len - 1`; a masker that knows its values holds back only
+    /// a tail that could start one (streams are not delayed otherwise).
+    fn holdback(&self, data: &[u8]) -> usize {
+        self.max_len().saturating_sub(1).min(data.len())
+    }
 }
 
 /// Replaces every occurrence of a stored credential with `*`.
@@ -215,6 +237,20 @@ impl SecretMasker {
 impl Masker for SecretMasker {
     fn max_len(&self) -> usize {
         self.secrets.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    fn holdback(&self, data: &[u8]) -> usize {
+        // The longest tail of `data` that is a proper prefix of a secret.
+        self.secrets
+            .iter()
+            .map(|s| {
+                (1..s.len().min(data.len() + 1))
+                    .rev()
+                    .find(|&k| data.ends_with(&s[..k]))
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     fn mask(&self, data: &mut [u8]) -> bool {
@@ -247,5 +283,9 @@ mod tests {
         assert_eq!(text.len(), len, "masking keeps offsets");
         let mut clean = b"nothing here".to_vec();
         assert!(!m.mask(&mut clean));
+        // Only a tail that could start a secret is held back.
+        assert_eq!(m.holdback(b"data: event\n\n"), 0);
+        assert_eq!(m.holdback(b"token hunter2-d"), 9);
+        assert_eq!(m.holdback(b"h"), 1);
     }
 }

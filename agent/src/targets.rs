@@ -161,12 +161,14 @@ mod tests {
                 address: "127.10.0.5:80".into(),
                 protocol: Protocol::Http,
                 credential: None,
+                auth_methods: None,
             },
             TargetConfig {
                 name: "local".into(),
                 address: "localhost:5432".into(),
                 protocol: Protocol::Postgres,
                 credential: None,
+                auth_methods: None,
             },
         ];
         let t = TargetTable::new(&cfg);

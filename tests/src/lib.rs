@@ -902,6 +902,14 @@ impl PgServer {
         pg
     }
 
+    /// Puts an `pg_hba.conf` line first (first match wins) and reloads.
+    pub fn prepend_hba(&self, line: &str) {
+        let path = self.dir.path().join("data/pg_hba.conf");
+        let old = std::fs::read_to_string(&path).expect("read pg_hba.conf");
+        std::fs::write(&path, format!("{line}\n{old}")).expect("write pg_hba.conf");
+        self.admin("SELECT pg_reload_conf()");
+    }
+
     /// Runs SQL as the `postgres` superuser over the unix socket.
     pub fn admin(&self, sql: &str) -> String {
         let out = Command::new("runuser")

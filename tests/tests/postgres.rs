@@ -62,6 +62,28 @@ fn psql_logs_in_with_the_stored_credential_it_never_sees() {
     );
     assert!(ok, "{out}\n{}", agent.log());
     assert_eq!(out.trim(), "app|3");
+    // The replay shows who logged in where.
+    let first = agent.wait_sessions("the psql session", |s| {
+        s.len() == 1 && s[0]["outcome"] == "ok"
+    });
+    let replay = stdout(&agent.cli(&["replay", first[0]["session_id"].as_str().unwrap()]));
+    assert!(replay.contains("login to postgres as app"), "{replay}");
+    // A replication connection is refused (it would bypass statement policy).
+    let conn = format!(
+        "host={} port={} user=app dbname=postgres replication=database",
+        pg.addr.ip(),
+        pg.addr.port()
+    );
+    let out = agent.exec(
+        "report-bot",
+        &["psql", "-X", "-w", "-d", &conn, "-c", "IDENTIFY_SYSTEM"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("replication connections are not allowed"),
+        "{}",
+        stderr(&out)
+    );
     // A Python driver (psycopg2, libpq) the same way, with a query
     // parameter and a cancel (sent on a second connection, relayed).
     let out = agent.python(
@@ -82,11 +104,20 @@ except psycopg2.errors.QueryCanceled:
         &[&pg.addr.ip().to_string(), &pg.addr.port().to_string()],
     );
     assert_eq!(stdout(&out), "('app', 2)\ncancelled\n", "{}", stderr(&out));
-    let s = agent.wait_sessions("three postgres sessions", |s| {
-        s.len() == 3 && s.iter().all(|r| r["outcome"] != "open")
+    let s = agent.wait_sessions("four postgres sessions", |s| {
+        s.len() == 4 && s.iter().all(|r| r["outcome"] != "open")
     });
     assert!(s.iter().all(|r| r["protocol"] == "postgres"), "{s:?}");
-    assert!(s.iter().all(|r| r["outcome"] == "ok"), "{s:?}");
+    assert_eq!(
+        s.iter().filter(|r| r["outcome"] == "ok").count(),
+        3,
+        "{s:?}"
+    );
+    assert_eq!(
+        s.iter().filter(|r| r["outcome"] == "denied").count(),
+        1,
+        "{s:?}"
+    );
     assert_eq!(
         s.iter()
             .filter(|r| r["detail"] == "cancel request relayed")
@@ -121,6 +152,22 @@ except psycopg2.errors.QueryCanceled:
         s[0]
     );
     assert!(!agent.log().contains("an-old-password"));
+    drop(agent);
+
+    // A server that asks for the password in clear text (a downgrade) gets
+    // nothing: only SCRAM is allowed unless the target says otherwise.
+    pg.admin(&format!("CREATE ROLE legacy LOGIN PASSWORD '{STORED}'"));
+    pg.prepend_hba("host all legacy 0.0.0.0/0 password");
+    let agent = Agent::start(AgentSpec::new("pgdowngrade").raw(&format!(
+        "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"legacy\"\npassword_file = \"{good}\"\n",
+        pg.addr
+    )));
+    let (ok, out) = psql(&agent, "report-bot", &pg, &[], "SELECT 1");
+    assert!(!ok);
+    assert!(
+        out.contains("asks for a password login, which target orders-db does not allow"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -232,13 +232,17 @@ impl Policy {
             .find_map(|w| w.jwt.clone().map(|j| (w.name.as_str(), j)))
     }
 
-    /// A `deny` or `approve` rule that decides requests (not the session)
-    /// for this identity × target, if any: on a target whose requests the
-    /// agent cannot see yet, the session is refused instead of letting such
-    /// requests through unchecked.
-    pub fn request_rule(&self, r: &Request<'_>) -> Option<&str> {
+    /// A `deny` or `approve` rule (or request default) that decides
+    /// requests, not the session, for this identity × target. On a target
+    /// whose requests the agent cannot see yet, the session is refused
+    /// instead of letting such requests through unchecked. `methods`/`paths`
+    /// rules count only on HTTP-speaking protocols (they cannot match other
+    /// requests).
+    pub fn request_rule(&self, r: &Request<'_>) -> Option<String> {
+        let http_like = matches!(r.protocol, "http" | "https" | "kubernetes");
         let matched = self.workload_matches(r);
-        self.by_target
+        let rule = self
+            .by_target
             .get(r.target)
             .map(|v| v.as_slice())
             .unwrap_or(&[])
@@ -248,8 +252,8 @@ impl Policy {
             .find(|rule| {
                 let l7 = rule.methods.is_some() || rule.paths.is_some();
                 let request_level = match &rule.kinds {
-                    Some(k) => !k.is_match(CONNECT),
-                    None => l7,
+                    Some(k) => !k.is_match(CONNECT) && (!l7 || http_like),
+                    None => l7 && http_like,
                 };
                 request_level
                     && rule.verdict >= Verdict::Approve
@@ -259,7 +263,13 @@ impl Policy {
                         .as_ref()
                         .is_none_or(|p| p.iter().any(|x| x == r.protocol))
             })
-            .map(|rule| rule.id.as_str())
+            .map(|rule| rule.id.clone());
+        rule.or_else(|| {
+            self.request_defaults
+                .get(r.target)
+                .filter(|(v, _)| *v >= Verdict::Approve)
+                .map(|_| format!("request-default:{}", r.target))
+        })
     }
 
     pub fn workload_names(&self, matched: &[bool]) -> Vec<&str> {

@@ -450,3 +450,39 @@ action = "allow"
     )[0]
     .contains("p.toml:4:19: request_default `mask` is not allow, deny or approve"));
 }
+
+#[test]
+fn request_rules_that_cannot_be_seen_are_reported() {
+    let p = policy(
+        r#"
+[[targets]]
+name = "api"
+default = "allow"
+request_default = "deny"
+
+[[rules]]
+id = "no-deletes-anywhere"
+targets = ["*"]
+methods = ["DELETE"]
+action = "deny"
+
+[[rules]]
+id = "no-drops"
+targets = ["db"]
+kinds = ["sql:drop*"]
+action = "deny"
+"#,
+    );
+    let mut r = req("w", "db");
+    r.protocol = "postgres";
+    // A SQL rule on a postgres target (no statement handler yet).
+    assert_eq!(p.request_rule(&r).as_deref(), Some("no-drops"));
+    // An HTTP method rule says nothing about a raw TCP target.
+    let mut t = req("w", "cache");
+    t.protocol = "tcp";
+    assert_eq!(p.request_rule(&t), None);
+    // An https target: the method rule, then the request default.
+    let mut h = req("w", "api");
+    h.protocol = "https";
+    assert_eq!(p.request_rule(&h).as_deref(), Some("no-deletes-anywhere"));
+}

@@ -368,6 +368,14 @@ impl Session {
         if let Some(a) = &self.authorization {
             h.insert(header::AUTHORIZATION, a.clone());
         }
+        // Responses are masked on their way to the loop: they must not come
+        // compressed.
+        if self.proxy.masker.max_len() > 0 {
+            h.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         // Origin-form, with the normalized path, on the upstream connection.
         match format!("{path}{query}").parse() {
             Ok(u) => *req.uri_mut() = u,
@@ -435,22 +443,21 @@ impl Session {
         let Some(addr) = &self.address else {
             return Ok(());
         };
-        let named = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .ok_or_else(|| "the request names no Host".to_owned())?;
-        if host_matches(&named, addr) {
-            Ok(())
-        } else {
-            Err(format!("Host {named} is not the target's address {addr}"))
+        let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
+        let host = match hosts.as_slice() {
+            [h] => h
+                .to_str()
+                .map_err(|_| "the Host header is not text".to_owned())?,
+            [] => return Err("the request names no Host".to_owned()),
+            _ => return Err("the request has more than one Host header".to_owned()),
+        };
+        // Both the Host header and an absolute-form authority must name it.
+        for named in std::iter::once(host).chain(req.uri().authority().map(|a| a.as_str())) {
+            if !host_matches(named, addr) {
+                return Err(format!("Host {named} is not the target's address {addr}"));
+            }
         }
+        Ok(())
     }
 
     /// Sends on the session's upstream connection, (re)connecting when there
@@ -610,9 +617,11 @@ fn json(status: StatusCode, body: serde_json::Value, close: bool) -> Response<Bo
 /// Whether a `Host` value (`name[:port]`, `[v6][:port]`) names `addr`.
 fn host_matches(named: &str, addr: &TargetAddress) -> bool {
     let (host, port) = match named.rsplit_once(':') {
-        Some((h, p)) if !p.contains(']') && p.bytes().all(|b| b.is_ascii_digit()) => {
-            (h, p.parse::<u16>().ok())
-        }
+        Some((h, p)) if !p.contains(']') => match p.parse::<u16>() {
+            Ok(p) => (h, Some(p)),
+            // `host:` or a port out of range names nothing.
+            Err(_) => return false,
+        },
         _ => (named, None),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -637,6 +646,10 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
     if raw.contains('\\') {
         return Err("a backslash in the path");
     }
+    if raw.contains(';') {
+        // Path parameters: `/public/..;/admin` is `/admin` to some servers.
+        return Err("a ; in the path");
+    }
     let b = raw.as_bytes();
     let mut decoded = String::with_capacity(raw.len());
     let mut i = 0;
@@ -645,8 +658,11 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
             let hex = raw.get(i + 1..i + 3).ok_or("a truncated %-escape")?;
             let v = u8::from_str_radix(hex, 16).map_err(|_| "a bad %-escape")?;
             match v {
-                b'/' | b'\\' | b'.' | 0 => return Err("an encoded /, \\, . or NUL in the path"),
-                c if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'~' => {
+                b'/' | b'\\' | b'.' | b';' | 0 => {
+                    return Err("an encoded /, \\, ., ; or NUL in the path")
+                }
+                // Characters a path may hold literally (RFC 3986 pchar).
+                c if c.is_ascii_alphanumeric() || b"-_~!$&'()*+,=:@".contains(&c) => {
                     decoded.push(c as char)
                 }
                 c => decoded.push_str(&format!("%{c:02X}")),
@@ -724,7 +740,7 @@ impl hyper::body::Body for MaskBody {
                     Ok(data) => {
                         this.pending.extend_from_slice(&data);
                         this.masker.mask(&mut this.pending);
-                        let keep = this.masker.max_len().saturating_sub(1);
+                        let keep = this.masker.holdback(&this.pending);
                         if this.pending.len() > keep {
                             let rest = this.pending.split_off(this.pending.len() - keep);
                             let out = std::mem::replace(&mut this.pending, rest);
@@ -903,6 +919,7 @@ mod tests {
             ("/%61dmin/%7Euser", "/admin/~user"),
             ("/a%20b/", "/a%20b/"),
             ("/q%3fx", "/q%3Fx"),
+            ("/a%21b", "/a!b"),
             ("/", "/"),
         ] {
             assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
@@ -936,5 +953,7 @@ mod tests {
         assert!(!host_matches("orders.internal", &by_ip));
         let v6 = TargetAddress::Ip("[::1]:8080".parse().unwrap());
         assert!(host_matches("[::1]:8080", &v6));
+        assert!(!host_matches("127.10.4.1:99999", &by_ip));
+        assert!(!host_matches("127.10.4.1:", &by_ip));
     }
 }

@@ -54,6 +54,22 @@ const PROTOCOL_3: i32 = 196_608;
 const MAX_STARTUP: usize = 64 * 1024;
 /// A loop has this long to finish its start-up.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The upstream has this long to complete the login.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A read from the loop during start-up, within `STARTUP_TIMEOUT` (an
+/// approval wait is not part of it).
+async fn loop_read<T>(
+    f: impl std::future::Future<Output = Result<T, StartupError>>,
+) -> Result<T, StartupError> {
+    tokio::time::timeout(STARTUP_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StartupError::Client(format!(
+                "the loop did not finish its start-up within {STARTUP_TIMEOUT:?}"
+            )))
+        })
+}
 
 #[derive(Debug, thiserror::Error)]
 enum StartupError {
@@ -98,12 +114,7 @@ pub(crate) async fn serve(
 ) -> Outcome {
     let _ = client.set_nodelay(true);
     let started = tokio::select! {
-        r = tokio::time::timeout(STARTUP_TIMEOUT, s.start(&mut client)) => match r {
-            Ok(r) => r,
-            Err(_) => Err(StartupError::Client(format!(
-                "the loop did not finish its start-up within {STARTUP_TIMEOUT:?}"
-            ))),
-        },
+        r = s.start(&mut client, &counters) => r,
         _ = abort.cancelled() => {
             return Outcome::new("shutdown", Some("closed by agent shutdown".into()))
         }
@@ -145,22 +156,49 @@ pub(crate) async fn serve(
 
 impl Session {
     /// The start-up phase. `Ok(None)`: a cancel request was relayed.
-    async fn start(&self, client: &mut TcpStream) -> Result<Option<TcpStream>, StartupError> {
+    async fn start(
+        &self,
+        client: &mut TcpStream,
+        counters: &Counters,
+    ) -> Result<Option<TcpStream>, StartupError> {
         let params = loop {
-            let body = read_startup(client).await?;
+            let body = loop_read(read_startup(client)).await?;
             let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
             match code {
                 SSL_REQUEST | GSSENC_REQUEST => {
                     client.write_all(b"N").await.map_err(client_io)?;
                 }
                 CANCEL_REQUEST => {
+                    // code + backend pid + secret key
+                    if body.len() != 12 {
+                        return Err(StartupError::Client(format!(
+                            "a cancel request of {} bytes (want 16)",
+                            body.len() + 4
+                        )));
+                    }
+                    let pid = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                    // The key is the server's secret for that backend: the
+                    // loop can only cancel a query of a session it holds.
+                    self.proxy.event(
+                        &self.row,
+                        "cancel",
+                        &format!("cancel backend {pid}"),
+                        "allow",
+                        "",
+                        "cancel requests carry the backend's secret key",
+                        vec![("backend_pid".into(), pid.to_string())],
+                    );
                     let mut up = tcp::connect(self.upstream, self.connect_timeout)
                         .await
-                        .map_err(|o| StartupError::Client(o.detail.unwrap_or_default()))?;
-                    let mut msg = Vec::with_capacity(body.len() + 4);
-                    msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+                        .map_err(|o| StartupError::Upstream {
+                            outcome: o.outcome,
+                            detail: o.detail.unwrap_or_default(),
+                            raw: None,
+                        })?;
+                    let mut msg = Vec::with_capacity(16);
+                    msg.extend_from_slice(&16i32.to_be_bytes());
                     msg.extend_from_slice(&body);
-                    let _ = up.write_all(&msg).await;
+                    up.write_all(&msg).await.map_err(up_io)?;
                     return Ok(None);
                 }
                 PROTOCOL_3 => break parse_params(&body[4..])?,
@@ -184,6 +222,32 @@ impl Session {
                 outcome: "client_error",
             });
         };
+        // A replication connection speaks another protocol (BASE_BACKUP
+        // copies every file), and `_pq_.` options are protocol extensions
+        // loopgate does not negotiate.
+        if let Some(r) = params.get("replication") {
+            if !matches!(
+                r.to_ascii_lowercase().as_str(),
+                "false" | "0" | "off" | "no"
+            ) {
+                return Err(StartupError::Refused {
+                    sqlstate: "28000",
+                    message: "loopgate: replication connections are not allowed".into(),
+                    outcome: "denied",
+                });
+            }
+        }
+        if let Some(k) = params.keys().find(|k| k.starts_with("_pq_.")) {
+            return Err(StartupError::Refused {
+                sqlstate: "0A000",
+                message: format!("loopgate: protocol option {k} is not supported"),
+                outcome: "client_error",
+            });
+        }
+        let database = params
+            .get("database")
+            .cloned()
+            .unwrap_or_else(|| loop_user.clone());
 
         // The second factor, and the session decision made with it.
         if let Some((wl, verifier)) = &self.jwt {
@@ -191,7 +255,7 @@ impl Session {
                 .write_all(&auth_request(3, &[]))
                 .await
                 .map_err(client_io)?;
-            let token = read_password(client).await?;
+            let token = loop_read(read_password(client)).await?;
             let claims = match verifier.verify(&token).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -251,32 +315,65 @@ impl Session {
         }
 
         // Upstream, with the stored credential.
-        let mut server = tcp::connect(self.upstream, self.connect_timeout)
-            .await
-            .map_err(|o| StartupError::Upstream {
-                outcome: o.outcome,
-                detail: o.detail.unwrap_or_default(),
-                raw: None,
-            })?;
-        let _ = server.set_nodelay(true);
-        let user = self.credential.username.clone().unwrap_or(loop_user);
-        let mut up_params: Vec<(&str, &str)> = params
-            .iter()
-            .filter(|(k, _)| *k != "user")
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        up_params.push(("user", &user));
-        let mut buf = BytesMut::new();
-        frontend::startup_message(up_params, &mut buf)
-            .map_err(|e| StartupError::Client(e.to_string()))?;
-        server.write_all(&buf).await.map_err(up_io)?;
-        let leftover = self.upstream_login(&mut server, &user).await?;
+        let login = async {
+            let mut server = tcp::connect(self.upstream, self.connect_timeout)
+                .await
+                .map_err(|o| StartupError::Upstream {
+                    outcome: o.outcome,
+                    detail: o.detail.unwrap_or_default(),
+                    raw: None,
+                })?;
+            let _ = server.set_nodelay(true);
+            let user = self
+                .credential
+                .username
+                .clone()
+                .unwrap_or(loop_user.clone());
+            let mut up_params: Vec<(&str, &str)> = params
+                .iter()
+                .filter(|(k, _)| *k != "user")
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            up_params.push(("user", &user));
+            let mut buf = BytesMut::new();
+            frontend::startup_message(up_params, &mut buf)
+                .map_err(|e| StartupError::Client(e.to_string()))?;
+            server.write_all(&buf).await.map_err(up_io)?;
+            let leftover = self.upstream_login(&mut server, &user).await?;
+            Ok::<_, StartupError>((server, user, leftover))
+        };
+        let (server, user, leftover) =
+            tokio::time::timeout(LOGIN_TIMEOUT, login)
+                .await
+                .map_err(|_| StartupError::Upstream {
+                    outcome: "upstream_error",
+                    detail: format!(
+                        "the server did not complete the login within {LOGIN_TIMEOUT:?}"
+                    ),
+                    raw: None,
+                })??;
+        self.proxy.event(
+            &self.row,
+            "login",
+            &format!("login to {database} as {user}"),
+            "allow",
+            "",
+            "logged in upstream with the stored credential",
+            vec![
+                ("database".into(), database),
+                ("user".into(), user),
+                ("loop_user".into(), loop_user),
+            ],
+        );
 
         // The loop is in: AuthenticationOk, then whatever the server sent
         // after its own (ParameterStatus, BackendKeyData, ReadyForQuery).
         let mut ok = auth_request(0, &[]);
         ok.extend_from_slice(&leftover);
         client.write_all(&ok).await.map_err(client_io)?;
+        counters
+            .down
+            .fetch_add(ok.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(Some(server))
     }
 
@@ -301,8 +398,23 @@ impl Session {
                     raw: None,
                 })
         };
+        let allowed = |method: &str| -> Result<(), StartupError> {
+            if self.credential.auth_methods.iter().any(|m| m == method) {
+                Ok(())
+            } else {
+                Err(StartupError::Upstream {
+                    outcome: "upstream_error",
+                    detail: format!(
+                        "the server asks for a {method} login, which target {target} does not allow (auth_methods = {:?}); the stored password was not sent",
+                        self.credential.auth_methods
+                    ),
+                    raw: None,
+                })
+            }
+        };
         let mut rd = BytesMut::with_capacity(8192);
         let mut scram: Option<ScramSha256> = None;
+        let mut scram_done = false;
         loop {
             let msg = loop {
                 // Complete messages are parsed from the front of `rd`.
@@ -344,11 +456,23 @@ impl Session {
                 raw: None,
             };
             match msg {
-                (Message::AuthenticationOk, _) => return Ok(rd),
+                (Message::AuthenticationOk, _) => {
+                    if scram.is_some() && !scram_done {
+                        // The server never proved it knows the password.
+                        return Err(StartupError::Upstream {
+                            outcome: "upstream_error",
+                            detail: "the server ended SCRAM without its final message".into(),
+                            raw: None,
+                        });
+                    }
+                    return Ok(rd);
+                }
                 (Message::AuthenticationCleartextPassword, _) => {
+                    allowed("password")?;
                     frontend::password_message(password()?, &mut out).map_err(io)?;
                 }
                 (Message::AuthenticationMd5Password(body), _) => {
+                    allowed("md5")?;
                     let hash = md5_hash(user.as_bytes(), password()?, body.salt());
                     frontend::password_message(hash.as_bytes(), &mut out).map_err(io)?;
                 }
@@ -367,6 +491,7 @@ impl Session {
                             raw: None,
                         });
                     }
+                    allowed("scram-sha-256")?;
                     let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
                     frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
                         .map_err(io)?;
@@ -380,6 +505,7 @@ impl Session {
                 (Message::AuthenticationSaslFinal(body), _) => {
                     let s = scram.as_mut().ok_or_else(|| io(std::io::Error::other("SASLFinal before SASL")))?;
                     s.finish(body.data()).map_err(io)?;
+                    scram_done = true;
                 }
                 (Message::ErrorResponse(body), raw) => {
                     let mut fields = body.fields();
