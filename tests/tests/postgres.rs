@@ -228,3 +228,50 @@ fn a_jwt_in_the_postgres_password_is_verified_and_replaced() {
     assert!(!log.contains(STORED));
     assert!(!log.contains(good.trim_start_matches("PGPASSWORD=")));
 }
+
+#[test]
+fn malformed_start_up_bytes_end_only_that_session() {
+    let pg = server("127.10.5.3");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = secret_file(dir.path(), "orders-db", STORED);
+    let agent = Agent::start(AgentSpec::new("pgbad").raw(&format!(
+        "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{pw}\"\n",
+        pg.addr
+    )));
+    // An HTTP request to the database port: the length field reads as a
+    // huge start-up packet; the loop gets a protocol-native error.
+    let out = agent.python(
+        "confused-bot",
+        r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+data = s.recv(512)
+print(data[:1].decode(), b"invalid start-up packet length" in data)
+"#,
+        &[&pg.addr.ip().to_string(), &pg.addr.port().to_string()],
+    );
+    assert_eq!(stdout(&out).trim(), "E True", "{}", stderr(&out));
+    // A well-formed session at the same time is unaffected.
+    let (ok, out) = psql(
+        &agent,
+        "report-bot",
+        &pg,
+        &[],
+        "SELECT count(*) FROM orders",
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "3");
+    let s = agent.wait_sessions("two sessions", |s| {
+        s.len() == 2 && s.iter().all(|r| r["outcome"] != "open")
+    });
+    let bad = s.iter().find(|r| r["workload"] == "confused-bot").unwrap();
+    assert_eq!(bad["outcome"], "client_error", "{bad}");
+    assert!(
+        bad["detail"]
+            .as_str()
+            .unwrap()
+            .contains("invalid start-up packet length"),
+        "{bad}"
+    );
+}
