@@ -60,6 +60,27 @@ pub struct Proxy {
     pub tracker: TaskTracker,
 }
 
+/// The policy request of a session's identity (no JWT subject, no request
+/// attributes): handlers add theirs.
+pub(crate) fn session_request<'a>(
+    row: &'a SessionRow,
+    exe: Option<&'a str>,
+    kind: &'a str,
+) -> Request<'a> {
+    Request {
+        workload: &row.workload,
+        cgroup: &row.cgroup,
+        uid: row.uid,
+        exe,
+        target: &row.target,
+        protocol: &row.protocol,
+        kind,
+        jwt_subject: None,
+        method: None,
+        path: None,
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Handler {
     Tcp,
@@ -473,18 +494,7 @@ impl Proxy {
             .then(|| std::fs::read_link(format!("/proc/{}/exe", rec.tgid)).ok())
             .flatten()
             .map(|p| p.to_string_lossy().into_owned());
-        let l4 = Request {
-            workload: &row.workload,
-            cgroup: &row.cgroup,
-            uid: rec.uid,
-            exe: exe.as_deref(),
-            target: &row.target,
-            protocol,
-            kind: "connect",
-            jwt_subject: None,
-            method: None,
-            path: None,
-        };
+        let l4 = session_request(&row, exe.as_deref(), crate::policy::CONNECT);
         // A workload that requires the JWT second factor is decided when the
         // token arrives, by a handler whose protocol carries one (HTTP). Raw
         // TCP carries none: such a loop is refused rather than let through on

@@ -347,12 +347,7 @@ impl Bench {
     /// HAProxy in `mode` (tcp | http) in front of `server`.
     fn haproxy_to(&mut self, mode: &str, server: SocketAddr) -> Result<SocketAddr> {
         if Command::new("haproxy").arg("-v").output().is_err() {
-            run(Command::new("apt-get").args(["install", "-y", "-qq", "haproxy"])).or_else(
-                |_| {
-                    run(Command::new("apt-get").args(["update", "-qq"]))?;
-                    run(Command::new("apt-get").args(["install", "-y", "-qq", "haproxy"]))
-                },
-            )?;
+            apt_install("haproxy")?;
         }
         let port = free_port()?;
         let hcfg = self.dir.join(format!("haproxy-{mode}.cfg"));
@@ -362,20 +357,34 @@ impl Bench {
                 "global\n  maxconn 4000\ndefaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nlisten relay\n  bind 127.0.0.1:{port}\n  server s1 {server}\n",
             ),
         )?;
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&hcfg)
+        let mut cmd = Command::new("haproxy");
+        cmd.arg("-db").arg("-f").arg(&hcfg);
+        self.relay(cmd, port, "haproxy", None)
+    }
+
+    /// Starts a relay listening on 127.0.0.1:`port` and waits until it
+    /// accepts; `log` is shown if it does not.
+    fn relay(
+        &mut self,
+        mut cmd: Command,
+        port: u16,
+        name: &str,
+        log: Option<PathBuf>,
+    ) -> Result<SocketAddr> {
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting haproxy")?;
+            .with_context(|| format!("starting {name}"))?;
         self.relays.push(KillOnDrop(child));
         let relay: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(relay).is_err() {
             if Instant::now() > deadline {
-                bail!("haproxy did not start");
+                let log = log
+                    .and_then(|l| std::fs::read_to_string(l).ok())
+                    .unwrap_or_default();
+                bail!("{name} did not start: {log}");
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -511,6 +520,16 @@ impl Drop for Bench {
         self.agents.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A Debian package only a benchmark needs (the package lists refreshed
+/// when the first attempt fails).
+fn apt_install(pkg: &str) -> Result<()> {
+    let install = || run(Command::new("apt-get").args(["install", "-y", "-qq", pkg]));
+    install().or_else(|_| {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        install()
+    })
 }
 
 fn free_port() -> Result<u16> {
@@ -687,12 +706,7 @@ impl Bench {
     /// from clients; run as `postgres` (it refuses root).
     fn pgbouncer(&mut self, server: SocketAddr, pw: &str) -> Result<SocketAddr> {
         if !std::path::Path::new("/usr/sbin/pgbouncer").exists() {
-            run(Command::new("apt-get").args(["install", "-y", "-qq", "pgbouncer"])).or_else(
-                |_| {
-                    run(Command::new("apt-get").args(["update", "-qq"]))?;
-                    run(Command::new("apt-get").args(["install", "-y", "-qq", "pgbouncer"]))
-                },
-            )?;
+            apt_install("pgbouncer")?;
         }
         let port = free_port()?;
         let d = self.dir.join("pgbouncer");
@@ -712,26 +726,10 @@ impl Bench {
             .arg("postgres:postgres")
             .arg(&d))?;
         run(Command::new("chmod").arg("0755").arg(&self.dir))?;
-        let child = Command::new("setpriv")
-            .args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
             .arg("/usr/sbin/pgbouncer")
-            .arg(d.join("pgbouncer.ini"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting pgbouncer")?;
-        self.relays.push(KillOnDrop(child));
-        let relay: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(relay).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "pgbouncer did not start: {}",
-                    std::fs::read_to_string(d.join("pgbouncer.log")).unwrap_or_default()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        Ok(relay)
+            .arg(d.join("pgbouncer.ini"));
+        self.relay(cmd, port, "pgbouncer", Some(d.join("pgbouncer.log")))
     }
 }

@@ -98,6 +98,24 @@ pub struct Decision {
     pub mask: Vec<String>,
 }
 
+impl Decision {
+    /// A decision by a default (no rule): `approve` defaults hold once, with
+    /// the default timeout, for any approver.
+    fn default_of(verdict: Verdict, rule_id: String, reason: String) -> Self {
+        Decision {
+            verdict,
+            rule_id,
+            reason,
+            approval: (verdict == Verdict::Approve).then(|| ApprovalSpec {
+                approvers: Vec::new(),
+                timeout: DEFAULT_APPROVAL_TIMEOUT,
+                grant: Grant::Once,
+            }),
+            mask: Vec::new(),
+        }
+    }
+}
+
 /// Who is asking, and for what.
 #[derive(Debug, Clone, Default)]
 pub struct Request<'a> {
@@ -331,53 +349,33 @@ impl Policy {
             // inside an allowed session, what no rule names follows the
             // target's `request_default` (allow when unset).
             if let Some((v, reason)) = self.request_defaults.get(r.target) {
-                return Decision {
-                    verdict: *v,
-                    rule_id: format!("request-default:{}", r.target),
-                    reason: reason.clone(),
-                    approval: (*v == Verdict::Approve).then(|| ApprovalSpec {
-                        approvers: Vec::new(),
-                        timeout: DEFAULT_APPROVAL_TIMEOUT,
-                        grant: Grant::Once,
-                    }),
-                    mask: Vec::new(),
-                };
+                return Decision::default_of(
+                    *v,
+                    format!("request-default:{}", r.target),
+                    reason.clone(),
+                );
             }
-            return Decision {
-                verdict: Verdict::Allow,
-                rule_id: "session".into(),
-                reason: "no request rule matched; the session was allowed when it opened".into(),
-                approval: None,
-                mask: Vec::new(),
-            };
+            return Decision::default_of(
+                Verdict::Allow,
+                "session".into(),
+                "no request rule matched; the session was allowed when it opened".into(),
+            );
         }
         if let Some((v, reason)) = self.target_defaults.get(r.target) {
-            return Decision {
-                verdict: *v,
-                rule_id: format!("target-default:{}", r.target),
-                reason: reason.clone(),
-                approval: (*v == Verdict::Approve).then(|| ApprovalSpec {
-                    approvers: Vec::new(),
-                    timeout: DEFAULT_APPROVAL_TIMEOUT,
-                    grant: Grant::Once,
-                }),
-                mask: Vec::new(),
-            };
+            return Decision::default_of(
+                *v,
+                format!("target-default:{}", r.target),
+                reason.clone(),
+            );
         }
-        Decision {
-            verdict: self.default,
-            rule_id: "default".into(),
-            reason: format!(
+        Decision::default_of(
+            self.default,
+            "default".into(),
+            format!(
                 "no rule matched; the policy default is {}",
                 self.default.as_str()
             ),
-            approval: (self.default == Verdict::Approve).then(|| ApprovalSpec {
-                approvers: Vec::new(),
-                timeout: DEFAULT_APPROVAL_TIMEOUT,
-                grant: Grant::Once,
-            }),
-            mask: Vec::new(),
-        }
+        )
     }
 }
 

@@ -51,7 +51,7 @@ use crate::{
     config::TargetAddress,
     identity::JwtVerifier,
     policy::{Request, CONNECT},
-    proxy::Proxy,
+    proxy::{session_request, Proxy},
     secrets::Masker,
 };
 
@@ -274,17 +274,11 @@ impl Session {
                 }
             }
         };
-        let identity = |kind, m, p| Request {
-            workload: &self.row.workload,
-            cgroup: &self.row.cgroup,
-            uid: self.row.uid,
-            exe: self.exe.as_deref(),
-            target: &self.row.target,
-            protocol: &self.row.protocol,
-            kind,
+        let identity = |kind, method, path| Request {
             jwt_subject: subject.as_deref(),
-            method: m,
-            path: p,
+            method,
+            path,
+            ..session_request(&self.row, self.exe.as_deref(), kind)
         };
         let mut attrs = vec![
             ("method".to_owned(), method.clone()),

@@ -42,7 +42,7 @@ use crate::{
     audit::SessionRow,
     identity::JwtVerifier,
     policy::{Request, CONNECT},
-    proxy::Proxy,
+    proxy::{session_request, Proxy},
     secrets::StoredCredential,
 };
 
@@ -188,13 +188,7 @@ impl Session {
                         "cancel requests carry the backend's secret key",
                         vec![("backend_pid".into(), pid.to_string())],
                     );
-                    let mut up = tcp::connect(self.upstream, self.connect_timeout)
-                        .await
-                        .map_err(|o| StartupError::Upstream {
-                            outcome: o.outcome,
-                            detail: o.detail.unwrap_or_default(),
-                            raw: None,
-                        })?;
+                    let mut up = tcp::connect(self.upstream, self.connect_timeout).await?;
                     let mut msg = Vec::with_capacity(16);
                     msg.extend_from_slice(&16i32.to_be_bytes());
                     msg.extend_from_slice(&body);
@@ -279,16 +273,8 @@ impl Session {
                 }
             };
             let r = Request {
-                workload: &self.row.workload,
-                cgroup: &self.row.cgroup,
-                uid: self.row.uid,
-                exe: self.exe.as_deref(),
-                target: &self.row.target,
-                protocol: &self.row.protocol,
-                kind: CONNECT,
                 jwt_subject: Some(&claims.sub),
-                method: None,
-                path: None,
+                ..session_request(&self.row, self.exe.as_deref(), CONNECT)
             };
             let text = format!(
                 "connect {} as {loop_user} (jwt sub {})",
@@ -316,13 +302,7 @@ impl Session {
 
         // Upstream, with the stored credential.
         let login = async {
-            let mut server = tcp::connect(self.upstream, self.connect_timeout)
-                .await
-                .map_err(|o| StartupError::Upstream {
-                    outcome: o.outcome,
-                    detail: o.detail.unwrap_or_default(),
-                    raw: None,
-                })?;
+            let mut server = tcp::connect(self.upstream, self.connect_timeout).await?;
             let _ = server.set_nodelay(true);
             let user = self
                 .credential
@@ -536,6 +516,17 @@ impl Session {
             if !out.is_empty() {
                 server.write_all(&out).await.map_err(up_io)?;
             }
+        }
+    }
+}
+
+/// The upstream could not be reached.
+impl From<Outcome> for StartupError {
+    fn from(o: Outcome) -> Self {
+        StartupError::Upstream {
+            outcome: o.outcome,
+            detail: o.detail.unwrap_or_default(),
+            raw: None,
         }
     }
 }
