@@ -205,6 +205,13 @@ targets = ["inventory"]
 paths = ["/admin/**"]
 action = "approve"
 approvers = ["alice"]
+
+[[rules]]
+id = "reports-for-the-session"
+targets = ["inventory"]
+paths = ["/reports/*"]
+action = "approve"
+grant = "session"
 "#;
     let agent = Agent::start(
         AgentSpec::new("httprules")
@@ -297,8 +304,58 @@ approvers = ["alice"]
     assert!(text.ends_with("\n200"), "{text}");
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
 
-    let s = agent.wait_sessions("nine http sessions", |s| {
-        s.len() == 9 && s.iter().all(|r| r["outcome"] == "ok")
+    // grant = "session": one approval covers the rest of the connection
+    // (curl sends both URLs on one keep-alive connection), not the next one.
+    let child = agent.spawn_exec(
+        "stock-bot",
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "30",
+            "-w",
+            "\n%{http_code}",
+            &format!("{base}/reports/q1"),
+            &format!("{base}/reports/q2"),
+        ],
+    );
+    let held = loop {
+        let out = agent.cli(&["approvals", "list", "--json"]);
+        if let Some(l) = stdout(&out).lines().next() {
+            break serde_json::from_str::<Value>(l).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(held["request"], "GET /reports/q1");
+    let id = held["approval_id"].as_str().unwrap().to_owned();
+    assert!(agent.cli(&["approvals", "approve", &id]).status.success());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("\n200").count(), 2, "{text}");
+    assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 4);
+    // A new connection needs a new approval.
+    let child = agent.spawn_exec(
+        "stock-bot",
+        &["curl", "-sS", "-m", "30", &format!("{base}/reports/q3")],
+    );
+    let held = loop {
+        let out = agent.cli(&["approvals", "list", "--json"]);
+        if let Some(l) = stdout(&out).lines().next() {
+            break serde_json::from_str::<Value>(l).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(held["request"], "GET /reports/q3");
+    let id = held["approval_id"].as_str().unwrap().to_owned();
+    assert!(agent
+        .cli(&["approvals", "deny", &id, "--reason", "not today"])
+        .status
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("approval denied by alice: not today"));
+
+    let s = agent.wait_sessions("eleven http sessions", |s| {
+        s.len() == 11 && s.iter().all(|r| r["outcome"] == "ok")
     });
     assert!(s.iter().all(|r| r["protocol"] == "http"), "{s:?}");
 }
