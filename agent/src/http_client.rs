@@ -33,23 +33,29 @@ pub enum HttpClientError {
 /// Builds a client trusting the certificates of `ca_file` (PEM, one or more),
 /// or the system roots without one.
 pub fn build(ca_file: Option<&Path>) -> Result<HttpClient, HttpClientError> {
-    let roots = match ca_file {
-        Some(p) => Arc::new(ca_roots(p)?),
-        None => system_roots(),
-    };
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("the ring provider supports the default TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = tls_config(ca_file)?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .build();
     Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
+/// A TLS client configuration (ring) trusting `ca_file`, or the system roots
+/// without one. Also used for the agent's upstream PostgreSQL connections.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpClientError> {
+    let roots = match ca_file {
+        Some(p) => Arc::new(ca_roots(p)?),
+        None => system_roots(),
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("the ring provider supports the default TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 /// Parses an outbound URL: `http://` or `https://` with a host.

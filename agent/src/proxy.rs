@@ -630,6 +630,7 @@ impl Proxy {
                 let s = postgres::Session {
                     proxy: self.clone(),
                     row: row.clone(),
+                    address: self.targets.address(rec.target_id).cloned(),
                     exe,
                     jwt,
                     subject: jwt_subject,

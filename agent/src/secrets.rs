@@ -24,6 +24,12 @@ pub enum SecretError {
     },
     #[error("config {file}: key `{key}`: the value cannot be sent in an HTTP header (control characters or non-ASCII)")]
     NotAHeader { file: PathBuf, key: String },
+    #[error("config {file}: key `{key}`: {reason}")]
+    Ca {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
     #[error("config {file}: key `{key}`: {path} is empty")]
     Empty {
         file: PathBuf,
@@ -131,6 +137,9 @@ pub struct StoredCredential {
     pub authorization: Option<Secret>,
     /// PostgreSQL: login methods the stored password may answer.
     pub auth_methods: Vec<String>,
+    /// PostgreSQL: TLS to the server, verified against `credential.ca_file`
+    /// (set: TLS is required).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// The stored credential of every target that has one, by target name.
@@ -186,6 +195,16 @@ pub fn target_credentials(
                 });
             }
         }
+        let tls = match (&c.ca_file, t.protocol) {
+            (Some(ca), crate::config::Protocol::Postgres) => Some(std::sync::Arc::new(
+                crate::http_client::tls_config(Some(ca)).map_err(|e| SecretError::Ca {
+                    file: cfg.source.clone(),
+                    key: key("ca_file"),
+                    reason: e.to_string(),
+                })?,
+            )),
+            _ => None,
+        };
         out.insert(
             t.name.clone(),
             StoredCredential {
@@ -193,6 +212,7 @@ pub fn target_credentials(
                 password,
                 authorization,
                 auth_methods,
+                tls,
             },
         );
     }

@@ -797,6 +797,9 @@ pub fn playwright_core() -> PathBuf {
 pub struct PgServer {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// With [`PgServer::start_tls`]: the CA (PEM) that signed the server's
+    /// certificate.
+    pub ca: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -816,6 +819,18 @@ fn pg_bin(name: &str) -> PathBuf {
 
 impl PgServer {
     pub fn start(ip: &str) -> PgServer {
+        Self::start_with(ip, false)
+    }
+
+    /// A server with TLS on (a certificate for `ip` from a test CA, rcgen)
+    /// that refuses logins without TLS.
+    pub fn start_tls(ip: &str) -> PgServer {
+        let pg = Self::start_with(ip, true);
+        pg.prepend_hba("hostnossl all all 0.0.0.0/0 reject");
+        pg
+    }
+
+    fn start_with(ip: &str, tls: bool) -> PgServer {
         let dir = tempfile::Builder::new()
             .prefix("lgt-pg-")
             .tempdir()
@@ -852,6 +867,40 @@ impl PgServer {
                 "--no-sync",
             ],
         );
+        let mut ssl_args = Vec::new();
+        let mut ca = None;
+        if tls {
+            use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+            let ca_key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "loopgate test database CA");
+            let ca_cert = params.self_signed(&ca_key).unwrap();
+            let issuer = Issuer::new(params, ca_key);
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![ip.to_owned()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let data = dir.path().join("data");
+            std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
+            std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
+            set_mode(&data.join("server.key"), 0o600);
+            let chown = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(data.join("server.crt"))
+                .arg(data.join("server.key"))
+                .status()
+                .unwrap();
+            assert!(chown.success());
+            let ca_path = dir.path().join("ca.pem");
+            std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+            set_mode(&ca_path, 0o644);
+            ca = Some(ca_path);
+            ssl_args = vec!["-c".to_owned(), "ssl=on".to_owned()];
+        }
         let port = free_port();
         // setpriv execs (no forking wrapper): the child is the postmaster.
         let child = Command::new("setpriv")
@@ -869,6 +918,7 @@ impl PgServer {
                 "-c",
                 "fsync=off",
             ])
+            .args(&ssl_args)
             .stdout(Stdio::null())
             .stderr(
                 std::fs::File::create(dir.path().join("postgres.log"))
@@ -880,6 +930,7 @@ impl PgServer {
         let pg = PgServer {
             addr: format!("{ip}:{port}").parse().unwrap(),
             dir,
+            ca,
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -275,3 +275,50 @@ print(data[:1].decode(), b"invalid start-up packet length" in data)
         "{bad}"
     );
 }
+
+#[test]
+fn the_agent_logs_in_over_verified_tls_when_the_target_has_a_ca() {
+    let pg = PgServer::start_tls("127.10.5.4");
+    pg.admin(&format!("CREATE ROLE app LOGIN PASSWORD '{STORED}'"));
+    let dir = tempfile::tempdir().unwrap();
+    let pw = secret_file(dir.path(), "orders-db", STORED);
+    let target = |ca: &str| {
+        format!(
+            "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{pw}\"\n{ca}",
+            pg.addr
+        )
+    };
+    let ca = pg.ca.as_ref().unwrap().display().to_string();
+    let agent =
+        Agent::start(AgentSpec::new("pgtls").raw(&target(&format!("ca_file = \"{ca}\"\n"))));
+    // The server refuses logins without TLS; the loop itself speaks plain
+    // protocol to the agent on loopback.
+    let (ok, out) = psql(
+        &agent,
+        "report-bot",
+        &pg,
+        &["PGSSLMODE=disable"],
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    );
+    assert!(ok, "{out}\n{}", agent.log());
+    assert_eq!(out.trim(), "t", "the agent's leg is TLS");
+    drop(agent);
+    // Without the CA the agent does not use TLS, and the server refuses.
+    let agent = Agent::start(AgentSpec::new("pgnotls").raw(&target("")));
+    let (ok, out) = psql(&agent, "report-bot", &pg, &[], "SELECT 1");
+    assert!(!ok);
+    assert!(out.contains("no encryption"), "{out}");
+    drop(agent);
+    // A CA that did not sign the server's certificate: the login stops at TLS.
+    let other = PgServer::start_tls("127.10.5.5");
+    let wrong = other.ca.as_ref().unwrap().display().to_string();
+    let agent =
+        Agent::start(AgentSpec::new("pgbadca").raw(&target(&format!("ca_file = \"{wrong}\"\n"))));
+    let (ok, out) = psql(&agent, "report-bot", &pg, &[], "SELECT 1");
+    assert!(!ok);
+    assert!(out.contains("TLS with the server failed"), "{out}");
+    let s = agent.wait_sessions("a failed session", |s| {
+        s.len() == 1 && s[0]["outcome"] != "open"
+    });
+    assert_eq!(s[0]["outcome"], "upstream_error");
+}

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::tcp::{self, Capture, Counters, Outcome};
 use crate::{
     audit::SessionRow,
+    config::TargetAddress,
     identity::JwtVerifier,
     policy::{Request, CONNECT},
     proxy::{session_request, Proxy},
@@ -92,10 +93,18 @@ enum StartupError {
     },
 }
 
+/// The agent's connection to the server: plain (relayed with splice) or TLS.
+enum ServerConn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 /// One loop connection to a PostgreSQL target.
 pub(crate) struct Session {
     pub proxy: Arc<Proxy>,
     pub row: SessionRow,
+    /// The target's configured address (the TLS server name).
+    pub address: Option<TargetAddress>,
     pub exe: Option<String>,
     pub jwt: Option<(String, Arc<JwtVerifier>)>,
     pub subject: Arc<std::sync::Mutex<Option<String>>>,
@@ -151,7 +160,14 @@ pub(crate) async fn serve(
             return Outcome::new(outcome, Some(detail));
         }
     };
-    tcp::relay_streams(client, server, counters, s.capture.clone(), abort).await
+    match server {
+        ServerConn::Plain(server) => {
+            tcp::relay_streams(client, server, counters, s.capture.clone(), abort).await
+        }
+        ServerConn::Tls(server) => {
+            tcp::relay_io(client, *server, counters, s.capture.clone(), abort).await
+        }
+    }
 }
 
 impl Session {
@@ -160,7 +176,7 @@ impl Session {
         &self,
         client: &mut TcpStream,
         counters: &Counters,
-    ) -> Result<Option<TcpStream>, StartupError> {
+    ) -> Result<Option<ServerConn>, StartupError> {
         let params = loop {
             let body = loop_read(read_startup(client)).await?;
             let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
@@ -302,8 +318,12 @@ impl Session {
 
         // Upstream, with the stored credential.
         let login = async {
-            let mut server = tcp::connect(self.upstream, self.connect_timeout).await?;
-            let _ = server.set_nodelay(true);
+            let tcp = tcp::connect(self.upstream, self.connect_timeout).await?;
+            let _ = tcp.set_nodelay(true);
+            let mut server = match &self.credential.tls {
+                Some(tls) => ServerConn::Tls(Box::new(self.tls(tcp, tls.clone()).await?)),
+                None => ServerConn::Plain(tcp),
+            };
             let user = self
                 .credential
                 .username
@@ -318,8 +338,10 @@ impl Session {
             let mut buf = BytesMut::new();
             frontend::startup_message(up_params, &mut buf)
                 .map_err(|e| StartupError::Client(e.to_string()))?;
-            server.write_all(&buf).await.map_err(up_io)?;
-            let leftover = self.upstream_login(&mut server, &user).await?;
+            let leftover = match &mut server {
+                ServerConn::Plain(s) => self.upstream_login(s, &buf, &user).await?,
+                ServerConn::Tls(s) => self.upstream_login(s.as_mut(), &buf, &user).await?,
+            };
             Ok::<_, StartupError>((server, user, leftover))
         };
         let (server, user, leftover) =
@@ -357,13 +379,53 @@ impl Session {
         Ok(Some(server))
     }
 
+    /// Asks the server for TLS (`SSLRequest`) and verifies its certificate
+    /// against the target's `ca_file` and address.
+    async fn tls(
+        &self,
+        mut tcp: TcpStream,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, StartupError> {
+        let fail = |detail: String| StartupError::Upstream {
+            outcome: "upstream_error",
+            detail,
+            raw: None,
+        };
+        let mut req = BytesMut::new();
+        frontend::ssl_request(&mut req);
+        tcp.write_all(&req).await.map_err(up_io)?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.map_err(up_io)?;
+        if answer[0] != b'S' {
+            return Err(fail(format!(
+                "the server does not offer TLS, and target {} requires it (credential.ca_file)",
+                self.row.target
+            )));
+        }
+        let host = match &self.address {
+            Some(TargetAddress::Host { host, .. }) => host.clone(),
+            _ => self.upstream.ip().to_string(),
+        };
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| fail(format!("{host} is not a TLS server name: {e}")))?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail(format!("TLS with the server failed: {e}")))
+    }
+
     /// Answers the server's authentication requests with the stored
     /// password. Returns the bytes read past `AuthenticationOk`.
-    async fn upstream_login(
+    async fn upstream_login<S>(
         &self,
-        server: &mut TcpStream,
+        server: &mut S,
+        startup: &[u8],
         user: &str,
-    ) -> Result<BytesMut, StartupError> {
+    ) -> Result<BytesMut, StartupError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        server.write_all(startup).await.map_err(up_io)?;
         let target = &self.row.target;
         let password = || {
             self.credential

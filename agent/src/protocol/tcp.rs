@@ -234,6 +234,96 @@ pub async fn relay_streams(
     Outcome::new("ok", None)
 }
 
+/// Relays between the loop's socket and an upstream stream that cannot be
+/// spliced (TLS): copies through user space both ways, with the same
+/// counters, capture, half-close and outcomes as [`relay_streams`].
+pub async fn relay_io<S>(
+    client: TcpStream,
+    server: S,
+    counters: Arc<Counters>,
+    capture: Option<Capture>,
+    abort: CancellationToken,
+) -> Outcome
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = client.set_nodelay(true);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = tokio::io::split(server);
+    let up = copy_dir(
+        &mut cr,
+        &mut sw,
+        &counters.up,
+        Side::Client,
+        capture.clone(),
+    );
+    let down = copy_dir(&mut sr, &mut cw, &counters.down, Side::Upstream, capture);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(e) => return Outcome::new(e.outcome(), Some(e.to_string())),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(e) => return Outcome::new(e.outcome(), Some(e.to_string())),
+            },
+            _ = abort.cancelled() => {
+                return Outcome::new("shutdown", Some("closed by agent shutdown".into()))
+            }
+        }
+    }
+    Outcome::new("ok", None)
+}
+
+/// One direction of [`relay_io`]; on EOF it shuts the other side's writing half.
+async fn copy_dir<R, W>(
+    from: &mut R,
+    to: &mut W,
+    counter: &AtomicU64,
+    side: Side,
+    capture: Option<Capture>,
+) -> Result<(), PumpError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let other = match side {
+        Side::Client => Side::Upstream,
+        Side::Upstream => Side::Client,
+    };
+    let limit = capture.as_ref().map_or(0, |c| c.limit);
+    let mut cap = capture.map(|c| CaptureStream::new(c, side));
+    let mut seen = 0u64;
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = from.read(&mut buf).await.map_err(|err| PumpError {
+            side,
+            op: "reading from",
+            err,
+        })?;
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await.map_err(|err| PumpError {
+            side: other,
+            op: "writing to",
+            err,
+        })?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(c) = cap.as_mut() {
+            if seen < limit {
+                c.push(&buf[..n.min((limit - seen) as usize)]);
+            }
+            seen += n as u64;
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Side {
     Client,
