@@ -17,6 +17,23 @@ fn curl(agent: &Agent, workload: &str, url: &str, extra: &[&str]) -> (u16, Strin
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// The first request held for approval, once there is one.
+fn wait_held(agent: &Agent) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let out = agent.cli(&["approvals", "list", "--json"]);
+        if let Some(l) = stdout(&out).lines().next() {
+            return serde_json::from_str(l).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing held for approval:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn secrets_dir() -> tempfile::TempDir {
     let d = tempfile::Builder::new()
         .prefix("lgt-http-secrets-")
@@ -282,16 +299,10 @@ grant = "session"
             &format!("{base}/admin/reindex"),
         ],
     );
-    let id = loop {
-        let out = agent.cli(&["approvals", "list", "--json"]);
-        if let Some(l) = stdout(&out).lines().next() {
-            let v: Value = serde_json::from_str(l).unwrap();
-            assert_eq!(v["rule_id"], "admin-needs-a-human");
-            assert_eq!(v["request"], "GET /admin/reindex");
-            break v["approval_id"].as_str().unwrap().to_owned();
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let held = wait_held(&agent);
+    assert_eq!(held["rule_id"], "admin-needs-a-human");
+    assert_eq!(held["request"], "GET /admin/reindex");
+    let id = held["approval_id"].as_str().unwrap().to_owned();
     assert_eq!(
         http.requests.load(std::sync::atomic::Ordering::SeqCst),
         1,
@@ -319,13 +330,7 @@ grant = "session"
             &format!("{base}/reports/q2"),
         ],
     );
-    let held = loop {
-        let out = agent.cli(&["approvals", "list", "--json"]);
-        if let Some(l) = stdout(&out).lines().next() {
-            break serde_json::from_str::<Value>(l).unwrap();
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let held = wait_held(&agent);
     assert_eq!(held["request"], "GET /reports/q1");
     let id = held["approval_id"].as_str().unwrap().to_owned();
     assert!(agent.cli(&["approvals", "approve", &id]).status.success());
@@ -338,13 +343,7 @@ grant = "session"
         "stock-bot",
         &["curl", "-sS", "-m", "30", &format!("{base}/reports/q3")],
     );
-    let held = loop {
-        let out = agent.cli(&["approvals", "list", "--json"]);
-        if let Some(l) = stdout(&out).lines().next() {
-            break serde_json::from_str::<Value>(l).unwrap();
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let held = wait_held(&agent);
     assert_eq!(held["request"], "GET /reports/q3");
     let id = held["approval_id"].as_str().unwrap().to_owned();
     assert!(agent

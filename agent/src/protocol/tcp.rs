@@ -211,27 +211,7 @@ pub async fn relay_streams(
         Side::Upstream,
         capture.as_ref(),
     );
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    // An error in either direction ends the session at once; a clean EOF only
-    // ends its own direction (half-close), so request/response over a
-    // half-closed socket keeps working.
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => match r {
-                Ok(()) => up_done = true,
-                Err(e) => return Outcome::new(e.outcome(), Some(e.to_string())),
-            },
-            r = &mut down, if !down_done => match r {
-                Ok(()) => down_done = true,
-                Err(e) => return Outcome::new(e.outcome(), Some(e.to_string())),
-            },
-            _ = abort.cancelled() => {
-                return Outcome::new("shutdown", Some("closed by agent shutdown".into()))
-            }
-        }
-    }
-    Outcome::new("ok", None)
+    both_ways(up, down, abort).await
 }
 
 /// Relays between the loop's socket and an upstream stream that cannot be
@@ -258,6 +238,17 @@ where
         capture.clone(),
     );
     let down = copy_dir(&mut sr, &mut cw, &counters.down, Side::Upstream, capture);
+    both_ways(up, down, abort).await
+}
+
+/// Runs both directions to the end. An error in either ends the session at
+/// once; a clean EOF only ends its own direction (half-close), so
+/// request/response over a half-closed socket keeps working.
+async fn both_ways(
+    up: impl std::future::Future<Output = Result<(), PumpError>>,
+    down: impl std::future::Future<Output = Result<(), PumpError>>,
+    abort: CancellationToken,
+) -> Outcome {
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
