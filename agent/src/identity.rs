@@ -451,6 +451,12 @@ mod tests {
         .unwrap()
     }
 
+    /// A verifier of `https://idp.example` tokens for audience `loopgate`,
+    /// with keys from `url` (no CA file).
+    fn url_verifier(url: &str) -> JwtVerifier {
+        JwtVerifier::from_jwks_url(url, None, "https://idp.example", "loopgate").unwrap()
+    }
+
     fn token(i: &Issuer, aud: &str, exp_in: i64) -> String {
         token_kid(i, &i.kid, aud, exp_in)
     }
@@ -523,13 +529,7 @@ mod tests {
     #[test]
     fn jwks_urls_are_checked_without_fetching() {
         // Nothing listens there: construction must not try.
-        let v = JwtVerifier::from_jwks_url(
-            "http://127.0.0.1:9/jwks.json?key=secret",
-            None,
-            "https://idp.example",
-            "loopgate",
-        )
-        .unwrap();
+        let v = url_verifier("http://127.0.0.1:9/jwks.json?key=secret");
         assert!(format!("{v:?}").contains("http://127.0.0.1:9/jwks.json"));
         assert!(!format!("{v:?}").contains("secret"));
         let e = JwtVerifier::from_jwks_url("file:///etc/jwks.json", None, "i", "a").unwrap_err();
@@ -557,13 +557,7 @@ mod tests {
     async fn jwks_url_fetched_once_and_shared_by_concurrent_verifies() {
         let i = issuer();
         let srv = jwks_server(None, jwks_json(&[&i])).await;
-        let v = JwtVerifier::from_jwks_url(
-            &format!("http://{}/jwks.json?tenant=t1", srv.addr),
-            None,
-            "https://idp.example",
-            "loopgate",
-        )
-        .unwrap();
+        let v = url_verifier(&format!("http://{}/jwks.json?tenant=t1", srv.addr));
         assert_eq!(srv.hits(), 0, "nothing fetched at construction");
         let t = token(&i, "loopgate", 300);
         let all = futures_util::future::join_all((0..8).map(|_| v.verify(&t))).await;
@@ -592,13 +586,7 @@ mod tests {
     async fn unknown_kids_refetch_at_most_every_30s() {
         let (k1, k2) = (issuer_with("k1"), issuer_with("k2"));
         let srv = jwks_server(None, jwks_json(&[&k1])).await;
-        let v = JwtVerifier::from_jwks_url(
-            &format!("http://{}/jwks", srv.addr),
-            None,
-            "https://idp.example",
-            "loopgate",
-        )
-        .unwrap();
+        let v = url_verifier(&format!("http://{}/jwks", srv.addr));
         v.verify(&token(&k1, "loopgate", 300)).await.unwrap();
         assert_eq!(srv.hits(), 1);
         // The IdP rotates; a token signed with the new key arrives 30 s later.
@@ -639,13 +627,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let v = JwtVerifier::from_jwks_url(
-            &format!("http://127.0.0.1:{port}/jwks?secret=s3"),
-            None,
-            "https://idp.example",
-            "loopgate",
-        )
-        .unwrap();
+        let v = url_verifier(&format!("http://127.0.0.1:{port}/jwks?secret=s3"));
         for _ in 0..2 {
             match v.verify(&t).await {
                 Err(JwtError::Jwks { path, reason }) => {
@@ -678,13 +660,7 @@ mod tests {
             ),
         ] {
             let srv = serve(None, vec![(status, ctype, body.to_owned())]).await;
-            let v = JwtVerifier::from_jwks_url(
-                &format!("http://{}/jwks", srv.addr),
-                None,
-                "https://idp.example",
-                "loopgate",
-            )
-            .unwrap();
+            let v = url_verifier(&format!("http://{}/jwks", srv.addr));
             match v.verify(&t).await {
                 Err(JwtError::Jwks { reason, .. }) => assert!(reason.contains(want), "{reason}"),
                 other => panic!("{other:?}"),
@@ -692,13 +668,7 @@ mod tests {
         }
         // Cached keys outlive a failing IdP.
         let srv = jwks_server(None, jwks_json(&[&i])).await;
-        let v = JwtVerifier::from_jwks_url(
-            &format!("http://{}/jwks", srv.addr),
-            None,
-            "https://idp.example",
-            "loopgate",
-        )
-        .unwrap();
+        let v = url_verifier(&format!("http://{}/jwks", srv.addr));
         v.verify(&t).await.unwrap();
         srv.answer(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -17,6 +17,14 @@ fn curl(agent: &Agent, workload: &str, url: &str, extra: &[&str]) -> (u16, Strin
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// A tagged curl left running (its requests may be held): every URL on one
+/// connection, each followed by a line with its HTTP status.
+fn spawn_curl(agent: &Agent, urls: &[&str]) -> std::process::Child {
+    let mut args = vec!["curl", "-sS", "-m", "30", "-w", "\n%{http_code}"];
+    args.extend_from_slice(urls);
+    agent.spawn_exec("stock-bot", &args)
+}
+
 /// The first request held for approval, once there is one.
 fn wait_held(agent: &Agent) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -287,18 +295,7 @@ grant = "session"
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
 
     // Held for approval, then approved by alice: the request completes.
-    let child = agent.spawn_exec(
-        "stock-bot",
-        &[
-            "curl",
-            "-sS",
-            "-m",
-            "30",
-            "-w",
-            "\n%{http_code}",
-            &format!("{base}/admin/reindex"),
-        ],
-    );
+    let child = spawn_curl(&agent, &[&format!("{base}/admin/reindex")]);
     let held = wait_held(&agent);
     assert_eq!(held["rule_id"], "admin-needs-a-human");
     assert_eq!(held["request"], "GET /admin/reindex");
@@ -317,18 +314,9 @@ grant = "session"
 
     // grant = "session": one approval covers the rest of the connection
     // (curl sends both URLs on one keep-alive connection), not the next one.
-    let child = agent.spawn_exec(
-        "stock-bot",
-        &[
-            "curl",
-            "-sS",
-            "-m",
-            "30",
-            "-w",
-            "\n%{http_code}",
-            &format!("{base}/reports/q1"),
-            &format!("{base}/reports/q2"),
-        ],
+    let child = spawn_curl(
+        &agent,
+        &[&format!("{base}/reports/q1"), &format!("{base}/reports/q2")],
     );
     let held = wait_held(&agent);
     assert_eq!(held["request"], "GET /reports/q1");
@@ -339,10 +327,7 @@ grant = "session"
     assert_eq!(text.matches("\n200").count(), 2, "{text}");
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 4);
     // A new connection needs a new approval.
-    let child = agent.spawn_exec(
-        "stock-bot",
-        &["curl", "-sS", "-m", "30", &format!("{base}/reports/q3")],
-    );
+    let child = spawn_curl(&agent, &[&format!("{base}/reports/q3")]);
     let held = wait_held(&agent);
     assert_eq!(held["request"], "GET /reports/q3");
     let id = held["approval_id"].as_str().unwrap().to_owned();

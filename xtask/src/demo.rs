@@ -149,19 +149,24 @@ token_file = "{d}/orders-api.token"
             .output()
             .context("running loopgate")
     };
+    // `curl` as the tagged loop `orders-bot`.
+    let tagged_curl = |args: &[&str]| {
+        let mut a = vec![
+            "exec",
+            "--workload",
+            "orders-bot",
+            "--",
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+        ];
+        a.extend_from_slice(args);
+        lg(&a)
+    };
 
     println!("\n== loop 1: `loopgate exec --workload orders-bot -- curl http://{SERVER}:8080/orders.json`");
-    let out = lg(&[
-        "exec",
-        "--workload",
-        "orders-bot",
-        "--",
-        "curl",
-        "-sS",
-        "-m",
-        "10",
-        &format!("http://{SERVER}:8080/orders.json"),
-    ])?;
+    let out = tagged_curl(&[&format!("http://{SERVER}:8080/orders.json")])?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
@@ -171,19 +176,7 @@ token_file = "{d}/orders-api.token"
     println!(
         "\n== loop 1b: the same loop tries `curl -X DELETE .../orders.json` (policy: no-deletes)"
     );
-    let out = lg(&[
-        "exec",
-        "--workload",
-        "orders-bot",
-        "--",
-        "curl",
-        "-sS",
-        "-m",
-        "10",
-        "-X",
-        "DELETE",
-        &format!("http://{SERVER}:8080/orders.json"),
-    ])?;
+    let out = tagged_curl(&["-X", "DELETE", &format!("http://{SERVER}:8080/orders.json")])?;
     let body = String::from_utf8_lossy(&out.stdout);
     print!("{body}");
     if !body.contains("no-deletes") {
@@ -191,17 +184,7 @@ token_file = "{d}/orders-api.token"
     }
 
     println!("\n== loop 2: the same loop tries 127.10.0.81:8080, which is not a registered target (egress = deny)");
-    let out = lg(&[
-        "exec",
-        "--workload",
-        "orders-bot",
-        "--",
-        "curl",
-        "-sS",
-        "-m",
-        "10",
-        "http://127.10.0.81:8080/",
-    ])?;
+    let out = tagged_curl(&["http://127.10.0.81:8080/"])?;
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     if out.status.success() {
         bail!("the connect to an unregistered destination was not refused");
