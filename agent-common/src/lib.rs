@@ -11,7 +11,7 @@
 
 /// Pinned-map layout version. Bump whenever a map key or value changes, so a new
 /// agent never reuses a pinned map of another layout.
-pub const MAPS_ABI: u32 = 1;
+pub const MAPS_ABI: u32 = 2;
 
 pub const MAX_TARGETS: u32 = 4096;
 /// Ancestor cgroup levels recorded per connection (see `ConnRecord::ancestors`).
@@ -34,7 +34,28 @@ pub const STAT_DENIED: u32 = 1;
 pub const STAT_DENIAL_EVENTS_LOST: u32 = 2;
 pub const STAT_RECORD_FAILED: u32 = 3;
 pub const STAT_FLOW_REKEYED: u32 = 4;
+/// A flow record removed by the kernel because its socket's connect failed
+/// or the socket was released before the proxy took the record.
+pub const STAT_FLOW_DROPPED: u32 = 5;
 pub const STAT_COUNT: u32 = 8;
+
+/// Why the kernel refused an operation (`ConnRecord::reason`).
+/// A TCP connect to a destination that is not a target (egress deny).
+pub const DENY_EGRESS_TCP: u16 = 1;
+/// A connect or send from a network namespace other than the agent's.
+pub const DENY_NETNS: u16 = 2;
+/// A UDP datagram (connect or sendmsg) to a destination that is not allowed
+/// (egress deny).
+pub const DENY_EGRESS_UDP: u16 = 3;
+/// A bind to a registered target's address and port, or to the proxy port.
+pub const DENY_BIND: u16 = 4;
+/// A raw or ICMP socket (egress deny).
+pub const DENY_SOCKET: u16 = 5;
+
+/// Socket types as the kernel numbers them.
+pub const SOCK_STREAM: u8 = 1;
+pub const SOCK_DGRAM: u8 = 2;
+pub const SOCK_RAW: u8 = 3;
 
 /// Third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`): the bytes
 /// `00 00 ff ff` as the kernel stores them, read as a native `u32`.
@@ -74,6 +95,10 @@ pub struct Settings {
     pub _pad: u16,
     /// One of `EGRESS_*`.
     pub egress: u32,
+    /// Cookie of the agent's network namespace. Tagged connects and sends
+    /// from any other namespace are refused: redirect records are only valid
+    /// in the namespace where the proxy listens.
+    pub netns_cookie: u64,
 }
 
 /// What the kernel knows about a redirected (or denied) connection.
@@ -96,7 +121,12 @@ pub struct ConnRecord {
     pub tgid: u32,
     pub uid: u32,
     pub gid: u32,
-    pub _pad: u32,
+    /// `DENY_*` for a denial (0 for a redirect).
+    pub reason: u16,
+    /// Socket type (`SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_RAW`).
+    pub sock_type: u8,
+    /// IP protocol of the socket (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6).
+    pub protocol: u8,
     pub cgroup_id: u64,
     /// Ids of the caller's ancestor cgroups at levels 1..=ANCESTOR_LEVELS (0 when
     /// shallower). An instance cgroup can be gone by the time userspace looks
@@ -107,15 +137,44 @@ pub struct ConnRecord {
     /// `bpf_ktime_get_ns()` at connect.
     pub ktime_ns: u64,
     pub comm: [u8; 16],
+    /// The `FLOWS` key of this socket once its source port is bound (all
+    /// zero before), so the record can be removed with the socket.
+    pub flow: FlowKey,
 }
 
-/// Key of the `FLOWS` map: the client end of a redirected connection as the
-/// proxy sees it in `accept()` (the peer address).
+/// Key of the `FLOWS` map: the full 4-tuple of a redirected connection, from
+/// the loop's side (`src` = the loop's socket, `dst` = the proxy listener),
+/// and the network namespace it lives in. IPv4 and IPv4-mapped connections
+/// use the mapped form for both addresses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub addr: [u32; 4],
-    /// Local (client) port, host order.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Ports in host order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u32,
+    pub netns_cookie: u64,
+}
+
+impl FlowKey {
+    pub const EMPTY: FlowKey = FlowKey {
+        src: [0; 4],
+        dst: [0; 4],
+        src_port: 0,
+        dst_port: 0,
+        _pad: 0,
+        netns_cookie: 0,
+    };
+}
+
+/// Key of the `TARGET_PORTS` map: a port some registered target uses. A
+/// tagged loop may not bind the wildcard address on such a port (it would
+/// receive connections meant for a local target).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
     pub port: u32,
 }
 
@@ -127,4 +186,5 @@ mod user {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for ConnRecord {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for PortKey {}
 }

@@ -8,16 +8,30 @@
 //!   destination and the caller's identity are stored by socket cookie. Other
 //!   destinations follow the egress mode: allow, audit (redirect too) or deny
 //!   (the caller gets EPERM and the denial goes to the `DENIALS` ring buffer).
-//! - `lg_sockops` (`BPF_SOCK_OPS_TCP_CONNECT_CB`): once the source port is bound,
-//!   the record is copied to `FLOWS`, keyed by the client address the proxy will
-//!   see as the peer in `accept()`.
+//!   A connect from a network namespace other than the agent's is refused
+//!   (EPERM, recorded): redirect records only mean something in the
+//!   namespace where the proxy listens. Connected UDP follows the egress mode.
+//! - `lg_sendmsg4|6`: unconnected UDP under egress deny (only the host's
+//!   configured resolvers on port 53 pass).
+//! - `lg_bind4|6`: a tagged loop may not bind a registered target's address
+//!   and port (nor the wildcard address on a target's port), nor the proxy port.
+//! - `lg_sock_create`: raw and ICMP sockets are refused under egress deny.
+//! - `lg_sockops`: `BPF_SOCK_OPS_TCP_CONNECT_CB` (source port bound): the
+//!   record is copied to `FLOWS`, keyed by the full 4-tuple and the netns, and
+//!   the socket asks for state callbacks; `BPF_SOCK_OPS_STATE_CB` to
+//!   `TCP_CLOSE`: the `FLOWS` entry goes (a failed connect leaves nothing).
 //! - `lg_getpeername4|6`: the loop sees the original peer, not the proxy.
-//! - `lg_sock_release`: drops the per-socket record.
+//! - `lg_sock_release`: drops the per-socket record, and its `FLOWS` entry
+//!   unless the connection is established and waits in the proxy's accept
+//!   queue (the proxy takes that one, and checks it belongs to the peer).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        bpf_sock_addr, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{
@@ -32,21 +46,32 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info};
 use loopgate_common::{
-    v4_mapped, ConnRecord, FlowKey, Settings, TargetKey, TargetValue, ANCESTOR_LEVELS,
-    DENIALS_RING_BYTES, EGRESS_AUDIT, EGRESS_DENY, MAX_CONNS, MAX_TARGETS, STAT_COUNT,
-    STAT_DENIAL_EVENTS_LOST, STAT_DENIED, STAT_FLOW_REKEYED, STAT_RECORD_FAILED, STAT_REDIRECTED,
-    TARGET_ID_EGRESS, V4_MAPPED_WORD,
+    v4_mapped, ConnRecord, FlowKey, PortKey, Settings, TargetKey, TargetValue, ANCESTOR_LEVELS,
+    DENIALS_RING_BYTES, DENY_BIND, DENY_EGRESS_TCP, DENY_EGRESS_UDP, DENY_NETNS, DENY_SOCKET,
+    EGRESS_AUDIT, EGRESS_DENY, MAX_CONNS, MAX_TARGETS, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM,
+    STAT_COUNT, STAT_DENIAL_EVENTS_LOST, STAT_DENIED, STAT_FLOW_DROPPED, STAT_FLOW_REKEYED,
+    STAT_RECORD_FAILED, STAT_REDIRECTED, TARGET_ID_EGRESS, V4_MAPPED_WORD,
 };
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-const SOCK_STREAM: u32 = 1;
+const IPPROTO_ICMP: u32 = 1;
+const IPPROTO_ICMPV6: u32 = 58;
+/// TCP states (include/net/tcp_states.h).
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE: u32 = 7;
 /// cgroup/connect verdicts.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
 #[map]
 static TARGETS: HashMap<TargetKey, TargetValue> = HashMap::pinned(MAX_TARGETS, 0);
+/// Ports of registered targets (bind guard for wildcard addresses).
+#[map]
+static TARGET_PORTS: HashMap<PortKey, u32> = HashMap::pinned(MAX_TARGETS, 0);
+/// The host's resolvers (address, 53): the only UDP destinations under egress deny.
+#[map]
+static RESOLVERS: HashMap<TargetKey, u32> = HashMap::pinned(64, 0);
 #[map]
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map]
@@ -70,7 +95,7 @@ fn count(stat: u32) {
 enum Verdict {
     Pass,
     Redirect(u32),
-    Deny,
+    Deny(u16),
 }
 
 #[inline(always)]
@@ -89,26 +114,50 @@ fn decide(addr: [u32; 4], port: u16) -> Verdict {
     if let Some(t) = unsafe { TARGETS.get(key) } {
         return Verdict::Redirect(t.target_id);
     }
-    // The proxy itself is never a redirect or a denial: a loop that connects to it
-    // directly has no record, and the proxy refuses it.
-    if port == settings.proxy_port && is_loopback(&addr) {
+    // The proxy's own listeners are never a redirect or a denial: a loop that
+    // connects to them directly has no record, and the proxy refuses it. Only
+    // the exact listen addresses are exempt, not every loopback address.
+    if port == settings.proxy_port && is_proxy_address(&addr) {
         return Verdict::Pass;
     }
     match settings.egress {
-        EGRESS_DENY => Verdict::Deny,
+        EGRESS_DENY => Verdict::Deny(DENY_EGRESS_TCP),
         EGRESS_AUDIT => Verdict::Redirect(TARGET_ID_EGRESS),
         _ => Verdict::Pass,
     }
 }
 
+/// 127.0.0.1 (also as `::ffff:127.0.0.1`) or ::1: where the proxy listens.
 #[inline(always)]
-fn is_loopback(addr: &[u32; 4]) -> bool {
+fn is_proxy_address(addr: &[u32; 4]) -> bool {
     let v6_loopback = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 1u32.to_be();
     let v4_loopback = addr[0] == 0
         && addr[1] == 0
         && addr[2] == V4_MAPPED_WORD
-        && (u32::from_be(addr[3]) >> 24) == 127;
+        && addr[3] == 0x7f00_0001u32.to_be();
     v6_loopback || v4_loopback
+}
+
+/// The unspecified address (0.0.0.0 in either form, or ::).
+#[inline(always)]
+fn is_wildcard(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && (addr[2] == 0 || addr[2] == V4_MAPPED_WORD) && addr[3] == 0
+}
+
+/// Whether the socket lives in the agent's network namespace.
+#[inline(always)]
+fn in_agent_netns<C: EbpfContext>(ctx: &C) -> bool {
+    let Some(settings) = SETTINGS.get(0) else {
+        return true;
+    };
+    // Not configured yet (0): nothing is redirected either.
+    settings.netns_cookie == 0
+        || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == settings.netns_cookie
+}
+
+#[inline(always)]
+fn egress_mode() -> u32 {
+    SETTINGS.get(0).map(|s| s.egress).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -130,13 +179,16 @@ fn make_record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, family: u16) 
         tgid: (pid_tgid >> 32) as u32,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
-        _pad: 0,
+        reason: 0,
+        sock_type: SOCK_STREAM,
+        protocol: 6,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         ancestors,
         netns_cookie: unsafe { bpf_get_netns_cookie(ptr) },
         socket_cookie: unsafe { bpf_get_socket_cookie(ptr) },
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        flow: FlowKey::EMPTY,
     }
 }
 
@@ -148,69 +200,146 @@ fn forget(ctx: &SockAddrContext) {
     let _ = BY_COOKIE.remove(cookie);
 }
 
-fn report_denial(ctx: &SockAddrContext, rec: &ConnRecord) {
+/// Records a refusal in the ring buffer (the agent writes the audit rows)
+/// and returns the verdict that refuses.
+#[inline(always)]
+fn deny<C: EbpfContext>(
+    ctx: &C,
+    addr: [u32; 4],
+    port: u16,
+    family: u16,
+    sock_type: u8,
+    protocol: u8,
+    reason: u16,
+) -> i32 {
+    let mut rec = make_record(ctx, addr, port, family);
+    rec.reason = reason;
+    rec.sock_type = sock_type;
+    rec.protocol = protocol;
     count(STAT_DENIED);
-    if DENIALS.output::<ConnRecord>(rec, 0).is_err() {
+    if DENIALS.output::<ConnRecord>(&rec, 0).is_err() {
         count(STAT_DENIAL_EVENTS_LOST);
     }
     info!(
         ctx,
-        "egress denied: tgid {} port {}", rec.tgid, rec.orig_port
+        "denied (reason {}): tgid {} port {}", reason, rec.tgid, port
     );
+    REJECT
+}
+
+/// UDP under egress deny: only the host's resolvers on port 53 pass.
+#[inline(always)]
+fn udp_allowed(addr: [u32; 4], port: u16) -> bool {
+    if egress_mode() != EGRESS_DENY {
+        return true;
+    }
+    let key = TargetKey {
+        addr,
+        port,
+        _pad: 0,
+    };
+    unsafe { RESOLVERS.get(key) }.is_some()
+}
+
+/// Shared by connect4 and connect6 once the destination is known.
+#[inline(always)]
+fn connect(
+    ctx: &SockAddrContext,
+    addr: [u32; 4],
+    port: u16,
+    family: u16,
+    sock_type: u32,
+    protocol: u32,
+) -> Result<Option<u32>, i32> {
+    if !in_agent_netns(ctx) {
+        forget(ctx);
+        return Err(deny(
+            ctx,
+            addr,
+            port,
+            family,
+            sock_type as u8,
+            protocol as u8,
+            DENY_NETNS,
+        ));
+    }
+    if sock_type != SOCK_STREAM as u32 {
+        if sock_type == SOCK_DGRAM as u32 && !udp_allowed(addr, port) {
+            return Err(deny(
+                ctx,
+                addr,
+                port,
+                family,
+                sock_type as u8,
+                protocol as u8,
+                DENY_EGRESS_UDP,
+            ));
+        }
+        return Ok(None);
+    }
+    match decide(addr, port) {
+        Verdict::Pass => {
+            forget(ctx);
+            Ok(None)
+        }
+        Verdict::Deny(reason) => {
+            forget(ctx);
+            Err(deny(ctx, addr, port, family, SOCK_STREAM, 6, reason))
+        }
+        Verdict::Redirect(target_id) => Ok(Some(target_id)),
+    }
+}
+
+#[inline(always)]
+fn store_redirect(ctx: &SockAddrContext, rec: &ConnRecord) -> Option<u16> {
+    if BY_COOKIE.insert(rec.socket_cookie, rec, 0).is_err() {
+        // Without a record the proxy could not tell who this is: fail closed.
+        count(STAT_RECORD_FAILED);
+        return None;
+    }
+    let proxy_port = SETTINGS.get(0)?.proxy_port;
+    count(STAT_REDIRECTED);
+    debug!(
+        ctx,
+        "redirected tgid {} to target {}", rec.tgid, rec.target_id
+    );
+    Some(proxy_port)
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn lg_connect4(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the verifier guarantees `sock_addr` points at a valid context.
-    let (sock_type, ip4, port_word) = unsafe { ((*sa).type_, (*sa).user_ip4, (*sa).user_port) };
-    if sock_type != SOCK_STREAM {
-        return ALLOW;
-    }
+    let (sock_type, protocol, ip4, port_word) =
+        unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
     let port = u16::from_be(port_word as u16);
     let addr = v4_mapped(ip4);
-    match decide(addr, port) {
-        Verdict::Pass => {
-            forget(&ctx);
-            ALLOW
-        }
-        Verdict::Deny => {
-            forget(&ctx);
-            let rec = make_record(&ctx, addr, port, AF_INET);
-            report_denial(&ctx, &rec);
-            REJECT
-        }
-        Verdict::Redirect(target_id) => {
-            let mut rec = make_record(&ctx, addr, port, AF_INET);
-            rec.target_id = target_id;
-            rec.via_v4 = 1;
-            if BY_COOKIE.insert(rec.socket_cookie, rec, 0).is_err() {
-                // Without a record the proxy could not tell who this is: fail closed.
-                count(STAT_RECORD_FAILED);
-                return REJECT;
-            }
-            let proxy_port = match SETTINGS.get(0) {
-                Some(s) => s.proxy_port,
-                None => return REJECT,
-            };
-            unsafe {
-                (*sa).user_ip4 = 0x7f00_0001u32.to_be();
-                (*sa).user_port = proxy_port.to_be() as u32;
-            }
-            count(STAT_REDIRECTED);
-            debug!(&ctx, "redirected tgid {} to target {}", rec.tgid, target_id);
-            ALLOW
-        }
+    let target_id = match connect(&ctx, addr, port, AF_INET, sock_type, protocol) {
+        Ok(Some(t)) => t,
+        Ok(None) => return ALLOW,
+        Err(v) => return v,
+    };
+    let mut rec = make_record(&ctx, addr, port, AF_INET);
+    rec.target_id = target_id;
+    rec.via_v4 = 1;
+    let Some(proxy_port) = store_redirect(&ctx, &rec) else {
+        return REJECT;
+    };
+    unsafe {
+        (*sa).user_ip4 = 0x7f00_0001u32.to_be();
+        (*sa).user_port = proxy_port.to_be() as u32;
     }
+    ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn lg_connect6(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // The verifier wants `user_ip6` read one word at a time.
-    let (sock_type, w0, w1, w2, w3, port_word) = unsafe {
+    let (sock_type, protocol, w0, w1, w2, w3, port_word) = unsafe {
         (
             (*sa).type_,
+            (*sa).protocol,
             (*sa).user_ip6[0],
             (*sa).user_ip6[1],
             (*sa).user_ip6[2],
@@ -218,71 +347,225 @@ pub fn lg_connect6(ctx: SockAddrContext) -> i32 {
             (*sa).user_port,
         )
     };
-    if sock_type != SOCK_STREAM {
-        return ALLOW;
-    }
     let port = u16::from_be(port_word as u16);
     let addr = [w0, w1, w2, w3];
     let mapped = w0 == 0 && w1 == 0 && w2 == V4_MAPPED_WORD;
-    match decide(addr, port) {
-        Verdict::Pass => {
-            forget(&ctx);
-            ALLOW
-        }
-        Verdict::Deny => {
-            forget(&ctx);
-            let rec = make_record(&ctx, addr, port, AF_INET6);
-            report_denial(&ctx, &rec);
-            REJECT
-        }
-        Verdict::Redirect(target_id) => {
-            let mut rec = make_record(&ctx, addr, port, AF_INET6);
-            rec.target_id = target_id;
-            rec.via_v4 = mapped as u32;
-            if BY_COOKIE.insert(rec.socket_cookie, rec, 0).is_err() {
-                count(STAT_RECORD_FAILED);
-                return REJECT;
-            }
-            let proxy_port = match SETTINGS.get(0) {
-                Some(s) => s.proxy_port,
-                None => return REJECT,
-            };
-            let last = if mapped {
-                0x7f00_0001u32.to_be()
-            } else {
-                1u32.to_be()
-            };
-            unsafe {
-                (*sa).user_ip6[0] = 0;
-                (*sa).user_ip6[1] = 0;
-                (*sa).user_ip6[2] = if mapped { V4_MAPPED_WORD } else { 0 };
-                (*sa).user_ip6[3] = last;
-                (*sa).user_port = proxy_port.to_be() as u32;
-            }
-            count(STAT_REDIRECTED);
-            debug!(
-                &ctx,
-                "redirected tgid {} to target {} (v6)", rec.tgid, target_id
-            );
-            ALLOW
-        }
+    let target_id = match connect(&ctx, addr, port, AF_INET6, sock_type, protocol) {
+        Ok(Some(t)) => t,
+        Ok(None) => return ALLOW,
+        Err(v) => return v,
+    };
+    let mut rec = make_record(&ctx, addr, port, AF_INET6);
+    rec.target_id = target_id;
+    rec.via_v4 = mapped as u32;
+    let Some(proxy_port) = store_redirect(&ctx, &rec) else {
+        return REJECT;
+    };
+    let last = if mapped {
+        0x7f00_0001u32.to_be()
+    } else {
+        1u32.to_be()
+    };
+    unsafe {
+        (*sa).user_ip6[0] = 0;
+        (*sa).user_ip6[1] = 0;
+        (*sa).user_ip6[2] = if mapped { V4_MAPPED_WORD } else { 0 };
+        (*sa).user_ip6[3] = last;
+        (*sa).user_port = proxy_port.to_be() as u32;
     }
+    ALLOW
+}
+
+/// Unconnected UDP (`sendto`/`sendmsg` with an address).
+#[inline(always)]
+fn sendmsg(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
+    if !in_agent_netns(ctx) {
+        return deny(
+            ctx,
+            addr,
+            port,
+            family,
+            sock_type as u8,
+            protocol as u8,
+            DENY_NETNS,
+        );
+    }
+    if !udp_allowed(addr, port) {
+        return deny(
+            ctx,
+            addr,
+            port,
+            family,
+            sock_type as u8,
+            protocol as u8,
+            DENY_EGRESS_UDP,
+        );
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lg_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (ip4, port_word) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    sendmsg(
+        &ctx,
+        v4_mapped(ip4),
+        u16::from_be(port_word as u16),
+        AF_INET,
+    )
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lg_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (w0, w1, w2, w3, port_word) = unsafe {
+        (
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+            (*sa).user_port,
+        )
+    };
+    sendmsg(
+        &ctx,
+        [w0, w1, w2, w3],
+        u16::from_be(port_word as u16),
+        AF_INET6,
+    )
+}
+
+/// A bind a tagged loop may not make: the proxy port, a registered target's
+/// address and port, or the wildcard address on a target's port. A listener
+/// there would receive connections (and stored credentials) meant for the target.
+#[inline(always)]
+fn bind(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32 {
+    if port == 0 {
+        return ALLOW;
+    }
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
+    if sock_type != SOCK_STREAM as u32 {
+        return ALLOW;
+    }
+    let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
+    let key = TargetKey {
+        addr,
+        port,
+        _pad: 0,
+    };
+    let taken = (proxy_port != 0 && port == proxy_port)
+        || unsafe { TARGETS.get(key) }.is_some()
+        || (is_wildcard(&addr)
+            && unsafe { TARGET_PORTS.get(PortKey { port: port as u32 }) }.is_some());
+    if taken {
+        return deny(
+            ctx,
+            addr,
+            port,
+            family,
+            sock_type as u8,
+            protocol as u8,
+            DENY_BIND,
+        );
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn lg_bind4(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (ip4, port_word) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    bind(
+        &ctx,
+        v4_mapped(ip4),
+        u16::from_be(port_word as u16),
+        AF_INET,
+    )
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn lg_bind6(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (w0, w1, w2, w3, port_word) = unsafe {
+        (
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+            (*sa).user_port,
+        )
+    };
+    bind(
+        &ctx,
+        [w0, w1, w2, w3],
+        u16::from_be(port_word as u16),
+        AF_INET6,
+    )
+}
+
+/// Raw and ICMP sockets are refused under egress deny (ping, traceroute and
+/// hand-made packets would leave unseen).
+#[cgroup_sock(sock_create)]
+pub fn lg_sock_create(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    if egress_mode() != EGRESS_DENY {
+        return ALLOW;
+    }
+    let icmp =
+        sock_type == SOCK_DGRAM as u32 && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
+    if sock_type == SOCK_RAW as u32 || icmp {
+        return deny(
+            &ctx,
+            [0; 4],
+            0,
+            family as u16,
+            sock_type as u8,
+            protocol as u8,
+            DENY_SOCKET,
+        );
+    }
+    ALLOW
 }
 
 #[sock_ops]
 pub fn lg_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return 0;
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => rekey(&ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            // args: old state, new state. A socket that reaches TCP_CLOSE
+            // (its connect failed, it was reset, or it is done) can never be
+            // accepted by the proxy again: its flow record goes.
+            if ctx.arg(1) == TCP_CLOSE {
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                if let Some(rec) = unsafe { BY_COOKIE.get(cookie) } {
+                    if FLOWS.remove(&rec.flow).is_ok() {
+                        count(STAT_FLOW_DROPPED);
+                    }
+                }
+            }
+        }
+        _ => {}
     }
+    0
+}
+
+#[inline(always)]
+fn rekey(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(rec) = (unsafe { BY_COOKIE.get(cookie) }) else {
-        return 0;
+    let Some(rec) = BY_COOKIE.get_ptr_mut(cookie) else {
+        return;
     };
     let ops = ctx.ops;
-    // Read every source field unconditionally, with volatile loads, so the compiler
-    // cannot fold the IPv4/IPv6 choice into one load at a computed context offset
-    // (the verifier rejects that as "dereference of modified ctx ptr").
-    let (ip4, a0, a1, a2, a3, port) = unsafe {
+    // Read every address field unconditionally, with volatile loads, so the
+    // compiler cannot fold the IPv4/IPv6 choice into one load at a computed
+    // context offset (the verifier rejects that as "dereference of modified
+    // ctx ptr").
+    let (l4, l0, l1, l2, l3, lport) = unsafe {
         (
             core::ptr::read_volatile(&(*ops).local_ip4),
             core::ptr::read_volatile(&(*ops).local_ip6[0]),
@@ -292,18 +575,37 @@ pub fn lg_sockops(ctx: SockOpsContext) -> u32 {
             core::ptr::read_volatile(&(*ops).local_port),
         )
     };
-    let addr = if rec.via_v4 != 0 {
-        v4_mapped(ip4)
-    } else {
-        [a0, a1, a2, a3]
+    let (r4, r0, r1, r2, r3, rport) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ops).remote_ip4),
+            core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+            core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+            core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+            core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+            core::ptr::read_volatile(&(*ops).remote_port),
+        )
     };
-    let key = FlowKey { addr, port };
-    if FLOWS.insert(key, rec, 0).is_ok() {
+    // SAFETY: a pointer into the map value, valid while this program runs.
+    let rec = unsafe { &mut *rec };
+    let v4 = rec.via_v4 != 0;
+    rec.flow = FlowKey {
+        src: if v4 { v4_mapped(l4) } else { [l0, l1, l2, l3] },
+        dst: if v4 { v4_mapped(r4) } else { [r0, r1, r2, r3] },
+        src_port: lport as u16,
+        // remote_port: the network-order port in the upper 16 bits (the
+        // kernel shifts it there on little-endian machines).
+        dst_port: u16::from_be((rport >> 16) as u16),
+        _pad: 0,
+        netns_cookie: rec.netns_cookie,
+    };
+    let key = rec.flow;
+    if FLOWS.insert(&key, &*rec, 0).is_ok() {
         count(STAT_FLOW_REKEYED);
     } else {
         count(STAT_RECORD_FAILED);
     }
-    0
+    // TCP_CLOSE (a failed connect) must remove the flow record again.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
 }
 
 #[inline(always)]
@@ -342,6 +644,16 @@ pub fn lg_getpeername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn lg_sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let state = unsafe { (*ctx.sock).state };
+    if let Some(rec) = unsafe { BY_COOKIE.get(cookie) } {
+        // A connection still being set up (or already closed) never reaches
+        // the proxy: its flow record goes with the socket. An established one
+        // may sit in the proxy's accept queue, its data already sent; the proxy
+        // takes that record and checks that its peer is still this socket.
+        if (state == TCP_SYN_SENT || state == TCP_CLOSE) && FLOWS.remove(&rec.flow).is_ok() {
+            count(STAT_FLOW_DROPPED);
+        }
+    }
     let _ = BY_COOKIE.remove(cookie);
     1
 }

@@ -118,6 +118,9 @@ pub struct WorkloadResolver {
     /// (workload name, cgroup path relative to the mount) of SRE-named cgroups.
     named: Vec<(String, String)>,
     cache: RwLock<HashMap<u64, WorkloadId>>,
+    /// cgroup ids seen outside every attach point. A cgroup never moves, so
+    /// an id once outside stays outside.
+    outside: RwLock<std::collections::HashSet<u64>>,
 }
 
 impl WorkloadResolver {
@@ -130,7 +133,35 @@ impl WorkloadResolver {
                 .map(|(n, c)| (n, c.trim_matches('/').to_owned()))
                 .collect(),
             cache: RwLock::new(HashMap::new()),
+            outside: RwLock::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Whether cgroup `id` is a tagged loop's (inside the agent's subtree or
+    /// a named workload cgroup). Unknown ids cost one rescan, then are
+    /// remembered as outside.
+    pub fn is_tagged(&self, id: u64) -> bool {
+        if id == 0 {
+            return false;
+        }
+        if self
+            .outside
+            .read()
+            .map(|o| o.contains(&id))
+            .unwrap_or(false)
+        {
+            return false;
+        }
+        if self.resolve(&[id]).is_some() {
+            return true;
+        }
+        if let Ok(mut o) = self.outside.write() {
+            if o.len() > MAX_CACHED {
+                o.clear();
+            }
+            o.insert(id);
+        }
+        false
     }
 
     /// Resolves the first of `ids` (most specific first: the caller's cgroup,

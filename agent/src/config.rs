@@ -63,8 +63,13 @@ pub struct AgentConfig {
     /// Below the cgroup2 mount; loops live in `<root>/<workload>/<instance>`.
     #[serde(default = "default_cgroup_root")]
     pub cgroup_root: String,
+    /// Below `net.ipv4.ip_unprivileged_port_start` (usually 1024), so no
+    /// other local user can bind it while the agent restarts.
     #[serde(default = "default_proxy_port")]
     pub proxy_port: u16,
+    /// Allow a `proxy_port` any local user could bind (tests, development).
+    #[serde(default)]
+    pub allow_unprivileged_port: bool,
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
     /// Loopback address of the admin HTTP port (`/metrics`, the approval page).
@@ -353,7 +358,7 @@ fn default_cgroup_root() -> String {
     "loopgate".into()
 }
 fn default_proxy_port() -> u16 {
-    15001
+    975
 }
 fn default_admin_socket() -> PathBuf {
     "/run/loopgate/admin.sock".into()
@@ -699,7 +704,7 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let c = parse("[agent]\n").unwrap();
-        assert_eq!(c.agent.proxy_port, 15001);
+        assert_eq!(c.agent.proxy_port, 975);
         assert_eq!(c.agent.cgroup_root, "loopgate");
         assert_eq!(c.agent.egress, Egress::Allow);
         assert_eq!(c.pin_dir(), PathBuf::from("/sys/fs/bpf/loopgate/loopgate"));

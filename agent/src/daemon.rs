@@ -57,6 +57,10 @@ pub enum DaemonError {
     },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("agent.proxy_port = {port} is at or above net.ipv4.ip_unprivileged_port_start ({start}): any local user could bind it while the agent is down and receive the tagged loops' connections. Choose a port below {start}, or set [agent] allow_unprivileged_port = true")]
+    UnprivilegedPort { port: u16, start: u32 },
+    #[error("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {0}")]
+    NetnsCookie(std::io::Error),
     #[error("policies refused at start:\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
     #[error(transparent)]
@@ -255,6 +259,20 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     });
 
     let port = cfg.agent.proxy_port;
+    // A proxy port any local user may bind could be taken while the agent
+    // restarts, and that user would then receive every tagged loop's
+    // redirected connections.
+    let unprivileged_start =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(1024);
+    if u32::from(port) >= unprivileged_start && !cfg.agent.allow_unprivileged_port {
+        return Err(DaemonError::UnprivilegedPort {
+            port,
+            start: unprivileged_start,
+        });
+    }
     let listeners = proxy::bind(port)
         .await
         .map_err(|source| DaemonError::Listen { port, source })?;
@@ -280,12 +298,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         None => None,
     };
 
+    let netns_cookie = ebpf::own_netns_cookie().map_err(DaemonError::NetnsCookie)?;
+    // Under egress deny, UDP may only reach the host's resolvers on port 53.
+    let resolvers = std::fs::read_to_string("/etc/resolv.conf")
+        .map(|t| ebpf::resolv_conf_nameservers(&t))
+        .unwrap_or_default();
     let kernel = Arc::new(Kernel::load(&LoadOptions {
         pin_dir: &cfg.pin_dir(),
         attach: &attach,
         proxy_port: port,
         egress: cfg.agent.egress,
         targets: &target_map,
+        resolvers: &resolvers,
+        netns_cookie,
         log_level: ebpf::parse_log_level(&cfg.agent.ebpf_log).unwrap_or(3),
     })?);
     for p in &kernel.attached {
@@ -326,6 +351,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         host: host.clone(),
         sessions: SessionTable::default(),
         connect_timeout: Duration::from_secs(cfg.agent.connect_timeout_secs),
+        netns_cookie,
+        unidentified: Default::default(),
         stop_accepting: stop.clone(),
         abort: CancellationToken::new(),
         tracker: TaskTracker::new(),
@@ -475,14 +502,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// A denied connect becomes a `sessions` row (outcome `denied`) and an
-/// `events` row (kind `connection_denied`) with the rule that denied it.
+/// A refusal made in the kernel becomes a `sessions` row (outcome `denied`)
+/// and an `events` row naming the rule: `egress:deny` (TCP, UDP, raw/ICMP
+/// sockets), `identity:netns` (a loop in its own network namespace),
+/// `bind:target` (a listener on a target's address or the proxy port).
 fn record_denial(
     audit: &dyn AuditSink,
     workloads: &WorkloadResolver,
     host: &str,
     rec: &loopgate_common::ConnRecord,
 ) {
+    use loopgate_common::{
+        DENY_BIND, DENY_EGRESS_UDP, DENY_NETNS, DENY_SOCKET, SOCK_DGRAM, SOCK_RAW,
+    };
     let wl = workloads.resolve(&ebpf::cgroup_ids(rec));
     let destination = ebpf::original_destination(rec);
     let workload = wl
@@ -490,9 +522,47 @@ fn record_denial(
         .map(|w| w.workload.clone())
         .unwrap_or_else(|| format!("(cgroup {})", rec.cgroup_id));
     let at = audit::micros(ebpf::ktime_to_system(rec.ktime_ns));
-    tracing::info!(%workload, %destination, pid = rec.tgid, comm = %ebpf::comm(rec), "egress connect denied");
+    let protocol = match (rec.sock_type, rec.protocol) {
+        (SOCK_DGRAM, 1 | 58) => "icmp",
+        (SOCK_DGRAM, _) => "udp",
+        (SOCK_RAW, _) => "raw",
+        _ => "tcp",
+    };
+    let (kind, rule_id, request, reason) = match rec.reason {
+        DENY_NETNS => (
+            "connection_denied",
+            "identity:netns",
+            format!("connect {protocol} {destination}"),
+            "the loop runs in a network namespace other than the agent's; loopgate does not support loops in their own network namespaces yet",
+        ),
+        DENY_EGRESS_UDP => (
+            "connection_denied",
+            "egress:deny",
+            format!("send udp {destination}"),
+            "egress deny: UDP may only reach the host's resolvers on port 53",
+        ),
+        DENY_BIND => (
+            "bind_denied",
+            "bind:target",
+            format!("bind {destination}"),
+            "a tagged loop may not listen on a registered target's address and port or on the proxy port",
+        ),
+        DENY_SOCKET => (
+            "socket_denied",
+            "egress:deny",
+            format!("socket {protocol} (ip protocol {})", rec.protocol),
+            "egress deny: raw and ICMP sockets are refused to tagged loops",
+        ),
+        // DENY_EGRESS_TCP, and any reason a newer kernel object may add.
+        _ => (
+            "connection_denied",
+            "egress:deny",
+            format!("connect {destination}"),
+            "egress deny: destination is not a registered target",
+        ),
+    };
+    tracing::info!(%workload, %request, rule = rule_id, pid = rec.tgid, comm = %ebpf::comm(rec), "denied in the kernel");
     let id = Uuid::now_v7();
-    let reason = "egress deny: destination is not a registered target";
     audit.record(Record::Session(SessionRow {
         session_id: id,
         version: 2,
@@ -500,7 +570,7 @@ fn record_denial(
         workload: workload.clone(),
         cgroup: wl.map(|w| w.cgroup).unwrap_or_default(),
         target: "(egress)".into(),
-        protocol: "tcp".into(),
+        protocol: protocol.into(),
         destination: destination.to_string(),
         pid: rec.pid,
         tgid: rec.tgid,
@@ -523,11 +593,11 @@ fn record_denial(
         host: host.to_owned(),
         workload,
         target: "(egress)".into(),
-        protocol: "tcp".into(),
-        kind: "connection_denied".into(),
-        request: format!("connect {destination}"),
+        protocol: protocol.into(),
+        kind: kind.into(),
+        request,
         verdict: "deny".into(),
-        rule_id: "egress:deny".into(),
+        rule_id: rule_id.into(),
         reason: reason.into(),
         pid: rec.tgid,
         uid: rec.uid,

@@ -28,8 +28,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use loopgate_common::{
-    ConnRecord, FlowKey, Settings, TargetKey, TargetValue, EGRESS_ALLOW, EGRESS_AUDIT, EGRESS_DENY,
-    MAPS_ABI, STAT_COUNT, V4_MAPPED_WORD,
+    ConnRecord, FlowKey, PortKey, Settings, TargetKey, TargetValue, EGRESS_ALLOW, EGRESS_AUDIT,
+    EGRESS_DENY, MAPS_ABI, STAT_COUNT, V4_MAPPED_WORD,
 };
 use serde::Serialize;
 
@@ -45,6 +45,11 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("lg_getpeername6", "cgroup/getpeername6"),
     ("lg_sock_release", "cgroup/sock_release"),
     ("lg_sockops", "sockops"),
+    ("lg_bind4", "cgroup/bind4"),
+    ("lg_bind6", "cgroup/bind6"),
+    ("lg_sock_create", "cgroup/sock_create"),
+    ("lg_sendmsg4", "cgroup/sendmsg4"),
+    ("lg_sendmsg6", "cgroup/sendmsg6"),
     ("lg_connect4", "cgroup/connect4"),
     ("lg_connect6", "cgroup/connect6"),
 ];
@@ -55,6 +60,7 @@ pub const STAT_NAMES: &[&str] = &[
     "denial_events_lost",
     "record_failed",
     "flows_rekeyed",
+    "flows_dropped",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +121,7 @@ pub struct Kernel {
     /// Keeps the loaded programs' fds for the life of the agent.
     _ebpf: Ebpf,
     targets: Mutex<HashMap<MapData, TargetKey, TargetValue>>,
+    target_ports: Mutex<HashMap<MapData, PortKey, u32>>,
     flows: Mutex<HashMap<MapData, FlowKey, ConnRecord>>,
     stats: PerCpuArray<MapData, u64>,
     denials: Mutex<Option<RingBuf<MapData>>>,
@@ -129,6 +136,10 @@ pub struct LoadOptions<'a> {
     pub proxy_port: u16,
     pub egress: Egress,
     pub targets: &'a StdHashMap<TargetKey, TargetValue>,
+    /// The host's DNS resolvers: the only UDP destinations under egress deny.
+    pub resolvers: &'a [IpAddr],
+    /// The agent's network namespace cookie (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
     pub log_level: u8,
 }
 
@@ -181,6 +192,8 @@ impl Kernel {
 
         let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, "SETTINGS")?;
         let targets: HashMap<MapData, TargetKey, TargetValue> = take_map(&mut ebpf, "TARGETS")?;
+        let target_ports: HashMap<MapData, PortKey, u32> = take_map(&mut ebpf, "TARGET_PORTS")?;
+        let mut resolvers: HashMap<MapData, TargetKey, u32> = take_map(&mut ebpf, "RESOLVERS")?;
         let flows: HashMap<MapData, FlowKey, ConnRecord> = take_map(&mut ebpf, "FLOWS")?;
         let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "STATS")?;
         let denials: RingBuf<MapData> = take_map(&mut ebpf, "DENIALS")?;
@@ -194,6 +207,7 @@ impl Kernel {
                     proxy_port: opts.proxy_port,
                     _pad: 0,
                     egress: egress_code(opts.egress),
+                    netns_cookie: opts.netns_cookie,
                 },
                 0,
             )
@@ -201,8 +215,21 @@ impl Kernel {
                 name: "SETTINGS",
                 source,
             })?;
+        let stale: Vec<TargetKey> = resolvers.keys().filter_map(Result::ok).collect();
+        for k in stale {
+            let _ = resolvers.remove(&k);
+        }
+        for ip in opts.resolvers {
+            resolvers
+                .insert(target_key(SocketAddr::new(*ip, 53)), 1, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: "RESOLVERS",
+                    source,
+                })?;
+        }
         let kernel_targets = Mutex::new(targets);
-        sync_targets(&kernel_targets, opts.targets)?;
+        let target_ports = Mutex::new(target_ports);
+        sync_targets(&kernel_targets, &target_ports, opts.targets)?;
 
         for (name, _) in PROGRAMS {
             let prog = ebpf
@@ -255,6 +282,7 @@ impl Kernel {
         Ok(Self {
             _ebpf: ebpf,
             targets: kernel_targets,
+            target_ports,
             flows: Mutex::new(flows),
             stats,
             denials: Mutex::new(Some(denials)),
@@ -269,12 +297,19 @@ impl Kernel {
         &self,
         desired: &StdHashMap<TargetKey, TargetValue>,
     ) -> Result<(), EbpfError> {
-        sync_targets(&self.targets, desired)
+        sync_targets(&self.targets, &self.target_ports, desired)
     }
 
-    /// Takes (looks up and deletes) the record of an accepted connection.
-    pub fn take_flow(&self, peer: SocketAddr) -> Option<ConnRecord> {
-        let key = flow_key(peer);
+    /// Takes (looks up and deletes) the record of an accepted connection:
+    /// `peer` is the loop's socket address, `local` the proxy listener's, both
+    /// as `accept()` reports them, in the namespace `netns_cookie`.
+    pub fn take_flow(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        netns_cookie: u64,
+    ) -> Option<ConnRecord> {
+        let key = flow_key(peer, local, netns_cookie);
         let mut flows = self.flows.lock().ok()?;
         let rec = flows.get(&key, 0).ok()?;
         let _ = flows.remove(&key);
@@ -317,8 +352,33 @@ where
 
 fn sync_targets(
     map: &Mutex<HashMap<MapData, TargetKey, TargetValue>>,
+    ports: &Mutex<HashMap<MapData, PortKey, u32>>,
     desired: &StdHashMap<TargetKey, TargetValue>,
 ) -> Result<(), EbpfError> {
+    {
+        // Ports first: the bind guard never lags behind the redirect.
+        let mut p = ports
+            .lock()
+            .map_err(|_| EbpfError::MissingMap("TARGET_PORTS"))?;
+        let want: std::collections::HashSet<PortKey> = desired
+            .keys()
+            .map(|k| PortKey {
+                port: k.port as u32,
+            })
+            .collect();
+        for k in want.iter() {
+            p.insert(k, 1, 0).map_err(|source| EbpfError::Map {
+                name: "TARGET_PORTS",
+                source,
+            })?;
+        }
+        let existing: Vec<PortKey> = p.keys().filter_map(Result::ok).collect();
+        for k in existing {
+            if !want.contains(&k) {
+                let _ = p.remove(&k);
+            }
+        }
+    }
     let mut m = map.lock().map_err(|_| EbpfError::MissingMap("TARGETS"))?;
     let existing: Vec<TargetKey> = m.keys().filter_map(Result::ok).collect();
     for k in existing {
@@ -535,18 +595,60 @@ pub fn target_key(addr: SocketAddr) -> TargetKey {
     }
 }
 
-pub fn flow_key(peer: SocketAddr) -> FlowKey {
-    let ip = match peer.ip() {
+/// An address in the form the kernel programs key flows by: IPv4 and
+/// IPv4-mapped IPv6 alike as `::ffff:a.b.c.d`.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
             .map(IpAddr::V4)
             .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
-    };
-    FlowKey {
-        addr: to_words(ip),
-        port: peer.port() as u32,
     }
+}
+
+pub fn flow_key(peer: SocketAddr, local: SocketAddr, netns_cookie: u64) -> FlowKey {
+    FlowKey {
+        src: to_words(canonical_ip(peer.ip())),
+        dst: to_words(canonical_ip(local.ip())),
+        src_port: peer.port(),
+        dst_port: local.port(),
+        _pad: 0,
+        netns_cookie,
+    }
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`).
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt with a valid socket and an 8-byte out buffer.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// `nameserver` addresses of a resolv.conf.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver"))
+                .then(|| w.next()?.split('%').next()?.parse().ok())
+                .flatten()
+        })
+        .collect()
 }
 
 pub fn original_destination(rec: &ConnRecord) -> SocketAddr {
@@ -576,15 +678,20 @@ pub fn comm(rec: &ConnRecord) -> String {
     String::from_utf8_lossy(&rec.comm[..end]).into_owned()
 }
 
-/// Converts a `bpf_ktime_get_ns()` timestamp to wall-clock time.
-pub fn ktime_to_system(ktime_ns: u64) -> std::time::SystemTime {
+/// `bpf_ktime_get_ns()` now (CLOCK_MONOTONIC).
+pub fn ktime_now() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let mono_now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Converts a `bpf_ktime_get_ns()` timestamp to wall-clock time.
+pub fn ktime_to_system(ktime_ns: u64) -> std::time::SystemTime {
+    let mono_now = ktime_now();
     let now = std::time::SystemTime::now();
     now - std::time::Duration::from_nanos(mono_now.saturating_sub(ktime_ns))
 }
@@ -646,8 +753,41 @@ mod tests {
 
     #[test]
     fn flow_key_of_mapped_peer_equals_v4() {
-        let a = flow_key("127.0.0.1:40000".parse().unwrap());
-        let b = flow_key("[::ffff:127.0.0.1]:40000".parse().unwrap());
+        let a = flow_key(
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:901".parse().unwrap(),
+            7,
+        );
+        let b = flow_key(
+            "[::ffff:127.0.0.1]:40000".parse().unwrap(),
+            "[::ffff:127.0.0.1]:901".parse().unwrap(),
+            7,
+        );
         assert_eq!(a, b);
+        // Another namespace or another listener is another flow.
+        let c = flow_key(
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:901".parse().unwrap(),
+            8,
+        );
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn nameservers_from_resolv_conf() {
+        let t =
+            "# comment\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nsearch x\nnameserver bogus\n";
+        assert_eq!(
+            resolv_conf_nameservers(t),
+            vec![
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "fe80::1".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn own_netns_cookie_is_known() {
+        assert_ne!(own_netns_cookie().unwrap(), 0);
     }
 }

@@ -10,6 +10,8 @@
 //! - [`targets`]: registered targets, host name resolution, the target map.
 //! - [`policy`]: policy files, compilation, pure evaluation, hot reload.
 //! - [`proxy`]: accept, original destination + identity, session tracking.
+//! - [`sockdiag`]: kernel socket lookups by 4-tuple (peer cookie check, the
+//!   cgroup of a local listener).
 //! - [`protocol`]: protocol handlers (raw TCP so far).
 //! - [`audit`]: the audit sink (queue → durable spool → ClickHouse), schema,
 //!   migrations, and the queries behind `sessions` and `replay`.
@@ -43,5 +45,6 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod secrets;
+pub mod sockdiag;
 pub mod targets;
 pub mod telemetry;

@@ -16,6 +16,7 @@ use std::{
 
 use std::os::fd::{AsRawFd, RawFd};
 
+use loopgate_common::ConnRecord;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -53,6 +54,11 @@ pub struct Proxy {
     pub host: String,
     pub sessions: SessionTable,
     pub connect_timeout: Duration,
+    /// The agent's network namespace: redirect records from any other are void.
+    pub netns_cookie: u64,
+    /// Refusals of unidentified connections recorded in the current second
+    /// (bounded, so a loop hammering the proxy port cannot flood the audit).
+    pub unidentified: UnidentifiedLimiter,
     /// Stops accepting (graceful shutdown begins).
     pub stop_accepting: CancellationToken,
     /// Closes open sessions (the grace period is over).
@@ -86,6 +92,47 @@ enum Handler {
     Tcp,
     Http,
     Postgres,
+}
+
+/// At most [`UNIDENTIFIED_PER_SEC`] refusals of unidentified connections are
+/// recorded per second; the rest are counted and logged once a second.
+#[derive(Default)]
+pub struct UnidentifiedLimiter {
+    inner: Mutex<(u64, u32, u64)>,
+}
+
+pub const UNIDENTIFIED_PER_SEC: u32 = 50;
+
+impl UnidentifiedLimiter {
+    /// Whether this refusal is recorded; the number suppressed in the
+    /// previous second when a new second starts.
+    fn admit(&self) -> (bool, u64) {
+        let now = crate::ebpf::ktime_now() / 1_000_000_000;
+        let Ok(mut g) = self.inner.lock() else {
+            return (false, 0);
+        };
+        let (sec, n, dropped) = &mut *g;
+        let mut report = 0;
+        if *sec != now {
+            report = *dropped;
+            *sec = now;
+            *n = 0;
+            *dropped = 0;
+        }
+        if *n < UNIDENTIFIED_PER_SEC {
+            *n += 1;
+            (true, report)
+        } else {
+            *dropped += 1;
+            (false, report)
+        }
+    }
+}
+
+/// Why the proxy would not serve an accepted connection as anyone.
+struct Unidentified {
+    rule_id: &'static str,
+    reason: String,
 }
 
 /// Sessions in flight, for `loopgate status`.
@@ -244,22 +291,27 @@ async fn client_hung_up(fd: RawFd) {
     }
 }
 
-/// Binds the proxy listeners on 127.0.0.1 and ::1.
+/// Accept backlog of both proxy listeners: a burst of loop connects must not
+/// wait for SYN retransmits.
+pub const BACKLOG: u32 = 4096;
+
+/// Binds the proxy listeners on 127.0.0.1 and ::1. Both are required: a
+/// missing `[::1]` listener would leave IPv6 redirects to whoever binds it.
 pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
-    let mut out = vec![TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?];
-    let v6 = tokio::net::TcpSocket::new_v6().and_then(|s| {
-        socket2_v6only(&s)?;
+    let v4 = tokio::net::TcpSocket::new_v4().and_then(|s| {
         s.set_reuseaddr(true)?;
-        s.bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)))?;
-        s.listen(4096)
-    });
-    match v6 {
-        Ok(l) => out.push(l),
-        Err(e) => {
-            tracing::warn!(error = %e, "no IPv6 proxy listener on [::1]; IPv6 targets will be refused")
-        }
-    }
-    Ok(out)
+        s.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+        s.listen(BACKLOG)
+    })?;
+    let v6 = tokio::net::TcpSocket::new_v6()
+        .and_then(|s| {
+            socket2_v6only(&s)?;
+            s.set_reuseaddr(true)?;
+            s.bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)))?;
+            s.listen(BACKLOG)
+        })
+        .map_err(|e| std::io::Error::new(e.kind(), format!("[::1]:{port}: {e}")))?;
+    Ok(vec![v4, v6])
 }
 
 fn socket2_v6only(s: &tokio::net::TcpSocket) -> std::io::Result<()> {
@@ -443,10 +495,116 @@ impl Proxy {
         tracing::debug!(listener = ?local, "stopped accepting");
     }
 
-    async fn handle(self: Arc<Self>, sock: TcpStream, peer: SocketAddr) {
-        let Some(rec) = self.kernel.take_flow(peer) else {
-            tracing::warn!(%peer, "connection to the proxy without a redirect record; closing");
+    /// The kernel's record of the loop socket behind an accepted connection,
+    /// or why there is none. The record is keyed by the full 4-tuple and
+    /// this namespace, must be younger than the connect timeout, and must
+    /// belong to the very socket at the other end (sock_diag cookie check).
+    fn identify(&self, peer: SocketAddr, local: SocketAddr) -> Result<ConnRecord, Unidentified> {
+        let Some(rec) = self.kernel.take_flow(peer, local, self.netns_cookie) else {
+            return Err(Unidentified {
+                rule_id: "identity:no-record",
+                reason: "no redirect record for this connection: only a tagged loop's redirected connect is served".into(),
+            });
+        };
+        if rec.netns_cookie != self.netns_cookie {
+            return Err(Unidentified {
+                rule_id: "identity:netns",
+                reason: "the redirect record belongs to another network namespace".into(),
+            });
+        }
+        let age = Duration::from_nanos(crate::ebpf::ktime_now().saturating_sub(rec.ktime_ns));
+        if age > self.connect_timeout.max(Duration::from_secs(1)) {
+            return Err(Unidentified {
+                rule_id: "identity:stale",
+                reason: format!(
+                    "the redirect record is {} ms old, older than the connect timeout",
+                    age.as_millis()
+                ),
+            });
+        }
+        match crate::sockdiag::peer_is(peer, local, rec.socket_cookie) {
+            Ok(true) => Ok(rec),
+            Ok(false) => Err(Unidentified {
+                rule_id: "identity:peer",
+                reason: "the redirect record belongs to another socket than this connection's peer"
+                    .into(),
+            }),
+            Err(e) => Err(Unidentified {
+                rule_id: "identity:peer",
+                reason: format!(
+                    "cannot check that the redirect record belongs to the peer socket: {e}"
+                ),
+            }),
+        }
+    }
+
+    /// Records (rate-limited) and logs a connection served as no one.
+    fn refuse_unidentified(&self, peer: SocketAddr, local: SocketAddr, why: Unidentified) {
+        self.metrics.decision("deny", why.rule_id);
+        let (record, suppressed) = self.unidentified.admit();
+        if suppressed > 0 {
+            tracing::warn!(
+                suppressed,
+                "more unidentified connections were refused than are recorded per second"
+            );
+        }
+        tracing::warn!(%peer, rule = why.rule_id, reason = %why.reason, "connection to the proxy refused");
+        if !record {
             return;
+        }
+        let now = now_micros();
+        let session_id = Uuid::now_v7();
+        let row = SessionRow {
+            session_id,
+            version: 2,
+            host: self.host.clone(),
+            workload: "(unidentified)".into(),
+            cgroup: String::new(),
+            target: "(proxy)".into(),
+            protocol: "tcp".into(),
+            destination: local.to_string(),
+            pid: 0,
+            tgid: 0,
+            uid: 0,
+            gid: 0,
+            comm: String::new(),
+            cgroup_id: 0,
+            netns_cookie: self.netns_cookie,
+            started_at: now,
+            ended_at: now,
+            bytes_up: 0,
+            bytes_down: 0,
+            outcome: "denied".into(),
+            detail: why.reason.clone(),
+        };
+        self.event(
+            &row,
+            "connect",
+            &format!("connect {local} from {peer}"),
+            "deny",
+            why.rule_id,
+            &why.reason,
+            Vec::new(),
+        );
+        self.audit.record(Record::Session(row));
+    }
+
+    async fn handle(self: Arc<Self>, sock: TcpStream, peer: SocketAddr) {
+        let local = match sock.local_addr() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "accepted socket without a local address; closing");
+                return;
+            }
+        };
+        let rec = match self.identify(peer, local) {
+            Ok(rec) => rec,
+            Err(why) => {
+                let _ = sock.set_zero_linger();
+                drop(sock);
+                self.refuse_unidentified(peer, local, why);
+                return;
+            }
         };
         let destination = original_destination(&rec);
         let wl = self.workloads.resolve(&crate::ebpf::cgroup_ids(&rec));
@@ -529,7 +687,32 @@ impl Proxy {
             );
             Some(reason)
         };
+        // The stored credential goes only to the real server: a listener
+        // that a tagged loop owns at the target's address (bound before it
+        // became a target, or before the agent started) gets nothing.
+        let injects = !matches!(handler, Handler::Tcp)
+            && self
+                .credentials
+                .get(&row.target)
+                .is_some_and(|c| c.password.is_some() || c.authorization.is_some());
+        let tagged_listener = if injects {
+            match crate::sockdiag::listener_cgroup(destination) {
+                Ok(Some(cg)) if self.workloads.is_tagged(cg) => Some(format!(
+                    "the listener at {destination} belongs to a tagged loop (cgroup {cg}); the stored credential is not sent to it"
+                )),
+                Ok(_) => None,
+                Err(e) => Some(format!(
+                    "cannot check who listens at {destination}: {e}"
+                )),
+            }
+        } else {
+            None
+        };
         let refusal = match (&jwt, handler) {
+            _ if tagged_listener.is_some() => refuse(
+                "listener:tagged".into(),
+                tagged_listener.clone().unwrap_or_default(),
+            ),
             _ if unseen_request_rule.is_some() => {
                 let rule_id = unseen_request_rule.unwrap_or_default();
                 let reason = format!(

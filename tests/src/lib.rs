@@ -72,6 +72,24 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A free port below 1024 on 127.0.0.1 and ::1: the proxy port of a test
+/// agent (the agent refuses ports any local user could bind).
+pub fn free_privileged_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let start = (std::process::id() as usize * 7919) % 400;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 600 + ((start + n * 37) % 420) as u16;
+        let Ok(l) = TcpListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
+        if TcpListener::bind(("::1", port)).is_ok() {
+            drop(l);
+            return port;
+        }
+    }
+}
+
 /// Config of a test agent; `extra` is appended verbatim (targets, workloads).
 pub struct AgentSpec {
     pub name: String,
@@ -143,7 +161,7 @@ impl Agent {
         // Loops run as nobody and must be able to read their scripts here.
         set_mode(dir.path(), 0o755);
         let root = format!("lgt-{}", spec.name);
-        let port = free_port();
+        let port = free_privileged_port();
         let policies = dir.path().join("policies");
         std::fs::create_dir_all(&policies).expect("policies dir");
         for (name, text) in &spec.policies {

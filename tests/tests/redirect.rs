@@ -2,6 +2,8 @@
 
 use loopgate_e2e::*;
 
+/// Kernel programs the agent attaches per attach point.
+const PROGRAMS: usize = 11;
 const BODY: &str = "hello from the orders api\n";
 
 #[test]
@@ -373,7 +375,7 @@ fn killed_agent_fails_closed_and_restart_takes_over_without_retagging() {
     agent.spawn();
     let st = agent.status();
     let programs = st["programs"].as_array().unwrap();
-    assert_eq!(programs.len(), 6, "{st}");
+    assert_eq!(programs.len(), PROGRAMS, "{st}");
     assert!(
         programs.iter().all(|p| p["how"] == "updated"),
         "pinned links re-used: {st}"
@@ -464,7 +466,19 @@ fn connection_to_the_proxy_without_a_record_is_closed_and_others_continue() {
         &["127.10.1.10", &echo.addr.port().to_string()],
     );
     assert_eq!(stdout(&out).trim(), "ok ping", "{}", stderr(&out));
-    assert!(agent.log().contains("without a redirect record"));
+    // The refusal is recorded, as no one.
+    let s = agent.wait_sessions("the unidentified connection recorded", |s| {
+        s.iter().any(|r| r["workload"] == "(unidentified)")
+    });
+    let r = s
+        .iter()
+        .find(|r| r["workload"] == "(unidentified)")
+        .unwrap();
+    assert_eq!(r["outcome"], "denied", "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("no redirect record"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -547,7 +561,7 @@ fn admin_group_members_are_served() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["programs"].as_array().unwrap().len(), 6);
+    assert_eq!(v["programs"].as_array().unwrap().len(), PROGRAMS);
 }
 
 const HOLD: &str = r#"

@@ -318,7 +318,7 @@ impl Bench {
         std::fs::write(
             &config,
             format!(
-                "[agent]\ncgroup_root = \"{root}\"\nproxy_port = {port}\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\n\n{targets}\n{extra}\n",
+                "[agent]\ncgroup_root = \"{root}\"\nproxy_port = {port}\nallow_unprivileged_port = true\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\n\n{targets}\n{extra}\n",
                 d = d.display(),
             ),
         )?;

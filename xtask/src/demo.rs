@@ -22,7 +22,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{build_debug, env, setup};
 
 const ROOT: &str = "loopgate-demo";
-const PORT: u16 = 15091;
+const PORT: u16 = 991;
 const SERVER: &str = "127.10.0.80";
 
 struct Guard {
