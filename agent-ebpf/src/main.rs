@@ -536,16 +536,14 @@ pub fn lg_sock_create(ctx: SockContext) -> i32 {
 pub fn lg_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => rekey(&ctx),
-        BPF_SOCK_OPS_STATE_CB => {
-            // args: old state, new state. A socket that reaches TCP_CLOSE
-            // (its connect failed, it was reset, or it is done) can never be
-            // accepted by the proxy again: its flow record goes.
-            if ctx.arg(1) == TCP_CLOSE {
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                if let Some(rec) = unsafe { BY_COOKIE.get(cookie) } {
-                    if FLOWS.remove(&rec.flow).is_ok() {
-                        count(STAT_FLOW_DROPPED);
-                    }
+        // args: old state, new state. A socket that reaches TCP_CLOSE (its
+        // connect failed, it was reset, or it is done) can never be accepted
+        // by the proxy again: its flow record goes.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            if let Some(rec) = unsafe { BY_COOKIE.get(cookie) } {
+                if FLOWS.remove(rec.flow).is_ok() {
+                    count(STAT_FLOW_DROPPED);
                 }
             }
         }
@@ -599,7 +597,7 @@ fn rekey(ctx: &SockOpsContext) {
         netns_cookie: rec.netns_cookie,
     };
     let key = rec.flow;
-    if FLOWS.insert(&key, &*rec, 0).is_ok() {
+    if FLOWS.insert(key, *rec, 0).is_ok() {
         count(STAT_FLOW_REKEYED);
     } else {
         count(STAT_RECORD_FAILED);
@@ -650,7 +648,7 @@ pub fn lg_sock_release(ctx: SockContext) -> i32 {
         // the proxy: its flow record goes with the socket. An established one
         // may sit in the proxy's accept queue, its data already sent; the proxy
         // takes that record and checks that its peer is still this socket.
-        if (state == TCP_SYN_SENT || state == TCP_CLOSE) && FLOWS.remove(&rec.flow).is_ok() {
+        if (state == TCP_SYN_SENT || state == TCP_CLOSE) && FLOWS.remove(rec.flow).is_ok() {
             count(STAT_FLOW_DROPPED);
         }
     }
