@@ -75,6 +75,10 @@ pub enum Outcome {
     TimedOut,
     /// The agent is shutting down.
     Cancelled,
+    /// The workload already has as many requests held as it may.
+    TooManyPending {
+        held: usize,
+    },
 }
 
 /// (workload, target, rule, JWT subject, session for `grant = "session"`)
@@ -95,6 +99,8 @@ pub struct Approvals {
     host: String,
     metrics: Arc<crate::metrics::Metrics>,
     notifier: Option<crate::notify::Notifier>,
+    /// Requests one workload may have held at once.
+    max_pending_per_workload: usize,
 }
 
 /// The approval request as recorded.
@@ -175,7 +181,13 @@ impl Approvals {
             host,
             metrics,
             notifier: None,
+            max_pending_per_workload: 16,
         }
+    }
+
+    pub fn with_max_pending_per_workload(mut self, n: usize) -> Self {
+        self.max_pending_per_workload = n.max(1);
+        self
     }
 
     pub fn with_notifier(mut self, n: crate::notify::Notifier) -> Self {
@@ -218,6 +230,19 @@ impl Approvals {
                 approver: approver.clone(),
                 reason: format!("within a grant by {approver}"),
             };
+        }
+        let held_now = self
+            .pending
+            .lock()
+            .map(|p| {
+                p.values()
+                    .filter(|x| x.held.workload == held.workload)
+                    .count()
+            })
+            .unwrap_or(0);
+        if held_now >= self.max_pending_per_workload {
+            tracing::warn!(workload = %held.workload, held = held_now, "approval request refused: too many held for this workload");
+            return Outcome::TooManyPending { held: held_now };
         }
         let requested_at = now_micros();
         held.requested_at = timestamp(requested_at);
@@ -277,6 +302,7 @@ impl Approvals {
                 "",
                 "the loop hung up or the agent shut down before a decision".to_owned(),
             ),
+            Outcome::TooManyPending { .. } => ("refused", "", String::new()),
         };
         self.record(row(
             &held,

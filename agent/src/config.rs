@@ -70,6 +70,16 @@ pub struct AgentConfig {
     /// Allow a `proxy_port` any local user could bind (tests, development).
     #[serde(default)]
     pub allow_unprivileged_port: bool,
+    /// Sessions open at once, over all workloads (also bounded by the open
+    /// file limit, less a reserve for the admin socket and the spool).
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// Sessions open at once per workload: one loop cannot starve the others.
+    #[serde(default = "default_max_sessions_per_workload")]
+    pub max_sessions_per_workload: usize,
+    /// A raw TCP session with no bytes either way for this long is closed.
+    #[serde(default = "default_tcp_idle_timeout")]
+    pub tcp_idle_timeout_secs: u64,
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
     /// Loopback address of the admin HTTP port (`/metrics`, the approval page).
@@ -149,6 +159,21 @@ pub struct AuditConfig {
     /// Longest wait between INSERTs while the spool has records to ship.
     #[serde(default = "default_flush_interval_ms")]
     pub flush_interval_ms: u64,
+    /// When the spool cannot take records (disk full): `refuse` new sessions
+    /// (strict recording; open ones continue) or `continue` unrecorded.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Payload captured per workload and hour, over all its sessions.
+    #[serde(default = "default_capture_workload_bytes")]
+    pub capture_workload_bytes_per_hour: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    #[default]
+    Refuse,
+    Continue,
 }
 
 impl Default for AuditConfig {
@@ -161,6 +186,8 @@ impl Default for AuditConfig {
             retention_days: default_retention_days(),
             capture_bytes: default_capture_bytes(),
             flush_interval_ms: default_flush_interval_ms(),
+            on_failure: OnFailure::default(),
+            capture_workload_bytes_per_hour: default_capture_workload_bytes(),
         }
     }
 }
@@ -265,6 +292,17 @@ pub struct ApprovalsConfig {
     /// `http://127.0.0.1:15002/approvals`.
     #[serde(default)]
     pub page_url: Option<String>,
+    /// Requests one workload may have held at once (default 16); more are
+    /// refused at once, so one loop cannot flood the approvers.
+    #[serde(default)]
+    pub max_pending_per_workload: Option<usize>,
+}
+
+impl ApprovalsConfig {
+    pub fn max_pending(&self) -> usize {
+        self.max_pending_per_workload
+            .unwrap_or_else(default_max_pending_approvals)
+    }
 }
 
 impl fmt::Debug for ApprovalsConfig {
@@ -272,6 +310,7 @@ impl fmt::Debug for ApprovalsConfig {
         f.debug_struct("ApprovalsConfig")
             .field("webhooks", &self.webhooks.len())
             .field("page_url", &self.page_url)
+            .field("max_pending_per_workload", &self.max_pending_per_workload)
             .finish()
     }
 }
@@ -389,6 +428,21 @@ fn default_retention_days() -> u32 {
 }
 fn default_capture_bytes() -> u64 {
     1 << 20
+}
+fn default_capture_workload_bytes() -> u64 {
+    1 << 30
+}
+fn default_max_sessions() -> usize {
+    8192
+}
+fn default_max_sessions_per_workload() -> usize {
+    1024
+}
+fn default_tcp_idle_timeout() -> u64 {
+    3600
+}
+fn default_max_pending_approvals() -> usize {
+    16
 }
 fn default_flush_interval_ms() -> u64 {
     1000
@@ -817,7 +871,7 @@ mod tests {
     fn the_shipped_example_config_parses() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/agent.toml");
         let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.agent.proxy_port, 1501);
+        assert_eq!(c.agent.proxy_port, 975);
         assert_eq!(c.targets[0].name, "orders-db");
         assert_eq!(c.approvers[0].name, "alice");
     }

@@ -332,9 +332,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     ));
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let approvals = Arc::new(
-        Approvals::new(approver_uids, audit.clone(), host.clone(), metrics.clone()).with_notifier(
-            crate::notify::Notifier::new(&cfg.approvals.webhooks, cfg.approvals.page_url.clone()),
-        ),
+        Approvals::new(approver_uids, audit.clone(), host.clone(), metrics.clone())
+            .with_notifier(crate::notify::Notifier::new(
+                &cfg.approvals.webhooks,
+                cfg.approvals.page_url.clone(),
+            ))
+            .with_max_pending_per_workload(cfg.approvals.max_pending()),
     );
     tokio::spawn(policy.clone().watch(Duration::from_secs(2), stop.clone()));
     let proxy = Arc::new(Proxy {

@@ -463,6 +463,10 @@ impl Proxy {
                     ApprovalOutcome::Cancelled => {
                         Some("the agent shut down while the request was held".into())
                     }
+                    ApprovalOutcome::TooManyPending { held } => Some(format!(
+                        "workload {} already has {held} requests held for approval (approvals.max_pending_per_workload)",
+                        row.workload
+                    )),
                 }
             }
         };

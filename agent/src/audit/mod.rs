@@ -38,6 +38,13 @@ pub use rows::{ApprovalRow, ChunkRow, EventRow, Record, SessionRow};
 /// Records held in memory before the writer takes them (then they are dropped
 /// and counted: the writer is far faster than the data path can produce).
 const QUEUE: usize = 1 << 20;
+/// ... and bytes: captured payload makes records large.
+const QUEUE_BYTES: usize = 64 << 20;
+/// Encoded records the writer keeps while the spool cannot take them (disk
+/// full), retrying, before new ones are dropped.
+const PENDING_BYTES: usize = 64 << 20;
+/// Retry interval of a failed spool write.
+const RETRY: Duration = Duration::from_millis(200);
 /// How long the writer gathers records before one write + fsync.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// A batch this large wakes the writer before the window is over.
@@ -78,6 +85,11 @@ pub trait AuditSink: Send + Sync {
     /// Queues a record. Never blocks.
     fn record(&self, rec: Record);
     fn stats(&self) -> SinkStats;
+    /// Why records cannot be written right now (`None`: recording works).
+    /// With `audit.on_failure = "refuse"` new sessions are refused meanwhile.
+    fn failing(&self) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -93,6 +105,10 @@ pub struct SinkStats {
     pub ship_errors: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Why the spool cannot take records right now (disk full, a full
+    /// queue); `None` while recording works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing: Option<String>,
 }
 
 /// Counters shared by the recorder and the shipper.
@@ -104,6 +120,23 @@ pub struct Counters {
     pub shipped: AtomicU64,
     pub ship_errors: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Set while records cannot be written (see [`SinkStats::failing`]).
+    pub failing: Mutex<Option<String>>,
+    failing_flag: std::sync::atomic::AtomicBool,
+}
+
+impl Counters {
+    fn set_failing(&self, why: Option<String>) {
+        self.failing_flag.store(why.is_some(), Ordering::Relaxed);
+        if let Ok(mut f) = self.failing.lock() {
+            *f = why;
+        }
+    }
+
+    /// Whether records cannot be written right now.
+    pub fn is_failing(&self) -> bool {
+        self.failing_flag.load(Ordering::Relaxed)
+    }
 }
 
 /// The audit sink: queue → spool (→ shipper, when ClickHouse is configured).
@@ -125,6 +158,8 @@ struct Shared {
 #[derive(Default)]
 struct Queue {
     records: Vec<Record>,
+    /// `approx_bytes` of `records`.
+    bytes: usize,
     /// The writer's emptied buffer, handed back so the queue never regrows
     /// (growing a large Vec of records cost page faults and copies).
     spare: Vec<Record>,
@@ -181,43 +216,63 @@ fn write_loop(
     notify: &tokio::sync::Notify,
     mut writer: spool::SpoolWriter,
 ) {
-    let mut buf = Vec::with_capacity(1 << 20);
+    // Framed records not yet on disk, and how many they are. A failed write
+    // (disk full) keeps them here and retries; only past PENDING_BYTES are
+    // new records dropped.
+    let mut pending: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut pending_n: u64 = 0;
     let mut payload = Vec::with_capacity(4096);
     loop {
         let (batch, closed) = {
             let Ok(mut q) = sh.queue.lock() else { return };
-            if q.records.is_empty() && !q.closed {
+            if q.records.is_empty() && !q.closed && pending_n == 0 {
                 q = match sh.wake.wait_timeout(q, BATCH_WINDOW) {
                     Ok((q, _)) => q,
                     Err(_) => return,
                 };
             }
             let spare = std::mem::take(&mut q.spare);
+            q.bytes = 0;
             (std::mem::replace(&mut q.records, spare), q.closed)
         };
         let mut batch = batch;
-        if !batch.is_empty() {
-            let n = batch.len() as u64;
-            buf.clear();
-            for rec in &batch {
-                payload.clear();
-                match postcard::to_io(rec, &mut payload) {
-                    Ok(_) => spool::frame(&payload, &mut buf),
-                    Err(e) => {
-                        c.dropped.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, table = rec.table(), "audit record could not be encoded; dropped");
-                    }
+        for rec in &batch {
+            if pending.len() >= PENDING_BYTES {
+                c.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            payload.clear();
+            match postcard::to_io(rec, &mut payload) {
+                Ok(_) => {
+                    spool::frame(&payload, &mut pending);
+                    pending_n += 1;
+                }
+                Err(e) => {
+                    c.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, table = rec.table(), "audit record could not be encoded; dropped");
                 }
             }
-            match writer.append(&buf) {
+        }
+        let mut failed = false;
+        if pending_n > 0 {
+            match writer.append(&pending) {
                 Ok(()) => {
-                    c.spooled.fetch_add(n, Ordering::Relaxed);
+                    c.spooled.fetch_add(pending_n, Ordering::Relaxed);
+                    pending.clear();
+                    pending_n = 0;
+                    if c.is_failing() {
+                        tracing::info!("the audit spool takes records again");
+                        c.set_failing(None);
+                    }
                     notify.notify_one();
                 }
                 Err(e) => {
+                    failed = true;
                     c.spool_errors.fetch_add(1, Ordering::Relaxed);
-                    c.dropped.fetch_add(n, Ordering::Relaxed);
-                    tracing::error!(error = %e, records = n, "audit spool write failed; records lost");
+                    if !c.is_failing() {
+                        tracing::error!(error = %e, records = pending_n, "audit spool write failed; records kept in memory and retried");
+                    }
+                    c.set_failing(Some(format!("the audit spool cannot be written: {e}")));
                 }
             }
         }
@@ -229,14 +284,23 @@ fn write_loop(
             }
         }
         if closed {
-            if sh
+            let empty = sh
                 .queue
                 .lock()
                 .map(|q| q.records.is_empty())
-                .unwrap_or(true)
-            {
+                .unwrap_or(true);
+            if empty && (pending_n == 0 || failed) {
+                if pending_n > 0 {
+                    c.dropped.fetch_add(pending_n, Ordering::Relaxed);
+                    tracing::error!(
+                        records = pending_n,
+                        "agent stopping with audit records the spool could not take; they are lost"
+                    );
+                }
                 return;
             }
+        } else if failed {
+            std::thread::sleep(RETRY);
         } else if n_batch < BATCH_RECORDS {
             std::thread::sleep(BATCH_WINDOW);
         }
@@ -245,8 +309,10 @@ fn write_loop(
 
 impl AuditSink for Recorder {
     fn record(&self, rec: Record) {
+        let size = rec.approx_bytes();
         let accepted = match self.shared.queue.lock() {
-            Ok(mut q) if !q.closed && q.records.len() < QUEUE => {
+            Ok(mut q) if !q.closed && q.records.len() < QUEUE && q.bytes + size <= QUEUE_BYTES => {
+                q.bytes += size;
                 q.records.push(rec);
                 if q.records.len() == BATCH_RECORDS {
                     self.shared.wake.notify_one();
@@ -256,6 +322,10 @@ impl AuditSink for Recorder {
             _ => false,
         };
         if !accepted {
+            if !self.counters.is_failing() {
+                self.counters
+                    .set_failing(Some("the audit queue is full".into()));
+            }
             let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 tracing::warn!(
@@ -282,7 +352,15 @@ impl AuditSink for Recorder {
             shipped: c.shipped.load(Ordering::Relaxed),
             ship_errors: c.ship_errors.load(Ordering::Relaxed),
             last_error: c.last_error.lock().ok().and_then(|e| e.clone()),
+            failing: self.failing(),
         }
+    }
+
+    fn failing(&self) -> Option<String> {
+        if !self.counters.is_failing() {
+            return None;
+        }
+        self.counters.failing.lock().ok().and_then(|f| f.clone())
     }
 }
 

@@ -121,6 +121,21 @@ pub enum Record {
 }
 
 impl Record {
+    /// Roughly what the record holds in memory (the audit queue is bounded
+    /// by bytes as well as by records).
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            Record::Chunk(c) => 96 + c.data.len(),
+            Record::Event(e) => {
+                256 + e.request.len()
+                    + e.reason.len()
+                    + e.attr_values.iter().map(String::len).sum::<usize>()
+            }
+            Record::Session(s) => 256 + s.detail.len(),
+            Record::Approval(_) => 512,
+        }
+    }
+
     pub fn table(&self) -> &'static str {
         match self {
             Record::Session(_) => "sessions",
