@@ -11,10 +11,17 @@
 //!    (`token_*` → `Bearer`, `username` + `password_*` → `Basic`), so the
 //!    upstream only ever sees the stored credential and the loop never does;
 //! 4. forwards it on the session's own upstream connection, and records the
-//!    response status.
+//!    response status;
+//! 5. sends the response on with the canonical reason phrase, every stored
+//!    credential masked in header values (a header whose name holds one is
+//!    dropped) and in the body, decoded first when the upstream compressed it
+//!    anyway (gzip, deflate; other encodings are refused with a 502), and
+//!    trailers dropped ([`body`]).
 //!
-//! Payload capture records the upstream side (after rewriting), so a loop's
-//! token never reaches the audit; the stored credential there is masked.
+//! Payload capture records what the agent writes: the request on the
+//! upstream side (after rewriting, so a loop's token never reaches the
+//! audit) and the response on the loop's side (decoded and masked, so a
+//! compressed credential does not reach it either).
 //! Protocol upgrades (WebSocket) are not supported yet: the upgrade headers
 //! are hop-by-hop and are not forwarded.
 
@@ -45,6 +52,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+mod body;
+
+use body::{BodyError, Coding, MaskBody};
+
 use super::tcp::{Capture, CaptureStream, Counters, Outcome, Side};
 use crate::{
     audit::SessionRow,
@@ -52,7 +63,6 @@ use crate::{
     identity::JwtVerifier,
     policy::{Request, CONNECT},
     proxy::{session_request, Proxy},
-    secrets::Masker,
 };
 
 type Body = Either<MaskBody, Full<Bytes>>;
@@ -102,6 +112,8 @@ pub(crate) struct Session {
     refused: Mutex<Option<String>>,
     /// The last upstream failure, for the session outcome.
     upstream_error: Mutex<Option<(&'static str, String)>>,
+    /// Why a response body was cut short (the connection ends with it).
+    body_error: Arc<Mutex<Option<String>>>,
     sender: tokio::sync::Mutex<Option<SendRequest<Incoming>>>,
     conn_tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -135,6 +147,7 @@ impl Session {
             client_fd,
             refused: Mutex::new(None),
             upstream_error: Mutex::new(None),
+            body_error: Arc::new(Mutex::new(None)),
             sender: tokio::sync::Mutex::new(None),
             conn_tasks: Mutex::new(Vec::new()),
         }
@@ -149,8 +162,9 @@ pub(crate) async fn serve(
     abort: CancellationToken,
 ) -> Outcome {
     let _ = client.set_nodelay(true);
-    // Bytes are counted on the loop's side; capture is on the upstream side.
-    let io = TokioIo::new(Tap::new(client, Some(counters), None, true));
+    // Bytes are counted on the loop's side; each side captures what the
+    // agent writes to it (here: responses, as the loop gets them).
+    let io = TokioIo::new(Tap::new(client, Some(counters), s.capture.clone(), true));
     let svc = {
         let s = s.clone();
         service_fn(move |req| {
@@ -182,7 +196,9 @@ pub(crate) async fn serve(
     if let Some(r) = s.refused.lock().ok().and_then(|mut r| r.take()) {
         return Outcome::new("denied", Some(r));
     }
+    let body_error = s.body_error.lock().ok().and_then(|mut b| b.take());
     match served {
+        Err(_) if body_error.is_some() => Outcome::new("upstream_error", body_error),
         Err(e) if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() => Outcome::new(
             "client_error",
             Some(format!("malformed HTTP from the loop: {e}")),
@@ -405,6 +421,39 @@ impl Session {
             *u = None;
         }
         let status = resp.status();
+        let masker = self.proxy.masker.clone();
+        // A body the masker could not read is not sent at all.
+        let coding = match masker.max_len() {
+            0 => Ok(Coding::Identity),
+            _ => body::coding(resp.headers()),
+        };
+        let coding = match coding {
+            Ok(c) => c,
+            Err(why) => {
+                tracing::warn!(upstream = %self.upstream, reason = %why, "HTTP response refused");
+                self.proxy
+                    .metrics
+                    .http_response(StatusCode::BAD_GATEWAY.as_u16());
+                self.proxy.event(
+                    &self.row,
+                    "response",
+                    &text,
+                    "deny",
+                    "",
+                    &why,
+                    vec![("status".into(), status.as_u16().to_string())],
+                );
+                return json(
+                    StatusCode::BAD_GATEWAY,
+                    serde_json::json!({
+                        "error": "loopgate: the upstream's response cannot be masked",
+                        "reason": why,
+                        "session_id": self.row.session_id,
+                    }),
+                    false,
+                );
+            }
+        };
         self.proxy.metrics.http_response(status.as_u16());
         self.proxy.event(
             &self.row,
@@ -416,18 +465,65 @@ impl Session {
             vec![("status".into(), status.as_u16().to_string())],
         );
         let (mut parts, body) = resp.into_parts();
+        // The upstream's reason phrase (kept by hyper as an extension) could
+        // carry anything: the loop gets the canonical one.
+        parts.extensions.clear();
         strip_hop_by_hop(&mut parts.headers);
+        if coding != Coding::Identity {
+            // The loop gets the decoded body, chunked.
+            for h in [
+                header::CONTENT_ENCODING,
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+            ] {
+                parts.headers.remove(h);
+            }
+        }
         // A stored credential the upstream echoes back never reaches the loop.
-        let masker = self.proxy.masker.clone();
-        for v in parts.headers.values_mut() {
+        let masked = self.capture_masked();
+        let mut any = false;
+        let mut leaky_names = Vec::new();
+        for (name, v) in parts.headers.iter_mut() {
+            let mut n = name.as_str().as_bytes().to_vec();
+            if masker.mask(&mut n) {
+                leaky_names.push(name.clone());
+            }
             let mut b = v.as_bytes().to_vec();
             if masker.mask(&mut b) {
+                any = true;
                 if let Ok(m) = HeaderValue::from_bytes(&b) {
                     *v = m;
                 }
             }
         }
-        Response::from_parts(parts, Either::Left(MaskBody::new(body, masker)))
+        for n in leaky_names {
+            any = true;
+            parts.headers.remove(n);
+        }
+        if any {
+            if let Some(m) = masked.as_ref().and_then(|m| m.lock().ok()).as_mut() {
+                **m = true;
+            }
+        }
+        let failed = self.body_error.clone();
+        let upstream = self.upstream;
+        let on_error: body::OnError = Arc::new(move |e: &BodyError| {
+            tracing::warn!(%upstream, error = %e, "HTTP response body cut short");
+            if let Ok(mut f) = failed.lock() {
+                *f = Some(e.to_string());
+            }
+        });
+        Response::from_parts(
+            parts,
+            Either::Left(MaskBody::new(body, masker, coding, masked, Some(on_error))),
+        )
+    }
+
+    /// The flag that marks the next captured response chunk as masked.
+    fn capture_masked(&self) -> Option<Arc<Mutex<bool>>> {
+        self.capture
+            .as_ref()
+            .and_then(|c| c.lock().ok().map(|c| c.down_masked.clone()))
     }
 
     /// The request's `Host` (or absolute-form authority) must name the
@@ -685,91 +781,9 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
     Ok(p)
 }
 
-/// A response body on its way to the loop, with every stored credential
-/// masked (same length, so `Content-Length` holds). The last
-/// `max_len - 1` bytes are held back until more arrive, so a value split
-/// across two frames is still masked.
-pub(crate) struct MaskBody {
-    inner: Incoming,
-    masker: Arc<dyn Masker>,
-    pending: Vec<u8>,
-    trailers: Option<hyper::body::Frame<Bytes>>,
-    done: bool,
-}
-
-impl MaskBody {
-    fn new(inner: Incoming, masker: Arc<dyn Masker>) -> Self {
-        Self {
-            inner,
-            masker,
-            pending: Vec::new(),
-            trailers: None,
-            done: false,
-        }
-    }
-}
-
-impl hyper::body::Body for MaskBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        loop {
-            if this.done {
-                if !this.pending.is_empty() {
-                    let out = std::mem::take(&mut this.pending);
-                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(out)))));
-                }
-                return Poll::Ready(this.trailers.take().map(Ok));
-            }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => this.done = true,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        this.pending.extend_from_slice(&data);
-                        this.masker.mask(&mut this.pending);
-                        let keep = this.masker.holdback(&this.pending);
-                        if this.pending.len() > keep {
-                            let rest = this.pending.split_off(this.pending.len() - keep);
-                            let out = std::mem::replace(&mut this.pending, rest);
-                            return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(
-                                out,
-                            )))));
-                        }
-                    }
-                    Err(trailers) => {
-                        this.trailers = Some(trailers);
-                        this.done = true;
-                    }
-                },
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done && self.pending.is_empty() && self.trailers.is_none()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        let inner = self.inner.size_hint();
-        let held = self.pending.len() as u64;
-        let mut h = hyper::body::SizeHint::new();
-        h.set_lower(inner.lower() + held);
-        if let Some(u) = inner.upper() {
-            h.set_upper(u + held);
-        }
-        h
-    }
-}
-
-/// A socket that counts and/or captures what passes. `reads_are_up`: reads
-/// are the loop → upstream direction (the loop's side of the proxy).
+/// A socket that counts what passes and captures what the agent writes to
+/// it. `reads_are_up`: reads are the loop → upstream direction (the loop's
+/// side of the proxy).
 struct Tap {
     inner: TcpStream,
     counters: Option<Arc<Counters>>,
@@ -782,6 +796,9 @@ struct TapCapture {
     down: CaptureStream,
     limit: u64,
     seen: [u64; 2],
+    /// Set when a response was masked before it was written (the capture
+    /// sees it masked already): the next down chunk is marked masked.
+    down_masked: Arc<Mutex<bool>>,
 }
 
 impl TapCapture {
@@ -791,6 +808,7 @@ impl TapCapture {
             up: CaptureStream::new(c.clone(), Side::Client),
             down: CaptureStream::new(c, Side::Upstream),
             seen: [0, 0],
+            down_masked: Arc::new(Mutex::new(false)),
         }
     }
 }
@@ -819,7 +837,18 @@ impl Tap {
             let ctr = if up { &c.up } else { &c.down };
             ctr.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        if read {
+            return;
+        }
         if let Some(mut c) = self.capture.as_ref().and_then(|c| c.lock().ok()) {
+            if !up
+                && c.down_masked
+                    .lock()
+                    .map(|mut m| std::mem::take(&mut *m))
+                    .unwrap_or(false)
+            {
+                c.down.mark_masked();
+            }
             let i = usize::from(!up);
             let left = c.limit.saturating_sub(c.seen[i]) as usize;
             if left > 0 {
