@@ -635,3 +635,86 @@ fn p_compressed_bodies_reason_phrases_and_trailers_are_masked() {
         "the secret is in the spool or the log"
     );
 }
+
+#[test]
+fn p_method_overrides_are_stripped_and_connection_may_not_name_end_to_end_headers() {
+    let upstream = RawHttpServer::start("127.10.49.2", |_| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n".to_vec()
+    });
+    let agent = Agent::start(
+        AgentSpec::new("p-override")
+            .target("p-orders", &upstream.addr.to_string(), "http")
+            .policy(
+                "orders.toml",
+                r#"
+[[rules]]
+id = "p-no-deletes"
+targets = ["p-orders"]
+methods = ["DELETE"]
+action = "deny"
+"#,
+            ),
+    );
+    let url = format!("http://{}/orders/7", upstream.addr);
+    let (code, body) = curl(&agent, "p-bot", &url, &["-X", "DELETE"]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("p-no-deletes"), "{body}");
+    // A POST that asks to be taken for a DELETE: the upstream gets a POST,
+    // without the override.
+    let (code, body) = curl(
+        &agent,
+        "p-bot",
+        &url,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "x=1",
+            "-H",
+            "X-HTTP-Method-Override: DELETE",
+            "-H",
+            "X-HTTP-Method: DELETE",
+            "-H",
+            "X-Method-Override: DELETE",
+        ],
+    );
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let heads = upstream.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let head = heads[0].to_ascii_lowercase();
+    assert!(head.starts_with("post /orders/7 "), "{head}");
+    for h in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ] {
+        assert!(!head.contains(h), "the upstream got {h}: {head}");
+    }
+    // Connection may name hop-by-hop headers only.
+    for named in ["host", "keep-alive, Authorization", "Content-Length"] {
+        let (code, body) = curl(
+            &agent,
+            "p-bot",
+            &url,
+            &["-H", &format!("Connection: {named}")],
+        );
+        assert_eq!(code, 400, "Connection: {named}: {body}");
+        assert!(body.contains("an end-to-end header"), "{body}");
+    }
+    let (code, body) = curl(
+        &agent,
+        "p-bot",
+        &url,
+        &["-H", "Connection: x-trace", "-H", "X-Trace: 1"],
+    );
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let heads = upstream.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "refused requests reached the upstream");
+    let head = heads[1].to_ascii_lowercase();
+    assert!(head.contains("host: "), "{head}");
+    assert!(!head.contains("x-trace"), "{head}");
+    agent.wait_sessions("six sessions", |s| {
+        s.len() == 6 && s.iter().all(|r| r["outcome"] == "ok")
+    });
+    assert!(agent_files_contain(&agent, "method_override_stripped"));
+}

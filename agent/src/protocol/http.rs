@@ -18,6 +18,12 @@
 //!    anyway (gzip, deflate; other encodings are refused with a 502), and
 //!    trailers dropped ([`body`]).
 //!
+//! Requests whose `Connection` header names an end-to-end header the agent
+//! relies on (`Connection: host` would strip `Host` after the Host check)
+//! are refused with a 400; method-override headers (`X-HTTP-Method-Override`
+//! and its variants) are stripped, so the method the rules judged is the one
+//! the upstream acts on.
+//!
 //! Payload capture records what the agent writes: the request on the
 //! upstream side (after rewriting, so a loop's token never reaches the
 //! audit) and the response on the loop's side (decoded and masked, so a
@@ -84,6 +90,30 @@ const HOP_BY_HOP: &[&str] = &[
     "te",
     "trailer",
     "upgrade",
+];
+
+/// End-to-end headers a `Connection` header may not name: the agent checks
+/// or sets them (Host, credentials, framing, codings), and a hop-by-hop
+/// strip after the check would undo it.
+const END_TO_END: &[&str] = &[
+    "host",
+    "authorization",
+    "content-length",
+    "transfer-encoding",
+    "content-encoding",
+    "content-type",
+    "accept-encoding",
+    "cookie",
+    "expect",
+];
+
+/// Headers some frameworks read as the request's real method: a `POST` with
+/// `X-HTTP-Method-Override: DELETE` would act as a DELETE the rules never
+/// saw. They are stripped.
+const METHOD_OVERRIDES: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 /// One loop connection to an HTTP target.
@@ -230,6 +260,17 @@ impl Session {
                 false,
             );
         }
+        // `Connection: host` would strip Host after the Host check.
+        if let Some(named) = connection_names_end_to_end(req.headers()) {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({
+                    "error": format!("loopgate: the Connection header names {named}, an end-to-end header"),
+                    "session_id": self.row.session_id,
+                }),
+                false,
+            );
+        }
         // Rules see, and the upstream gets, one spelling of the path.
         let path = match normalize_path(req.uri().path()) {
             Ok(p) => p,
@@ -257,6 +298,14 @@ impl Session {
         };
         let text = masked(format!("{method} {path}{query}"));
         let shown_path = masked(path.clone());
+        // The method the rules judge is the one the upstream gets.
+        let mut overrides = Vec::new();
+        for name in METHOD_OVERRIDES {
+            for v in req.headers().get_all(*name) {
+                overrides.push(masked(String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            }
+            req.headers_mut().remove(*name);
+        }
 
         // 1. The second factor.
         let subject = match &self.jwt {
@@ -300,6 +349,9 @@ impl Session {
             ("method".to_owned(), method.clone()),
             ("path".to_owned(), shown_path.clone()),
         ];
+        if !overrides.is_empty() {
+            attrs.push(("method_override_stripped".into(), overrides.join(",")));
+        }
         if let Some(sub) = &subject {
             attrs.push(("jwt_sub".into(), sub.clone()));
             let known = self.subject.lock().ok().and_then(|g| g.clone());
@@ -648,6 +700,15 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The first end-to-end header a `Connection` header names, if any.
+fn connection_names_end_to_end(h: &HeaderMap) -> Option<String> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
+        .find(|t| END_TO_END.contains(&t.as_str()))
+}
+
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named by Connection are hop-by-hop too.
     let named: Vec<HeaderName> = h
@@ -929,6 +990,28 @@ mod tests {
         assert!(h.get("x-trace").is_none() && h.get("upgrade").is_none());
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn connection_may_not_name_end_to_end_headers() {
+        let named = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            h.append(header::CONNECTION, HeaderValue::from_static(v));
+            connection_names_end_to_end(&h)
+        };
+        assert_eq!(named("close"), None);
+        assert_eq!(named("te, x-trace"), None);
+        assert_eq!(named("Host").as_deref(), Some("host"));
+        assert_eq!(
+            named("x-a ,  Authorization").as_deref(),
+            Some("authorization")
+        );
+        assert_eq!(named("content-length").as_deref(), Some("content-length"));
+        assert_eq!(
+            named("transfer-encoding").as_deref(),
+            Some("transfer-encoding")
+        );
     }
 
     #[test]
