@@ -510,6 +510,7 @@ fn p_compressed_bodies_reason_phrases_and_trailers_are_masked() {
             "/deflate" => with("Content-Encoding: deflate\r\n", &z),
             "/br" => with("Content-Encoding: br\r\n", b"\x1b\x03\x00\xf8brotli?"),
             "/stacked" => with("Content-Encoding: gzip, gzip\r\n", &gzip(&gz)),
+            "/named" => with(&format!("Content-Encoding: {STORED}\r\n"), b"?"),
             "/bomb" => with("Content-Encoding: gzip\r\n", &bomb),
             "/reason" => format!(
                 "HTTP/1.1 200 {STORED} Fine\r\nContent-Length: 3\r\n\r\nok\n"
@@ -565,6 +566,10 @@ fn p_compressed_bodies_reason_phrases_and_trailers_are_masked() {
     let (code, body) = curl(&agent, "p-api-bot", &format!("{base}/stacked"), &[]);
     assert_eq!(code, 502, "{body}");
     assert!(body.contains("stacked encodings"), "{body}");
+    // The reason quotes the upstream's coding, masked.
+    let (code, body) = curl(&agent, "p-api-bot", &format!("{base}/named"), &[]);
+    assert_eq!(code, 502, "{}", shown(&body));
+    assert!(body.contains("encoded as ****"), "{}", shown(&body));
     // The reason phrase is the canonical one; trailers are dropped.
     let got = raw_get(&agent, upstream.addr, "/reason");
     assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{}", shown(&got));
@@ -599,8 +604,8 @@ fn p_compressed_bodies_reason_phrases_and_trailers_are_masked() {
     let (code, body) = curl(&agent, "p-api-bot", &format!("{base}/gzip"), &[]);
     assert!(code == 200 && body == masked, "{code} {}", shown(&body));
 
-    let s = agent.wait_sessions("ten sessions", |s| {
-        s.len() == 10 && s.iter().all(|r| r["outcome"] != "open")
+    let s = agent.wait_sessions("eleven sessions", |s| {
+        s.len() == 11 && s.iter().all(|r| r["outcome"] != "open")
     });
     let bombed = s.iter().find(|r| r["workload"] == "p-bomb-bot").unwrap();
     assert_eq!(bombed["outcome"], "upstream_error", "{bombed}");

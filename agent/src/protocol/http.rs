@@ -482,6 +482,8 @@ impl Session {
         let coding = match coding {
             Ok(c) => c,
             Err(why) => {
+                // It may quote the upstream's header.
+                let why = masked(why);
                 tracing::warn!(upstream = %self.upstream, reason = %why, "HTTP response refused");
                 self.proxy
                     .metrics
