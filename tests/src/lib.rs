@@ -1108,3 +1108,87 @@ fn b64url(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
+
+/// An HTTP/1.1 upstream on a loopback address that answers each request
+/// with the raw bytes `respond(head)` returns (a hostile upstream: any status
+/// line, encoding or trailer), then closes the connection.
+pub struct RawHttpServer {
+    pub addr: SocketAddr,
+    /// Each request's line and headers, as received.
+    pub heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RawHttpServer {
+    pub fn start(ip: &str, respond: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static) -> Self {
+        let l = TcpListener::bind((ip, 0))
+            .unwrap_or_else(|e| panic!("bind raw http server on {ip}: {e}"));
+        let addr = l.local_addr().unwrap();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = heads.clone();
+        let respond = Arc::new(respond);
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                let (h, respond) = (h.clone(), respond.clone());
+                thread::spawn(move || {
+                    let mut reader = BufReader::new(s.try_clone().unwrap());
+                    let mut head = String::new();
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" || line == "\n" => break,
+                            Ok(_) => head.push_str(&line),
+                        }
+                    }
+                    // Read a request body, so closing does not reset.
+                    let len = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    let _ = reader.read_exact(&mut body);
+                    let answer = respond(&head);
+                    h.lock().unwrap().push(head);
+                    let mut s = s;
+                    let _ = s.write_all(&answer);
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                    // Let the agent read to the end before the socket closes.
+                    let _ = reader.read_to_end(&mut Vec::new());
+                });
+            }
+        });
+        RawHttpServer { addr, heads }
+    }
+}
+
+/// `data` gzip-compressed.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// `data` zlib-compressed (HTTP's `deflate`).
+pub fn zlib(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Whether `needle` occurs anywhere in the agent's state directory (spool
+/// segments: every audit record) or its log.
+pub fn agent_files_contain(agent: &Agent, needle: &str) -> bool {
+    fn walk(p: &Path, needle: &[u8]) -> bool {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return std::fs::read(p)
+                .map(|b| b.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false);
+        };
+        rd.flatten().any(|e| walk(&e.path(), needle))
+    }
+    walk(&agent.path("state"), needle.as_bytes()) || agent.log().contains(needle)
+}

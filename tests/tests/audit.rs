@@ -338,16 +338,11 @@ fn stored_credentials_never_reach_the_audit_or_the_logs() {
         "welcome; db password is ************************\n"
     );
     ch.wait_count(SESSIONS_OK, 1, 30);
-    // The upstream's answer is recorded whole (the handler captures the
-    // upstream side) and masked.
-    let banner = "welcome; db password is s3cr3t-Orders-DB-pw-7c1e\n";
-    let answer = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{banner}",
-        banner.len()
-    );
+    // The answer is recorded as the loop got it (the handler captures the
+    // response on the loop's side): masked.
     ch.wait_count(
-        "SELECT sum(length(data)) FROM loopgate.chunks FINAL WHERE direction = 'down'",
-        answer.len() as u64,
+        "SELECT count() FROM loopgate.chunks FINAL WHERE direction = 'down' AND position(data, 'db password is *') > 0",
+        1,
         30,
     );
     // The upstream got the stored credential as HTTP Basic; its base64 form

@@ -439,3 +439,287 @@ fn a_jwks_url_is_fetched_on_first_use_and_cached() {
         .count();
     assert_eq!(fetches, 1, "keys are fetched once and cached");
 }
+
+/// A tagged loop's raw HTTP/1.1 request (`TE: trailers`, so the agent may
+/// send trailers): everything it received, as text.
+fn raw_get(agent: &Agent, addr: std::net::SocketAddr, path: &str) -> String {
+    let out = agent.python(
+        "p-raw-bot",
+        r#"
+import socket, sys
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection((host, port), timeout=20)
+s.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nTE: trailers\r\nConnection: close\r\n\r\n" % (path, host, port)).encode())
+data = b""
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    data += b
+sys.stdout.write(data.decode("latin-1"))
+"#,
+        &[&addr.ip().to_string(), &addr.port().to_string(), path],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+}
+
+/// Test output never shows the stored credential.
+fn shown(text: &str) -> String {
+    text.replace(STORED, "<the stored token>")
+}
+
+/// Every captured chunk of every session, and the events, as `loopgate
+/// replay --json` prints them.
+fn replays(agent: &Agent) -> String {
+    agent
+        .sessions()
+        .iter()
+        .map(|s| stdout(&agent.cli(&["replay", "--json", s["session_id"].as_str().unwrap()])))
+        .collect()
+}
+
+#[test]
+fn p_compressed_bodies_reason_phrases_and_trailers_are_masked() {
+    let pad = "ab".repeat(100);
+    let echo = format!("{{\"echo\":\"{STORED}\",\"pad\":\"{pad}\"}}\n");
+    let masked = echo.replace(STORED, &"*".repeat(STORED.len()));
+    let gz = gzip(echo.as_bytes());
+    let z = zlib(echo.as_bytes());
+    for wire in [&gz, &z] {
+        assert!(
+            !wire.windows(STORED.len()).any(|w| w == STORED.as_bytes()),
+            "the compressed body shows the secret in clear"
+        );
+    }
+    // A decompression bomb: 65 MiB of zeros in about 64 KiB.
+    let bomb = gzip(&vec![0u8; 65 << 20]);
+    let upstream = RawHttpServer::start("127.10.49.1", move |head| {
+        let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+        let with = |headers: &str, body: &[u8]| {
+            let mut r = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(body);
+            r
+        };
+        match path.as_str() {
+            "/gzip" => with("Content-Encoding: gzip\r\n", &gz),
+            "/deflate" => with("Content-Encoding: deflate\r\n", &z),
+            "/br" => with("Content-Encoding: br\r\n", b"\x1b\x03\x00\xf8brotli?"),
+            "/stacked" => with("Content-Encoding: gzip, gzip\r\n", &gzip(&gz)),
+            "/named" => with(&format!("Content-Encoding: {STORED}\r\n"), b"?"),
+            "/bomb" => with("Content-Encoding: gzip\r\n", &bomb),
+            "/reason" => format!(
+                "HTTP/1.1 200 {STORED} Fine\r\nContent-Length: 3\r\n\r\nok\n"
+            )
+            .into_bytes(),
+            "/trailer" => format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Leak\r\n\r\n3\r\nok\n\r\n0\r\nX-Leak: {STORED}\r\n\r\n"
+            )
+            .into_bytes(),
+            _ => with("", b"plain\n"),
+        }
+    });
+    let dir = secrets_dir();
+    let agent = Agent::start(
+        AgentSpec::new("p-mask")
+            .target("p-leaky", &upstream.addr.to_string(), "http")
+            .raw(&format!(
+                "[targets.credential]\ntoken_file = \"{}\"\n",
+                dir.path().join("api-token").display()
+            )),
+    );
+    let base = format!("http://{}", upstream.addr);
+
+    // gzip and deflate despite `Accept-Encoding: identity`: decoded and
+    // masked, whether curl asked for compression or not.
+    for path in ["/gzip", "/deflate"] {
+        for extra in [&["--compressed"][..], &[]] {
+            let (code, body) = curl(&agent, "p-api-bot", &format!("{base}{path}"), extra);
+            assert!(
+                code == 200 && body == masked,
+                "{path} {extra:?}: {code} {}",
+                shown(&body)
+            );
+        }
+    }
+    // Encodings loopgate cannot decode: refused with a 502 naming why.
+    let (code, body) = curl(
+        &agent,
+        "p-api-bot",
+        &format!("{base}/br"),
+        &["--compressed"],
+    );
+    assert_eq!(code, 502, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["error"],
+        "loopgate: the upstream's response cannot be masked"
+    );
+    assert!(
+        v["reason"].as_str().unwrap().contains("encoded as br"),
+        "{v}"
+    );
+    let (code, body) = curl(&agent, "p-api-bot", &format!("{base}/stacked"), &[]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("stacked encodings"), "{body}");
+    // The reason quotes the upstream's coding, masked.
+    let (code, body) = curl(&agent, "p-api-bot", &format!("{base}/named"), &[]);
+    assert_eq!(code, 502, "{}", shown(&body));
+    assert!(body.contains("encoded as ****"), "{}", shown(&body));
+    // The reason phrase is the canonical one; trailers are dropped.
+    let got = raw_get(&agent, upstream.addr, "/reason");
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{}", shown(&got));
+    assert!(got.ends_with("\r\n\r\nok\n"), "{}", shown(&got));
+    let got = raw_get(&agent, upstream.addr, "/trailer");
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{}", shown(&got));
+    assert!(got.contains("ok\n"), "{}", shown(&got));
+    assert!(
+        !got.contains(STORED),
+        "a trailer carried the secret: {}",
+        shown(&got)
+    );
+    assert!(
+        !got.to_ascii_lowercase().contains("x-leak"),
+        "{}",
+        shown(&got)
+    );
+    // A bomb: cut at the cap, and only that session ends.
+    let out = agent.exec(
+        "p-bomb-bot",
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "120",
+            "-o",
+            "/dev/null",
+            &format!("{base}/bomb"),
+        ],
+    );
+    assert!(!out.status.success(), "the bomb was delivered whole");
+    let (code, body) = curl(&agent, "p-api-bot", &format!("{base}/gzip"), &[]);
+    assert!(code == 200 && body == masked, "{code} {}", shown(&body));
+
+    let s = agent.wait_sessions("eleven sessions", |s| {
+        s.len() == 11 && s.iter().all(|r| r["outcome"] != "open")
+    });
+    let bombed = s.iter().find(|r| r["workload"] == "p-bomb-bot").unwrap();
+    assert_eq!(bombed["outcome"], "upstream_error", "{bombed}");
+    assert!(
+        bombed["detail"]
+            .as_str()
+            .unwrap()
+            .contains("gzip response body decodes to more than 67108864 bytes"),
+        "{bombed}"
+    );
+    assert!(
+        s.iter()
+            .filter(|r| r["workload"] != "p-bomb-bot")
+            .all(|r| r["outcome"] == "ok"),
+        "{s:?}"
+    );
+    // The audit has what the loop got (decoded, masked), never the secret.
+    let replays = replays(&agent);
+    assert!(
+        replays.contains("{\\\"echo\\\":\\\"*"),
+        "{}",
+        shown(&replays)
+    );
+    assert!(
+        replays.contains("cannot decode to mask"),
+        "{}",
+        shown(&replays)
+    );
+    assert!(!replays.contains(STORED), "the secret is in a replay");
+    assert!(
+        !agent_files_contain(&agent, STORED),
+        "the secret is in the spool or the log"
+    );
+}
+
+#[test]
+fn p_method_overrides_are_stripped_and_connection_may_not_name_end_to_end_headers() {
+    let upstream = RawHttpServer::start("127.10.49.2", |_| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n".to_vec()
+    });
+    let agent = Agent::start(
+        AgentSpec::new("p-override")
+            .target("p-orders", &upstream.addr.to_string(), "http")
+            .policy(
+                "orders.toml",
+                r#"
+[[rules]]
+id = "p-no-deletes"
+targets = ["p-orders"]
+methods = ["DELETE"]
+action = "deny"
+"#,
+            ),
+    );
+    let url = format!("http://{}/orders/7", upstream.addr);
+    let (code, body) = curl(&agent, "p-bot", &url, &["-X", "DELETE"]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("p-no-deletes"), "{body}");
+    // A POST that asks to be taken for a DELETE: the upstream gets a POST,
+    // without the override.
+    let (code, body) = curl(
+        &agent,
+        "p-bot",
+        &url,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "x=1",
+            "-H",
+            "X-HTTP-Method-Override: DELETE",
+            "-H",
+            "X-HTTP-Method: DELETE",
+            "-H",
+            "X-Method-Override: DELETE",
+        ],
+    );
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let heads = upstream.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let head = heads[0].to_ascii_lowercase();
+    assert!(head.starts_with("post /orders/7 "), "{head}");
+    for h in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ] {
+        assert!(!head.contains(h), "the upstream got {h}: {head}");
+    }
+    // Connection may name hop-by-hop headers only.
+    for named in ["host", "keep-alive, Authorization", "Content-Length"] {
+        let (code, body) = curl(
+            &agent,
+            "p-bot",
+            &url,
+            &["-H", &format!("Connection: {named}")],
+        );
+        assert_eq!(code, 400, "Connection: {named}: {body}");
+        assert!(body.contains("an end-to-end header"), "{body}");
+    }
+    let (code, body) = curl(
+        &agent,
+        "p-bot",
+        &url,
+        &["-H", "Connection: x-trace", "-H", "X-Trace: 1"],
+    );
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let heads = upstream.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "refused requests reached the upstream");
+    let head = heads[1].to_ascii_lowercase();
+    assert!(head.contains("host: "), "{head}");
+    assert!(!head.contains("x-trace"), "{head}");
+    agent.wait_sessions("six sessions", |s| {
+        s.len() == 6 && s.iter().all(|r| r["outcome"] == "ok")
+    });
+    assert!(agent_files_contain(&agent, "method_override_stripped"));
+}

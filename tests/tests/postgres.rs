@@ -322,3 +322,164 @@ fn the_agent_logs_in_over_verified_tls_when_the_target_has_a_ca() {
     });
     assert_eq!(s[0]["outcome"], "upstream_error");
 }
+
+/// A victim session through the agent (raw protocol): logs in, starts
+/// `SELECT pg_sleep(secs)`, prints its `BackendKeyData` (`pid key`), then
+/// `cancelled` or `completed`.
+const VICTIM: &str = r#"
+import socket, struct, sys
+host, port, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection((host, port), timeout=60)
+params = b"user\0loop-user\0database\0postgres\0\0"
+s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+def msg():
+    h = b""
+    while len(h) < 5:
+        c = s.recv(5 - len(h))
+        if not c:
+            sys.exit("the connection closed")
+        h += c
+    n = struct.unpack("!i", h[1:])[0] - 4
+    b = b""
+    while len(b) < n:
+        b += s.recv(n - len(b))
+    return h[:1], b
+pid = key = None
+while True:
+    t, b = msg()
+    if t == b"K":
+        pid, key = struct.unpack("!ii", b)
+    elif t == b"E":
+        sys.exit("login failed")
+    elif t == b"Z":
+        break
+q = ("SELECT pg_sleep(%s)" % secs).encode() + b"\0"
+s.sendall(b"Q" + struct.pack("!i", 4 + len(q)) + q)
+print(pid, key, flush=True)
+while True:
+    t, b = msg()
+    if t == b"E":
+        print("cancelled" if b"57014" in b else "error", flush=True)
+        break
+    if t == b"C":
+        print("completed", flush=True)
+        break
+"#;
+
+/// A hand-made 16-byte CancelRequest for `pid key`; prints what came back.
+const CANCEL: &str = r#"
+import socket, struct, sys
+data = b""
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    s.sendall(struct.pack("!iiii", 16, 80877102, int(sys.argv[3]), int(sys.argv[4])))
+    while True:
+        b = s.recv(512)
+        if not b:
+            break
+        data += b
+except (ConnectionResetError, BrokenPipeError):
+    print("reset")
+print(data[:1].decode() or "closed", b"cancel request refused" in data)
+"#;
+
+#[test]
+fn p_cancel_requests_are_decided_before_they_reach_the_server() {
+    use std::io::BufRead;
+    let pg = server("127.10.59.1");
+    let dir = tempfile::Builder::new()
+        .prefix("lgt-p-pgcancel-")
+        .tempdir()
+        .unwrap();
+    let pw = secret_file(dir.path(), "orders-db", STORED);
+    let idp = Idp::new(dir.path());
+    // signed-* must send a JWT; p-victim-* may connect without one; anyone
+    // else is refused by the target's default.
+    let policy = idp.signed_bots_policy("orders-db", "orders-db", "signed-bots-read-orders")
+        + r#"
+[[workloads]]
+name = "p-victims"
+workload = "p-victim-*"
+
+[[rules]]
+id = "p-victims-use-orders"
+workloads = ["p-victims"]
+targets = ["orders-db"]
+action = "allow"
+"#;
+    let agent = Agent::start(
+        AgentSpec::new("p-pgcancel")
+            .raw(&format!(
+                "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{pw}\"\n",
+                pg.addr
+            ))
+            .policy("orders.toml", &policy),
+    );
+    let victim_py = agent.path("p-victim.py");
+    std::fs::write(&victim_py, VICTIM).unwrap();
+    set_mode(&victim_py, 0o644);
+    let (host, port) = (pg.addr.ip().to_string(), pg.addr.port().to_string());
+    // A victim query, and the key that cancels it.
+    let victim = |secs: &str| {
+        let mut child = agent.spawn_exec(
+            "p-victim-app",
+            &[
+                "/usr/bin/python3",
+                victim_py.to_str().unwrap(),
+                &host,
+                &port,
+                secs,
+            ],
+        );
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("victim output").unwrap();
+        let (pid, key) = first.split_once(' ').expect("pid key");
+        (child, lines, pid.to_owned(), key.to_owned())
+    };
+    let cancel = |workload: &str, pid: &str, key: &str| {
+        let out = agent.python(workload, CANCEL, &[&host, &port, pid, key]);
+        stdout(&out)
+    };
+
+    // The control: an allowed workload's cancel is relayed and works.
+    let (mut child, mut lines, pid, key) = victim("20");
+    let started = std::time::Instant::now();
+    let got = cancel("p-victim-helper", &pid, &key);
+    assert_eq!(got.trim(), "closed False", "{got}");
+    assert_eq!(lines.next().unwrap().unwrap(), "cancelled");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    child.wait().unwrap();
+
+    // The attack: the same cancel from a workload that requires a JWT (a
+    // cancel carries none) and from one the policy refuses. Neither reaches
+    // the server: the victim's query runs to its end.
+    let (mut child, mut lines, pid, key) = victim("4");
+    let got = cancel("signed-p-bot", &pid, &key);
+    assert_eq!(got.trim(), "E True", "{got}");
+    let got = cancel("p-stranger", &pid, &key);
+    assert!(got.contains("reset") || got.contains("closed"), "{got}");
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        "completed",
+        "a refused cancel request reached the server"
+    );
+    child.wait().unwrap();
+
+    let s = agent.wait_sessions("five sessions", |s| {
+        s.len() == 5 && s.iter().all(|r| r["outcome"] != "open")
+    });
+    let by = |w: &str| s.iter().find(|r| r["workload"] == w).unwrap().clone();
+    assert_eq!(by("p-victim-helper")["detail"], "cancel request relayed");
+    assert_eq!(by("p-stranger")["outcome"], "denied");
+    let jwt = by("signed-p-bot");
+    assert_eq!(jwt["outcome"], "denied", "{jwt}");
+    let replay = stdout(&agent.cli(&["replay", "--json", jwt["session_id"].as_str().unwrap()]));
+    let event: Value = replay
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["kind"] == "event" && v["event_kind"] == "cancel")
+        .unwrap_or_else(|| panic!("no cancel event: {replay}"));
+    assert_eq!(event["verdict"], "deny", "{event}");
+    assert_eq!(event["rule_id"], "jwt-required:signed-bots", "{event}");
+    assert!(!agent.log().contains(STORED));
+}

@@ -11,10 +11,23 @@
 //!    (`token_*` → `Bearer`, `username` + `password_*` → `Basic`), so the
 //!    upstream only ever sees the stored credential and the loop never does;
 //! 4. forwards it on the session's own upstream connection, and records the
-//!    response status.
+//!    response status;
+//! 5. sends the response on with the canonical reason phrase, every stored
+//!    credential masked in header values (a header whose name holds one is
+//!    dropped) and in the body, decoded first when the upstream compressed it
+//!    anyway (gzip, deflate; other encodings are refused with a 502), and
+//!    trailers dropped ([`body`]).
 //!
-//! Payload capture records the upstream side (after rewriting), so a loop's
-//! token never reaches the audit; the stored credential there is masked.
+//! Requests whose `Connection` header names an end-to-end header the agent
+//! relies on (`Connection: host` would strip `Host` after the Host check)
+//! are refused with a 400; method-override headers (`X-HTTP-Method-Override`
+//! and its variants) are stripped, so the method the rules judged is the one
+//! the upstream acts on.
+//!
+//! Payload capture records what the agent writes: the request on the
+//! upstream side (after rewriting, so a loop's token never reaches the
+//! audit) and the response on the loop's side (decoded and masked, so a
+//! compressed credential does not reach it either).
 //! Protocol upgrades (WebSocket) are not supported yet: the upgrade headers
 //! are hop-by-hop and are not forwarded.
 
@@ -45,6 +58,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+mod body;
+
+use body::{BodyError, Coding, MaskBody};
+
 use super::tcp::{Capture, CaptureStream, Counters, Outcome, Side};
 use crate::{
     audit::SessionRow,
@@ -52,7 +69,6 @@ use crate::{
     identity::JwtVerifier,
     policy::{Request, CONNECT},
     proxy::{session_request, Proxy},
-    secrets::Masker,
 };
 
 type Body = Either<MaskBody, Full<Bytes>>;
@@ -74,6 +90,30 @@ const HOP_BY_HOP: &[&str] = &[
     "te",
     "trailer",
     "upgrade",
+];
+
+/// End-to-end headers a `Connection` header may not name: the agent checks
+/// or sets them (Host, credentials, framing, codings), and a hop-by-hop
+/// strip after the check would undo it.
+const END_TO_END: &[&str] = &[
+    "host",
+    "authorization",
+    "content-length",
+    "transfer-encoding",
+    "content-encoding",
+    "content-type",
+    "accept-encoding",
+    "cookie",
+    "expect",
+];
+
+/// Headers some frameworks read as the request's real method: a `POST` with
+/// `X-HTTP-Method-Override: DELETE` would act as a DELETE the rules never
+/// saw. They are stripped.
+const METHOD_OVERRIDES: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 /// One loop connection to an HTTP target.
@@ -102,6 +142,8 @@ pub(crate) struct Session {
     refused: Mutex<Option<String>>,
     /// The last upstream failure, for the session outcome.
     upstream_error: Mutex<Option<(&'static str, String)>>,
+    /// Why a response body was cut short (the connection ends with it).
+    body_error: Arc<Mutex<Option<String>>>,
     sender: tokio::sync::Mutex<Option<SendRequest<Incoming>>>,
     conn_tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -135,6 +177,7 @@ impl Session {
             client_fd,
             refused: Mutex::new(None),
             upstream_error: Mutex::new(None),
+            body_error: Arc::new(Mutex::new(None)),
             sender: tokio::sync::Mutex::new(None),
             conn_tasks: Mutex::new(Vec::new()),
         }
@@ -149,8 +192,9 @@ pub(crate) async fn serve(
     abort: CancellationToken,
 ) -> Outcome {
     let _ = client.set_nodelay(true);
-    // Bytes are counted on the loop's side; capture is on the upstream side.
-    let io = TokioIo::new(Tap::new(client, Some(counters), None, true));
+    // Bytes are counted on the loop's side; each side captures what the
+    // agent writes to it (here: responses, as the loop gets them).
+    let io = TokioIo::new(Tap::new(client, Some(counters), s.capture.clone(), true));
     let svc = {
         let s = s.clone();
         service_fn(move |req| {
@@ -182,7 +226,9 @@ pub(crate) async fn serve(
     if let Some(r) = s.refused.lock().ok().and_then(|mut r| r.take()) {
         return Outcome::new("denied", Some(r));
     }
+    let body_error = s.body_error.lock().ok().and_then(|mut b| b.take());
     match served {
+        Err(_) if body_error.is_some() => Outcome::new("upstream_error", body_error),
         Err(e) if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() => Outcome::new(
             "client_error",
             Some(format!("malformed HTTP from the loop: {e}")),
@@ -209,6 +255,17 @@ impl Session {
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({
                     "error": format!("loopgate: {method} is not allowed through loopgate"),
+                    "session_id": self.row.session_id,
+                }),
+                false,
+            );
+        }
+        // `Connection: host` would strip Host after the Host check.
+        if let Some(named) = connection_names_end_to_end(req.headers()) {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({
+                    "error": format!("loopgate: the Connection header names {named}, an end-to-end header"),
                     "session_id": self.row.session_id,
                 }),
                 false,
@@ -241,6 +298,14 @@ impl Session {
         };
         let text = masked(format!("{method} {path}{query}"));
         let shown_path = masked(path.clone());
+        // The method the rules judge is the one the upstream gets.
+        let mut overrides = Vec::new();
+        for name in METHOD_OVERRIDES {
+            for v in req.headers().get_all(*name) {
+                overrides.push(masked(String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            }
+            req.headers_mut().remove(*name);
+        }
 
         // 1. The second factor.
         let subject = match &self.jwt {
@@ -284,6 +349,9 @@ impl Session {
             ("method".to_owned(), method.clone()),
             ("path".to_owned(), shown_path.clone()),
         ];
+        if !overrides.is_empty() {
+            attrs.push(("method_override_stripped".into(), overrides.join(",")));
+        }
         if let Some(sub) = &subject {
             attrs.push(("jwt_sub".into(), sub.clone()));
             let known = self.subject.lock().ok().and_then(|g| g.clone());
@@ -405,6 +473,41 @@ impl Session {
             *u = None;
         }
         let status = resp.status();
+        let masker = self.proxy.masker.clone();
+        // A body the masker could not read is not sent at all.
+        let coding = match masker.max_len() {
+            0 => Ok(Coding::Identity),
+            _ => body::coding(resp.headers()),
+        };
+        let coding = match coding {
+            Ok(c) => c,
+            Err(why) => {
+                // It may quote the upstream's header.
+                let why = masked(why);
+                tracing::warn!(upstream = %self.upstream, reason = %why, "HTTP response refused");
+                self.proxy
+                    .metrics
+                    .http_response(StatusCode::BAD_GATEWAY.as_u16());
+                self.proxy.event(
+                    &self.row,
+                    "response",
+                    &text,
+                    "deny",
+                    "",
+                    &why,
+                    vec![("status".into(), status.as_u16().to_string())],
+                );
+                return json(
+                    StatusCode::BAD_GATEWAY,
+                    serde_json::json!({
+                        "error": "loopgate: the upstream's response cannot be masked",
+                        "reason": why,
+                        "session_id": self.row.session_id,
+                    }),
+                    false,
+                );
+            }
+        };
         self.proxy.metrics.http_response(status.as_u16());
         self.proxy.event(
             &self.row,
@@ -416,18 +519,65 @@ impl Session {
             vec![("status".into(), status.as_u16().to_string())],
         );
         let (mut parts, body) = resp.into_parts();
+        // The upstream's reason phrase (kept by hyper as an extension) could
+        // carry anything: the loop gets the canonical one.
+        parts.extensions.clear();
         strip_hop_by_hop(&mut parts.headers);
+        if coding != Coding::Identity {
+            // The loop gets the decoded body, chunked.
+            for h in [
+                header::CONTENT_ENCODING,
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+            ] {
+                parts.headers.remove(h);
+            }
+        }
         // A stored credential the upstream echoes back never reaches the loop.
-        let masker = self.proxy.masker.clone();
-        for v in parts.headers.values_mut() {
+        let masked = self.capture_masked();
+        let mut any = false;
+        let mut leaky_names = Vec::new();
+        for (name, v) in parts.headers.iter_mut() {
+            let mut n = name.as_str().as_bytes().to_vec();
+            if masker.mask(&mut n) {
+                leaky_names.push(name.clone());
+            }
             let mut b = v.as_bytes().to_vec();
             if masker.mask(&mut b) {
+                any = true;
                 if let Ok(m) = HeaderValue::from_bytes(&b) {
                     *v = m;
                 }
             }
         }
-        Response::from_parts(parts, Either::Left(MaskBody::new(body, masker)))
+        for n in leaky_names {
+            any = true;
+            parts.headers.remove(n);
+        }
+        if any {
+            if let Some(m) = masked.as_ref().and_then(|m| m.lock().ok()).as_mut() {
+                **m = true;
+            }
+        }
+        let failed = self.body_error.clone();
+        let upstream = self.upstream;
+        let on_error: body::OnError = Arc::new(move |e: &BodyError| {
+            tracing::warn!(%upstream, error = %e, "HTTP response body cut short");
+            if let Ok(mut f) = failed.lock() {
+                *f = Some(e.to_string());
+            }
+        });
+        Response::from_parts(
+            parts,
+            Either::Left(MaskBody::new(body, masker, coding, masked, Some(on_error))),
+        )
+    }
+
+    /// The flag that marks the next captured response chunk as masked.
+    fn capture_masked(&self) -> Option<Arc<Mutex<bool>>> {
+        self.capture
+            .as_ref()
+            .and_then(|c| c.lock().ok().map(|c| c.down_masked.clone()))
     }
 
     /// The request's `Host` (or absolute-form authority) must name the
@@ -550,6 +700,15 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
         .filter(|t| !t.is_empty())
+}
+
+/// The first end-to-end header a `Connection` header names, if any.
+fn connection_names_end_to_end(h: &HeaderMap) -> Option<String> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
+        .find(|t| END_TO_END.contains(&t.as_str()))
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -685,91 +844,9 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
     Ok(p)
 }
 
-/// A response body on its way to the loop, with every stored credential
-/// masked (same length, so `Content-Length` holds). The last
-/// `max_len - 1` bytes are held back until more arrive, so a value split
-/// across two frames is still masked.
-pub(crate) struct MaskBody {
-    inner: Incoming,
-    masker: Arc<dyn Masker>,
-    pending: Vec<u8>,
-    trailers: Option<hyper::body::Frame<Bytes>>,
-    done: bool,
-}
-
-impl MaskBody {
-    fn new(inner: Incoming, masker: Arc<dyn Masker>) -> Self {
-        Self {
-            inner,
-            masker,
-            pending: Vec::new(),
-            trailers: None,
-            done: false,
-        }
-    }
-}
-
-impl hyper::body::Body for MaskBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        loop {
-            if this.done {
-                if !this.pending.is_empty() {
-                    let out = std::mem::take(&mut this.pending);
-                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(out)))));
-                }
-                return Poll::Ready(this.trailers.take().map(Ok));
-            }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => this.done = true,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        this.pending.extend_from_slice(&data);
-                        this.masker.mask(&mut this.pending);
-                        let keep = this.masker.holdback(&this.pending);
-                        if this.pending.len() > keep {
-                            let rest = this.pending.split_off(this.pending.len() - keep);
-                            let out = std::mem::replace(&mut this.pending, rest);
-                            return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(
-                                out,
-                            )))));
-                        }
-                    }
-                    Err(trailers) => {
-                        this.trailers = Some(trailers);
-                        this.done = true;
-                    }
-                },
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done && self.pending.is_empty() && self.trailers.is_none()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        let inner = self.inner.size_hint();
-        let held = self.pending.len() as u64;
-        let mut h = hyper::body::SizeHint::new();
-        h.set_lower(inner.lower() + held);
-        if let Some(u) = inner.upper() {
-            h.set_upper(u + held);
-        }
-        h
-    }
-}
-
-/// A socket that counts and/or captures what passes. `reads_are_up`: reads
-/// are the loop → upstream direction (the loop's side of the proxy).
+/// A socket that counts what passes and captures what the agent writes to
+/// it. `reads_are_up`: reads are the loop → upstream direction (the loop's
+/// side of the proxy).
 struct Tap {
     inner: TcpStream,
     counters: Option<Arc<Counters>>,
@@ -782,6 +859,9 @@ struct TapCapture {
     down: CaptureStream,
     limit: u64,
     seen: [u64; 2],
+    /// Set when a response was masked before it was written (the capture
+    /// sees it masked already): the next down chunk is marked masked.
+    down_masked: Arc<Mutex<bool>>,
 }
 
 impl TapCapture {
@@ -791,6 +871,7 @@ impl TapCapture {
             up: CaptureStream::new(c.clone(), Side::Client),
             down: CaptureStream::new(c, Side::Upstream),
             seen: [0, 0],
+            down_masked: Arc::new(Mutex::new(false)),
         }
     }
 }
@@ -819,7 +900,18 @@ impl Tap {
             let ctr = if up { &c.up } else { &c.down };
             ctr.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        if read {
+            return;
+        }
         if let Some(mut c) = self.capture.as_ref().and_then(|c| c.lock().ok()) {
+            if !up
+                && c.down_masked
+                    .lock()
+                    .map(|mut m| std::mem::take(&mut *m))
+                    .unwrap_or(false)
+            {
+                c.down.mark_masked();
+            }
             let i = usize::from(!up);
             let left = c.limit.saturating_sub(c.seen[i]) as usize;
             if left > 0 {
@@ -900,6 +992,28 @@ mod tests {
         assert!(h.get("x-trace").is_none() && h.get("upgrade").is_none());
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn connection_may_not_name_end_to_end_headers() {
+        let named = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            h.append(header::CONNECTION, HeaderValue::from_static(v));
+            connection_names_end_to_end(&h)
+        };
+        assert_eq!(named("close"), None);
+        assert_eq!(named("te, x-trace"), None);
+        assert_eq!(named("Host").as_deref(), Some("host"));
+        assert_eq!(
+            named("x-a ,  Authorization").as_deref(),
+            Some("authorization")
+        );
+        assert_eq!(named("content-length").as_deref(), Some("content-length"));
+        assert_eq!(
+            named("transfer-encoding").as_deref(),
+            Some("transfer-encoding")
+        );
     }
 
     #[test]

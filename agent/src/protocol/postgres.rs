@@ -3,8 +3,11 @@
 //! loop never needs (or sees) the database password.
 //!
 //! 1. `SSLRequest`/`GSSENCRequest` are declined (`N`): the loop's leg is
-//!    loopback to the agent. A `CancelRequest` is passed to the upstream
-//!    (the loop holds the upstream's real `BackendKeyData`).
+//!    loopback to the agent. A `CancelRequest` is decided first, like a
+//!    session: the connect decision was made before the handler ran, and a
+//!    workload that requires a JWT is refused (a cancel carries no token).
+//!    Only then is it passed to the upstream (the loop holds the upstream's
+//!    real `BackendKeyData`).
 //! 2. When the workload requires the JWT second factor, the agent asks the
 //!    loop for a cleartext password and takes the JWT from it (`PGPASSWORD`
 //!    / `password=`), verifies it and makes the session decision with its
@@ -193,16 +196,36 @@ impl Session {
                         )));
                     }
                     let pid = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
-                    // The key is the server's secret for that backend: the
-                    // loop can only cancel a query of a session it holds.
+                    let text = format!("cancel backend {pid}");
+                    let attrs = vec![("backend_pid".into(), pid.to_string())];
+                    // Decided before anything reaches the server. Without a
+                    // token there is no identity to decide a JWT workload on.
+                    if let Some((wl, _)) = &self.jwt {
+                        let rule_id = format!("jwt-required:{wl}");
+                        let reason = format!(
+                            "workload {wl} requires a JWT second factor, and a cancel request carries none"
+                        );
+                        self.proxy.metrics.decision("deny", &rule_id);
+                        self.proxy
+                            .event(&self.row, "cancel", &text, "deny", &rule_id, &reason, attrs);
+                        return Err(StartupError::Refused {
+                            sqlstate: "28000",
+                            message: format!("loopgate: cancel request refused: {reason}"),
+                            outcome: "denied",
+                        });
+                    }
+                    // The connect decision allowed this workload (a refused
+                    // one never reaches the handler); the key is the
+                    // server's secret for that backend, so the loop can only
+                    // cancel a query of a session it holds.
                     self.proxy.event(
                         &self.row,
                         "cancel",
-                        &format!("cancel backend {pid}"),
+                        &text,
                         "allow",
                         "",
-                        "cancel requests carry the backend's secret key",
-                        vec![("backend_pid".into(), pid.to_string())],
+                        "allowed at connect; cancel requests carry the backend's secret key",
+                        attrs,
                     );
                     let mut up = tcp::connect(self.upstream, self.connect_timeout).await?;
                     let mut msg = Vec::with_capacity(16);

@@ -105,6 +105,12 @@ impl CaptureStream {
         }
     }
 
+    /// Marks the next recorded chunk as masked (for bytes masked before they
+    /// reached the capture).
+    pub(crate) fn mark_masked(&mut self) {
+        self.masked = true;
+    }
+
     fn emit(&mut self, data: Vec<u8>) {
         if data.is_empty() {
             return;
