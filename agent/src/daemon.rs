@@ -298,6 +298,23 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         None => None,
     };
 
+    // Sessions are bounded by the open-file limit, less a reserve for the
+    // admin socket and the spool: one loop cannot make the agent hit EMFILE.
+    let nofile = crate::limits::raise_nofile();
+    let max_sessions = cfg
+        .agent
+        .max_sessions
+        .min(crate::limits::sessions_for_fds(nofile));
+    if max_sessions < cfg.agent.max_sessions {
+        tracing::warn!(
+            nofile,
+            max_sessions,
+            configured = cfg.agent.max_sessions,
+            "the open-file limit allows fewer sessions than agent.max_sessions"
+        );
+    }
+    let session_limits =
+        crate::limits::SessionLimits::new(max_sessions, cfg.agent.max_sessions_per_workload);
     let netns_cookie = ebpf::own_netns_cookie().map_err(DaemonError::NetnsCookie)?;
     // Under egress deny, UDP may only reach the host's resolvers on port 53.
     let resolvers = std::fs::read_to_string("/etc/resolv.conf")
@@ -349,6 +366,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         approvals: approvals.clone(),
         metrics: metrics.clone(),
         capture_bytes: cfg.audit.capture_bytes,
+        capture_budget: crate::limits::CaptureBudget::new(
+            cfg.audit.capture_workload_bytes_per_hour,
+            Duration::from_secs(3600),
+        ),
+        limits: session_limits.clone(),
+        audit_refuse: cfg.audit.on_failure == crate::config::OnFailure::Refuse,
+        tcp_idle_timeout: Duration::from_secs(cfg.agent.tcp_idle_timeout_secs.max(1)),
         masker,
         credentials,
         host: host.clone(),
@@ -436,11 +460,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     });
     tokio::spawn(admin_server.serve(status, stop.clone()));
     if let Some(http) = admin_http {
-        let (k, au, ap, m) = (
+        let (k, au, ap, m, lim) = (
             kernel.clone(),
             audit.clone(),
             approvals.clone(),
             metrics.clone(),
+            session_limits.clone(),
         );
         let state = Arc::new(crate::admin_http::HttpState {
             approvals: approvals.clone(),
@@ -453,6 +478,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     st.dropped,
                     ap.pending_count(),
                     &k.stats(),
+                    st.failing.is_some(),
+                    lim.open(),
                 );
             }),
         });

@@ -22,6 +22,8 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`notify`]: approval webhooks (Slack-compatible JSON, retried).
 //! - [`approval`]: held requests, approvers, grants, timeouts.
+//! - [`limits`]: session caps (per workload, in all, by open files) and the
+//!   per-workload capture budget.
 //! - [`identity`]: the optional second factor: JWT verification against a JWKS.
 //! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
 //! - [`daemon`]: `loopgate agent`, wiring it all together.
@@ -39,6 +41,7 @@ pub mod ebpf;
 pub mod exec;
 pub mod http_client;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

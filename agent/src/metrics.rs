@@ -19,6 +19,8 @@ pub struct Metrics {
     decisions: Family<Labels, Counter>,
     approval_wait: Family<Labels, Histogram>,
     spool_pending: Gauge,
+    audit_failing: Gauge,
+    sessions_open: Gauge,
     audit_dropped: Gauge,
     kernel: Family<Labels, Gauge>,
     pending_approvals: Gauge,
@@ -66,6 +68,18 @@ impl Metrics {
             "Audit records dropped (queue full or spool write failure) since start",
             audit_dropped.clone(),
         );
+        let audit_failing = Gauge::default();
+        registry.register(
+            "audit_failing",
+            "1 while the audit spool cannot take records (disk full, queue full); the reason is in `loopgate status`",
+            audit_failing.clone(),
+        );
+        let sessions_open = Gauge::default();
+        registry.register(
+            "sessions_open",
+            "Sessions open now (capped by agent.max_sessions and the open-file limit)",
+            sessions_open.clone(),
+        );
         let kernel = Family::<Labels, Gauge>::default();
         registry.register(
             "kernel_connects",
@@ -92,6 +106,8 @@ impl Metrics {
             approval_wait,
             spool_pending,
             audit_dropped,
+            audit_failing,
+            sessions_open,
             kernel,
             pending_approvals,
         }
@@ -134,8 +150,12 @@ impl Metrics {
         audit_dropped: u64,
         pending_approvals: usize,
         kernel: &[(&str, u64)],
+        audit_failing: bool,
+        sessions_open: usize,
     ) {
         self.spool_pending.set(spool_pending as i64);
+        self.audit_failing.set(audit_failing as i64);
+        self.sessions_open.set(sessions_open as i64);
         self.audit_dropped.set(audit_dropped as i64);
         self.pending_approvals.set(pending_approvals as i64);
         for (name, v) in kernel {

@@ -47,6 +47,15 @@ pub struct Proxy {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Payload bytes captured per session and direction (0: none).
     pub capture_bytes: u64,
+    /// ... and per workload and hour.
+    pub capture_budget: crate::limits::CaptureBudget,
+    /// Open-session caps (per workload, in all).
+    pub limits: Arc<crate::limits::SessionLimits>,
+    /// `audit.on_failure = "refuse"`: no new session while the spool cannot
+    /// take records.
+    pub audit_refuse: bool,
+    /// Raw TCP sessions idle this long are closed.
+    pub tcp_idle_timeout: Duration,
     pub masker: Arc<dyn Masker>,
     /// Stored credentials, by target name.
     pub credentials: HashMap<String, crate::secrets::StoredCredential>,
@@ -294,6 +303,24 @@ async fn client_hung_up(fd: RawFd) {
 /// Accept backlog of both proxy listeners: a burst of loop connects must not
 /// wait for SYN retransmits.
 pub const BACKLOG: u32 = 4096;
+
+/// Resolves once the session's byte counters have not moved for `limit`.
+async fn idle_for(counters: &Counters, limit: Duration) -> Duration {
+    let step = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let total = || counters.up.load(Ordering::Relaxed) + counters.down.load(Ordering::Relaxed);
+    let mut last = total();
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(step).await;
+        let now = total();
+        if now != last {
+            last = now;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= limit {
+            return limit;
+        }
+    }
+}
 
 /// Binds the proxy listeners on 127.0.0.1 and ::1. Both are required: a
 /// missing `[::1]` listener would leave IPv6 redirects to whoever binds it.
@@ -675,6 +702,20 @@ impl Proxy {
             _ => Handler::Tcp,
         };
         self.metrics.session(protocol, &row.workload);
+        // What one loop may take of the agent, and strict recording.
+        let (slot, over_limit) = match self.limits.acquire(&row.workload) {
+            Ok(s) => (Some(s), None),
+            Err(full) => (None, Some(full.to_string())),
+        };
+        let audit_failing = self
+            .audit_refuse
+            .then(|| self.audit.failing())
+            .flatten()
+            .map(|why| {
+                format!(
+                    "{why}; audit.on_failure = \"refuse\" refuses new sessions until it recovers"
+                )
+            });
         let request = format!("connect {destination}");
         let client_fd = sock.as_raw_fd();
         // A refusal made here, before any policy evaluation: counted and recorded.
@@ -713,6 +754,12 @@ impl Proxy {
             None
         };
         let refusal = match (&jwt, handler) {
+            _ if over_limit.is_some() => {
+                refuse("limit:sessions".into(), over_limit.clone().unwrap_or_default())
+            }
+            _ if audit_failing.is_some() => {
+                refuse("audit:failing".into(), audit_failing.clone().unwrap_or_default())
+            }
             _ if tagged_listener.is_some() => refuse(
                 "listener:tagged".into(),
                 tagged_listener.clone().unwrap_or_default(),
@@ -770,15 +817,21 @@ impl Proxy {
                 revoked: revoked.clone(),
             },
         );
-        let capture = (self.capture_bytes > 0).then(|| Capture {
+        // Capture what the workload's hourly budget still allows (both
+        // directions); what goes unused is given back at the end.
+        let reserved = self
+            .capture_budget
+            .reserve(&row.workload, self.capture_bytes.saturating_mul(2));
+        let per_direction = reserved / 2;
+        let capture = (per_direction > 0).then(|| Capture {
             session_id,
             sink: self.audit.clone(),
-            limit: self.capture_bytes,
+            limit: per_direction,
             masker: self.masker.clone(),
         });
         let out = match handler {
             Handler::Tcp => {
-                tcp::relay(
+                let relay = tcp::relay(
                     sock,
                     destination,
                     self.connect_timeout,
@@ -786,8 +839,17 @@ impl Proxy {
                     capture,
                     revoke,
                 )
-                .instrument(span.clone())
-                .await
+                .instrument(span.clone());
+                tokio::select! {
+                    out = relay => out,
+                    idle = idle_for(&counters, self.tcp_idle_timeout) => tcp::Outcome {
+                        outcome: "idle_timeout",
+                        detail: Some(format!(
+                            "no bytes either way for {} s (agent.tcp_idle_timeout_secs)",
+                            idle.as_secs()
+                        )),
+                    },
+                }
             }
             Handler::Http => {
                 let authorization = self.credentials.get(&row.target).and_then(|c| {
@@ -849,6 +911,10 @@ impl Proxy {
         );
         self.sessions.remove(&session_id);
         self.approvals.end_session(session_id);
+        drop(slot);
+        let captured = up.min(per_direction) + down.min(per_direction);
+        self.capture_budget
+            .refund(&row.workload, reserved.saturating_sub(captured));
         let ended_at = now_micros();
         span.in_scope(|| {
             tracing::info!(
