@@ -263,10 +263,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .filter_map(|l| l.local_addr().ok())
         .map(|a| a.to_string())
         .collect();
+    // Callers in any attach point are tagged loops (refused on the socket).
+    let tagged: Vec<&str> = std::iter::once(cfg.agent.cgroup_root.as_str())
+        .chain(cfg.workloads.iter().map(|w| w.cgroup.as_str()))
+        .collect();
     let admin_server = admin::Server::bind(
         &cfg.agent.admin_socket,
         cfg.agent.admin_group.as_deref(),
-        &cfg.agent.cgroup_root,
+        &tagged,
     )?;
     let admin_http = match cfg.agent.admin_http {
         Some(addr) => Some(

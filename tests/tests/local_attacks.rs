@@ -1,0 +1,267 @@
+//! Attacks by a loop on the host it runs on (issue 9): the admin socket, the
+//! terminal and environment `loopgate exec` hands it, the approval page and the
+//! webhooks. Each test makes the attack and checks it fails.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use loopgate_e2e::*;
+
+/// A long-lived loop: one connect + round trip per line on stdin.
+const PERSISTENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+for line in sys.stdin:
+    try:
+        s = socket.create_connection((host, port), timeout=30)
+        s.settimeout(30)
+        s.sendall(b"ping")
+        data = s.recv(4)
+        s.close()
+        print("ok" if data == b"ping" else "closed %r" % data, flush=True)
+    except OSError as e:
+        print("error", e.errno, flush=True)
+"#;
+
+/// A tagged loop run as `user` that connects to `addr` once per `go()`.
+struct Loop {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Loop {
+    fn start(agent: &Agent, workload: &str, user: &str, addr: SocketAddr) -> Loop {
+        let script = agent.path("persistent.py");
+        std::fs::write(&script, PERSISTENT).unwrap();
+        let mut child = Command::new(loopgate_bin())
+            .arg("--config")
+            .arg(&agent.config)
+            .args(["exec", "--workload", workload, "--user", user, "--"])
+            .arg("/usr/bin/python3")
+            .arg(&script)
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tagged loop");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Loop { child, out }
+    }
+
+    fn go(&mut self) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
+    }
+
+    fn answer(&mut self) -> String {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Held requests, as root sees them.
+fn pending(agent: &Agent) -> Vec<Value> {
+    let out = agent.cli(&["approvals", "list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Waits for the first held request and returns its id.
+fn wait_pending_id(agent: &Agent) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(p) = pending(agent).into_iter().next() {
+            return p["approval_id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing held for approval:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Approvers for the admin-socket attacks: `nobody` (the attacking loops'
+/// user) and `daemon` are approvers named by the rule and members of the
+/// admin group, so only the "tagged loops are refused" check stands between
+/// a loop and a decision.
+fn admin_spec(name: &str, echo: &EchoServer) -> AgentSpec {
+    AgentSpec::new(name)
+        .agent_key("admin_group = \"nogroup\"")
+        .target("db", &echo.addr.to_string(), "tcp")
+        .raw("\n[[approvers]]\nname = \"loop-user\"\nuser = \"nobody\"\n\n[[approvers]]\nname = \"sre\"\nuser = \"daemon\"\n")
+        .policy(
+            "p.toml",
+            "[[rules]]\nid = \"db-approve\"\ntargets = [\"db\"]\naction = \"approve\"\napprovers = [\"loop-user\", \"sre\"]\n",
+        )
+}
+
+/// The loop creates an admin socket and forks; the child connects and exits
+/// at once (and is reaped), then the parent talks on the inherited
+/// connection, so the pid `SO_PEERCRED` names is gone by the time the agent
+/// looks. A race the loop wins often enough; it tries until it does.
+const FORK_CONNECT_EXIT: &str = r#"
+import json, os, socket, sys
+path, rid = sys.argv[1], sys.argv[2]
+for attempt in range(300):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        s.connect(path)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    f = s.makefile("rwb")
+    try:
+        f.write(b'{"cmd": "approvals_list"}\n')
+        f.flush()
+        answer = f.readline().decode().strip()
+    except OSError as e:
+        answer = "error %s" % e
+    if '"error"' in answer or answer.startswith("error"):
+        print("refused", answer, flush=True)
+        s.close()
+        continue
+    print("listed", answer, flush=True)
+    f.write((json.dumps({"cmd": "approvals_decide", "id": rid, "approve": True,
+                         "reason": "forked"}) + "\n").encode())
+    f.flush()
+    print("decided", f.readline().decode().strip(), flush=True)
+    break
+"#;
+
+#[test]
+fn a_loop_that_forks_a_child_to_connect_to_the_admin_socket_is_refused() {
+    let echo = EchoServer::start("127.10.9.1");
+    let agent = Agent::start(admin_spec("l-admfork", &echo));
+    // Another workload's request, made by uid daemon, is held.
+    let mut victim = Loop::start(&agent, "l-victim", "daemon", echo.addr);
+    victim.go();
+    let id = wait_pending_id(&agent);
+
+    let sock = agent.path("admin.sock");
+    let out = agent.python(
+        "l-attacker",
+        FORK_CONNECT_EXIT,
+        &[sock.to_str().unwrap(), &id],
+    );
+    let text = stdout(&out);
+    let refused = text.lines().filter(|l| l.starts_with("refused")).count();
+    let won = text.lines().filter(|l| !l.starts_with("refused")).count();
+    eprintln!(
+        "{refused} attempts refused ({} as unknown), {won} other lines",
+        text.matches("cannot establish that the caller is not a tagged loop")
+            .count()
+    );
+    assert!(
+        refused == 300 && won == 0,
+        "the loop got past the admin socket:\n{}\nstderr: {}",
+        text.lines()
+            .filter(|l| !l.starts_with("refused"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        stderr(&out)
+    );
+    assert!(
+        text.lines()
+            .all(|l| l.contains("tagged loops may not use the admin socket")
+                || l.contains("cannot establish that the caller is not a tagged loop")),
+        "{text}"
+    );
+    assert_eq!(pending(&agent).len(), 1, "the request must still be held");
+    assert_eq!(echo.accepted(), 0, "nothing was approved");
+}
+
+/// An SRE-named workload cgroup (`[[workloads]] cgroup = ...`) outside the
+/// agent's root, removed when dropped.
+struct NamedCgroup {
+    top: PathBuf,
+    rel: String,
+}
+
+impl NamedCgroup {
+    fn create(top: &str) -> NamedCgroup {
+        let rel = format!("{top}/etl.service");
+        let top = cgroup2_mount().join(top);
+        remove_cgroup_tree(&top);
+        std::fs::create_dir_all(cgroup2_mount().join(&rel)).expect("create named cgroup");
+        NamedCgroup { top, rel }
+    }
+
+    fn procs(&self) -> PathBuf {
+        cgroup2_mount().join(&self.rel).join("cgroup.procs")
+    }
+}
+
+impl Drop for NamedCgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.top);
+    }
+}
+
+#[test]
+fn a_loop_in_a_named_workload_cgroup_is_refused_on_the_admin_socket() {
+    let echo = EchoServer::start("127.10.9.2");
+    let named = NamedCgroup::create("lgt-l-admnamed-sre");
+    let agent = Agent::start(admin_spec("l-admnamed", &echo).raw(&format!(
+        "\n[[workloads]]\nname = \"sre-etl\"\ncgroup = \"{}\"\n",
+        named.rel
+    )));
+    // A loop in the cgroup root, as nobody, is held.
+    let mut victim = Loop::start(&agent, "l-victim", "nobody", echo.addr);
+    victim.go();
+    let id = wait_pending_id(&agent);
+
+    // A process of the named workload, as daemon (an approver, in the admin
+    // group): it moves itself into the cgroup, then drops to daemon.
+    let run_in_named = |args: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {procs} && exec setpriv --reuid=daemon --regid=nogroup --clear-groups {bin} --config {cfg} {args}",
+                procs = named.procs().display(),
+                bin = loopgate_bin().display(),
+                cfg = agent.config.display(),
+            ))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for args in [
+        "approvals list --json".to_owned(),
+        format!("approvals approve {id} --reason named"),
+    ] {
+        let out = run_in_named(&args);
+        assert!(!out.status.success(), "{args}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("tagged loops may not use the admin socket"),
+            "{args}: {}",
+            stderr(&out)
+        );
+        assert!(!stdout(&out).contains(&id), "{args}: {}", stdout(&out));
+    }
+    assert_eq!(pending(&agent).len(), 1, "the request must still be held");
+    assert_eq!(echo.accepted(), 0, "nothing was approved");
+    // The same user outside the cgroup may decide (it is an approver).
+    let out = agent.cli_as("daemon", "nogroup", &["approvals", "approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(victim.answer(), "ok");
+}
