@@ -265,3 +265,266 @@ fn a_loop_in_a_named_workload_cgroup_is_refused_on_the_admin_socket() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(victim.answer(), "ok");
 }
+
+/// `loopgate exec` run by the test with `env` set in its environment.
+fn exec_with_env(agent: &Agent, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    Command::new(loopgate_bin())
+        .arg("--config")
+        .arg(&agent.config)
+        .arg("exec")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run loopgate exec")
+}
+
+/// Names (never values) of the variables in `env` output.
+fn env_names(out: &str) -> Vec<String> {
+    let mut n: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_owned()))
+        .collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn exec_gives_the_loop_a_reset_environment_and_env_passes_more() {
+    let agent = Agent::start(AgentSpec::new("l-execenv"));
+    // Fake secrets: the values are only ever compared, never printed.
+    let secret = "lg-test-secret-1b0c9d";
+    let env = [
+        ("LG_TEST_API_TOKEN", secret),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+        ("LANG", "C.UTF-8"),
+    ];
+    let out = exec_with_env(&agent, &env, &["--workload", "l-env", "--", "env"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let names = env_names(&text);
+    assert!(
+        !text.contains(secret),
+        "the caller's secrets reached the loop: {names:?}"
+    );
+    for n in [
+        "HOME",
+        "LANG",
+        "LOGNAME",
+        "LOOPGATE_INSTANCE",
+        "LOOPGATE_WORKLOAD",
+        "PATH",
+        "SHELL",
+        "USER",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} missing: {names:?}");
+    }
+    let allowed = [
+        "HOME",
+        "LANG",
+        "LOGNAME",
+        "LOOPGATE_INSTANCE",
+        "LOOPGATE_WORKLOAD",
+        "PATH",
+        "SHELL",
+        "TERM",
+        "USER",
+    ];
+    assert!(
+        names.iter().all(|n| allowed.contains(&n.as_str())),
+        "unexpected variables: {names:?}"
+    );
+    assert!(text.contains("USER=nobody\n"), "{names:?}");
+    assert!(text.contains("LOOPGATE_WORKLOAD=l-env\n"), "{names:?}");
+    assert!(text.contains("LANG=C.UTF-8\n"), "{names:?}");
+
+    // --env NAME passes one more, and only that one.
+    let out = exec_with_env(
+        &agent,
+        &env,
+        &[
+            "--workload",
+            "l-env",
+            "--env",
+            "LG_TEST_API_TOKEN",
+            "--",
+            "env",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("LG_TEST_API_TOKEN={secret}\n")),
+        "--env did not pass it: {:?}",
+        env_names(&text)
+    );
+    assert!(
+        !env_names(&text).contains(&"AWS_SECRET_ACCESS_KEY".to_owned()),
+        "{:?}",
+        env_names(&text)
+    );
+    // A value instead of a name is refused (and not echoed back).
+    let out = exec_with_env(
+        &agent,
+        &env,
+        &["--workload", "l-env", "--env", "X=1", "--", "true"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("give a variable name"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Runs the caller's command (`argv`) as a session leader on a fresh pty, as
+/// an interactive login would; types `hello-through-pty` when the output says
+/// `TYPE NOW` (after changing the window size); prints everything the
+/// terminal showed.
+const TERMINAL: &str = r#"
+import fcntl, os, pty, select, struct, sys, termios, time
+argv = sys.argv[1:]
+pid, m = pty.fork()
+if pid == 0:
+    os.execvp(argv[0], argv)
+fcntl.ioctl(m, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 101, 0, 0))
+out, typed = b"", False
+deadline = time.time() + 60
+while time.time() < deadline:
+    r, _, _ = select.select([m], [], [], 0.2)
+    if m in r:
+        try:
+            d = os.read(m, 4096)
+        except OSError:
+            break
+        if not d:
+            break
+        out += d
+        if not typed and b"TYPE NOW" in out:
+            fcntl.ioctl(m, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+            time.sleep(0.5)
+            os.write(m, b"hello-through-pty\r")
+            typed = True
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+"#;
+
+/// The loop: where it is (session, controlling tty), then it types a command
+/// into its terminal with TIOCSTI (through stdin and /dev/tty) and exits.
+const INJECT: &str = r#"
+import fcntl, os, termios
+st = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+print("LOOP sid=%s tty=%s" % (st[3], st[4]), flush=True)
+res = []
+for name in ("stdin", "devtty"):
+    try:
+        fd = 0 if name == "stdin" else os.open("/dev/tty", os.O_RDWR)
+        for c in b"echo INJECTED-BY-LOOP\n":
+            fcntl.ioctl(fd, termios.TIOCSTI, bytes([c]))
+        res.append(name + ":ok")
+    except OSError as e:
+        res.append("%s:errno%d" % (name, e.errno))
+print("TIOCSTI", " ".join(res), flush=True)
+"#;
+
+/// An interactive loop: reads a line from its terminal and echoes it.
+const INTERACTIVE: &str = r#"
+import os, signal, sys
+sizes = []
+signal.signal(signal.SIGWINCH, lambda *a: sizes.append(os.get_terminal_size(0)))
+s = os.get_terminal_size(0)
+print("SIZE %dx%d" % (s.columns, s.lines), flush=True)
+print("TYPE NOW", flush=True)
+line = sys.stdin.readline()
+print("LOOP got [%s]" % line.strip(), flush=True)
+s = os.get_terminal_size(0)
+print("SIZE2 %dx%d winch=%d" % (s.columns, s.lines, len(sizes)), flush=True)
+"#;
+
+/// `bash -c SCRIPT` on a fresh pty: the caller's interactive root shell.
+fn on_a_terminal(agent: &Agent, script: &str) -> String {
+    let term = agent.path("terminal.py");
+    std::fs::write(&term, TERMINAL).unwrap();
+    let out = Command::new("/usr/bin/python3")
+        .arg(&term)
+        .args(["bash", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the terminal harness");
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).replace('\r', "")
+}
+
+fn field<'a>(text: &'a str, line_prefix: &str, key: &str) -> &'a str {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .unwrap_or_else(|| panic!("no `{line_prefix}` line in:\n{text}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in `{line}`"))
+}
+
+#[test]
+fn exec_from_a_terminal_gives_the_loop_its_own_session_and_pty() {
+    let tiocsti = std::fs::read_to_string("/proc/sys/dev/tty/legacy_tiocsti")
+        .unwrap_or_else(|_| "absent".into());
+    eprintln!("dev.tty.legacy_tiocsti = {}", tiocsti.trim());
+    let agent = Agent::start(AgentSpec::new("l-exectty"));
+    let inject = agent.path("inject.py");
+    std::fs::write(&inject, INJECT).unwrap();
+    set_mode(&inject, 0o644);
+    let exec = format!(
+        "{} --config {} exec --workload l-tty --",
+        loopgate_bin().display(),
+        agent.config.display()
+    );
+
+    // The attack: the loop types a command into its terminal; the caller's
+    // shell reads its next line once the loop has exited.
+    let text = on_a_terminal(
+        &agent,
+        &format!(
+            "echo \"CALLER sid=$(cut -d' ' -f6 /proc/$$/stat) tty=$(cut -d' ' -f7 /proc/$$/stat)\"; \
+             {exec} /usr/bin/python3 {}; \
+             IFS= read -t 2 -r line; echo \"CALLER read [$line]\"",
+            inject.display()
+        ),
+    );
+    eprintln!("{text}");
+    assert!(
+        text.contains("CALLER read []"),
+        "the loop's keystrokes reached the caller's shell:\n{text}"
+    );
+    let (caller_sid, caller_tty) = (
+        field(&text, "CALLER sid", "sid"),
+        field(&text, "CALLER sid", "tty"),
+    );
+    let (loop_sid, loop_tty) = (
+        field(&text, "LOOP sid", "sid"),
+        field(&text, "LOOP sid", "tty"),
+    );
+    assert_ne!(loop_sid, caller_sid, "the loop is in the caller's session");
+    assert_ne!(loop_tty, caller_tty, "the loop has the caller's terminal");
+    assert_ne!(loop_tty, "0", "the loop has no terminal of its own");
+
+    // Interactive use still works, through the loop's pty: a line typed on
+    // the caller's terminal reaches it, window sizes follow, and the caller's
+    // terminal settings are back afterwards.
+    let interactive = agent.path("interactive.py");
+    std::fs::write(&interactive, INTERACTIVE).unwrap();
+    set_mode(&interactive, 0o644);
+    let text = on_a_terminal(
+        &agent,
+        &format!(
+            "before=$(stty -g); {exec} /usr/bin/python3 {}; echo \"EXIT $?\"; \
+             [ \"$before\" = \"$(stty -g)\" ] && echo 'CALLER tty restored'",
+            interactive.display()
+        ),
+    );
+    assert!(text.contains("SIZE 101x37"), "{text}");
+    assert!(text.contains("LOOP got [hello-through-pty]"), "{text}");
+    assert!(text.contains("SIZE2 120x40 winch=1"), "{text}");
+    assert!(text.contains("EXIT 0"), "{text}");
+    assert!(text.contains("CALLER tty restored"), "{text}");
+}
