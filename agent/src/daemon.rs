@@ -57,6 +57,8 @@ pub enum DaemonError {
     },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("admin http: {0}")]
+    AdminHttp(String),
     #[error("policies refused at start:\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
     #[error(transparent)]
@@ -416,20 +418,28 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             approvals.clone(),
             metrics.clone(),
         );
-        let state = Arc::new(crate::admin_http::HttpState {
-            approvals: approvals.clone(),
-            metrics: metrics.clone(),
-            tokens,
-            refresh: Box::new(move || {
-                let st = au.stats();
-                m.set_gauges(
-                    st.spool_pending_bytes,
-                    st.dropped,
-                    ap.pending_count(),
-                    &k.stats(),
-                );
-            }),
-        });
+        let listen = http
+            .local_addr()
+            .map_err(|e| DaemonError::AdminHttp(e.to_string()))?;
+        let state = Arc::new(
+            crate::admin_http::HttpState::new(
+                approvals.clone(),
+                metrics.clone(),
+                tokens,
+                Box::new(move || {
+                    let st = au.stats();
+                    m.set_gauges(
+                        st.spool_pending_bytes,
+                        st.dropped,
+                        ap.pending_count(),
+                        &k.stats(),
+                    );
+                }),
+                listen,
+                cfg.approvals.page_url.as_deref(),
+            )
+            .map_err(|_| DaemonError::AdminHttp("cannot draw the CSRF key".into()))?,
+        );
         tokio::spawn(crate::admin_http::serve(http, state, stop.clone()));
     }
 

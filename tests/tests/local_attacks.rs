@@ -528,3 +528,282 @@ fn exec_from_a_terminal_gives_the_loop_its_own_session_and_pty() {
     assert!(text.contains("EXIT 0"), "{text}");
     assert!(text.contains("CALLER tty restored"), "{text}");
 }
+
+/// curl: (status code, body).
+fn curl(args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = stdout(&out);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_owned(), body.to_owned())
+}
+
+#[test]
+fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_host() {
+    let echo = EchoServer::start("127.10.9.3");
+    let http = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let token = "tok-l-page-approver-alice-5d1e";
+    let token_file = dir.path().join("alice.token");
+    std::fs::write(&token_file, token).unwrap();
+    let agent = Agent::start(
+        AgentSpec::new("l-page")
+            .agent_key(&format!("admin_http = \"{http}\""))
+            .target("db", &echo.addr.to_string(), "tcp")
+            .raw(&format!(
+                "\n[[approvers]]\nname = \"alice\"\nuser = \"daemon\"\ntoken_file = \"{}\"\n",
+                token_file.display()
+            ))
+            .policy(
+                "p.toml",
+                "[[rules]]\nid = \"db-approve\"\ntargets = [\"db\"]\naction = \"approve\"\n",
+            ),
+    );
+    let base = format!("http://{http}");
+    let port = http.rsplit(':').next().unwrap();
+    let mut l = Loop::start(&agent, "l-ops", "nobody", echo.addr);
+    l.go();
+    let id = wait_pending_id(&agent);
+    let jar = dir.path().join("cookies");
+    let jar = jar.to_str().unwrap();
+    let (code, _) = curl(&["-c", jar, &format!("{base}/approvals?token={token}")]);
+    assert_eq!(code, "303");
+    let (code, page) = curl(&["-b", jar, &format!("{base}/approvals")]);
+    assert_eq!(code, "200");
+    // (Before the fix the page had no token: the attacks below then carry none.)
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_default()
+        .to_owned();
+    let approve = format!("{base}/approvals/{id}/approve");
+    let form = format!("reason=cross-site&csrf={csrf}");
+
+    // Another site's page posting with the approver's cookie (a loop's web
+    // server on loopback is same-site, so SameSite does not stop it).
+    let (code, _) = curl(&[
+        "-b",
+        jar,
+        "-H",
+        "Origin: http://evil.example",
+        "-d",
+        &form,
+        &approve,
+    ]);
+    assert_eq!(code, "403", "cross-origin decision");
+    let (code, _) = curl(&[
+        "-b",
+        jar,
+        "-H",
+        "Origin: http://127.0.0.1:8000",
+        "-d",
+        &form,
+        &approve,
+    ]);
+    assert_eq!(code, "403", "another local origin");
+    let (code, _) = curl(&[
+        "-b",
+        jar,
+        "-H",
+        "Referer: http://evil.example/x",
+        "-d",
+        &form,
+        &approve,
+    ]);
+    assert_eq!(code, "403", "cross-origin Referer, no Origin");
+    let (code, _) = curl(&["-b", jar, "-d", &form, &approve]);
+    assert_eq!(code, "403", "neither Origin nor Referer");
+    // From the page's origin, but without (or with a wrong) token.
+    let origin = format!("Origin: {base}");
+    let (code, _) = curl(&["-b", jar, "-H", &origin, "-d", "reason=no-token", &approve]);
+    assert_eq!(code, "403", "no CSRF token");
+    let (code, _) = curl(&[
+        "-b",
+        jar,
+        "-H",
+        &origin,
+        "-d",
+        "reason=x&csrf=AAAA",
+        &approve,
+    ]);
+    assert_eq!(code, "403", "wrong CSRF token");
+    assert_eq!(pending(&agent).len(), 1, "nothing may have been decided");
+    assert_eq!(echo.accepted(), 0);
+
+    // DNS rebinding: a name of the attacker's resolving to 127.0.0.1.
+    let (code, body) = curl(&["-H", "Host: evil.example", &format!("{base}/metrics")]);
+    assert_eq!(code, "421", "metrics for another Host");
+    assert!(!body.contains("loopgate_"), "{body}");
+    let (code, _) = curl(&[
+        "-H",
+        &format!("Host: evil.example:{port}"),
+        &format!("{base}/approvals"),
+    ]);
+    assert_eq!(code, "421", "the page for another Host");
+    let (code, body) = curl(&[&format!("{base}/metrics")]);
+    assert_eq!(code, "200");
+    assert!(body.contains("loopgate_decisions_total"), "{body}");
+    let (code, _) = curl(&[
+        "-H",
+        &format!("Host: localhost:{port}"),
+        &format!("{base}/metrics"),
+    ]);
+    assert_eq!(code, "200", "localhost names the listener too");
+
+    // The page itself decides.
+    let (code, _) = curl(&[
+        "-b",
+        jar,
+        "-H",
+        &origin,
+        "-d",
+        &format!("reason=ok&csrf={csrf}"),
+        &approve,
+    ]);
+    assert_eq!(code, "303");
+    assert_eq!(l.answer(), "ok");
+    let log = agent.log();
+    assert!(log.contains("cross-origin decision refused"), "{log}");
+    assert!(!log.contains(token), "the token must never be logged");
+}
+
+/// A webhook receiver on loopback that keeps every body and answers 200.
+fn webhook_receiver(ip: &str) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b = bodies.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let body = loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break Some(
+                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
+                        );
+                    }
+                }
+            };
+            if let Some(body) = body {
+                b.lock().unwrap().push(body);
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (format!("http://{addr}/hooks/l-test"), bodies)
+}
+
+/// A PostgreSQL start-up as a loop writes it: any user name it likes, then
+/// the JWT (from `$LG_JWT`, passed with `exec --env`) as the password; then it
+/// waits while the agent holds the session.
+const PG_STARTUP: &str = r#"
+import os, socket, struct, sys
+host, port, user = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection((host, port), timeout=30)
+params = b"user\0" + user.encode() + b"\0database\0postgres\0\0"
+s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+kind = s.recv(1)
+(n,) = struct.unpack("!i", s.recv(4))
+s.recv(n - 4)
+pw = os.environ["LG_JWT"].encode() + b"\0"
+s.sendall(b"p" + struct.pack("!i", 4 + len(pw)) + pw)
+print("sent", kind.decode(), flush=True)
+s.recv(1)
+"#;
+
+#[test]
+fn loop_text_in_webhooks_cannot_mention_or_link_in_slack() {
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let idp = Idp::new(dir.path());
+    let pw = dir.path().join("db.pw");
+    std::fs::write(&pw, "l-stored-pw-never-used\n").unwrap();
+    let (url, bodies) = webhook_receiver("127.10.9.4");
+    let policy = format!(
+        r#"
+[[workloads]]
+name = "signed-bots"
+workload = "signed-*"
+jwt = {{ issuer = "{ISSUER}", audience = "orders-db", jwks_file = "{}" }}
+
+[[rules]]
+id = "signed-bots-approve"
+workloads = ["signed-bots"]
+targets = ["orders-db"]
+action = "approve"
+reason = "orders-db needs a human"
+"#,
+        idp.jwks.display()
+    );
+    let agent = Agent::start(
+        AgentSpec::new("l-hookslack")
+            .raw(&format!(
+                "\n[[targets]]\nname = \"orders-db\"\naddress = \"127.10.9.5:5432\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n\n[approvals]\nwebhooks = [\"{url}\"]\n\n[[approvers]]\nname = \"root-operator\"\nuid = 0\n",
+                pw.display()
+            ))
+            .policy("p.toml", &policy),
+    );
+    let script = agent.path("pg_startup.py");
+    std::fs::write(&script, PG_STARTUP).unwrap();
+    set_mode(&script, 0o644);
+    let jwt = idp.token("etl@example", "orders-db", 300);
+    let evil = "<!channel> <https://evil.example|click here> & co";
+    let mut child = Command::new(loopgate_bin())
+        .arg("--config")
+        .arg(&agent.config)
+        .args(["exec", "--workload", "signed-etl", "--env", "LG_JWT", "--"])
+        .arg("/usr/bin/python3")
+        .arg(&script)
+        .args(["127.10.9.5", "5432", evil])
+        .env("LG_JWT", &jwt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let id = wait_pending_id(&agent);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while bodies.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no webhook:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v: Value = serde_json::from_str(&bodies.lock().unwrap()[0]).unwrap();
+    assert_eq!(v["approval_id"], id.as_str());
+    let text = v["text"].as_str().unwrap();
+    assert!(
+        text.contains("as &lt;!channel&gt; &lt;https://evil.example|click here&gt; &amp; co"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("<!channel>") && !text.contains("<https://"),
+        "{text}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!agent.log().contains(&jwt), "the JWT must never be logged");
+}
