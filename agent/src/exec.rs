@@ -260,9 +260,7 @@ pub fn run(cfg: &Config, args: ExecArgs) -> Result<i32, ExecError> {
             }
             // A session of its own: the caller's terminal is not its
             // controlling terminal (no TIOCSTI into the caller's shell).
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::unistd::setsid()?;
             // Its private pty (already on 0, 1 or 2) becomes its terminal.
             if with_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
