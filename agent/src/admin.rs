@@ -4,6 +4,13 @@
 //! The socket is mode 0600 (or 0660 with `admin_group`), and every connection
 //! is checked again with `SO_PEERCRED`: root, the agent's own uid, and members
 //! of `admin_group` are served; anyone else gets a `permission denied` answer.
+//!
+//! Tagged loops are refused whatever their uid. The check is made on the
+//! process that connected, through the pidfd the kernel hands out for it
+//! (`SO_PEERPIDFD`): its cgroup is read, then the pidfd confirms that the
+//! process is still the one the pid named. A caller whose cgroup cannot be
+//! established (it exited, it is in a pid namespace the agent cannot see) is
+//! refused: a loop must not pass by forking a child to connect and exit.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -75,8 +82,9 @@ pub struct Server {
     listener: UnixListener,
     path: PathBuf,
     group: Option<u32>,
-    /// The agent's cgroup root, relative to the cgroup2 mount.
-    cgroup_root: Arc<str>,
+    /// Where tagged loops live: the cgroup root and every `[[workloads]]
+    /// cgroup`, relative to the cgroup2 mount.
+    tagged: Arc<[String]>,
 }
 
 /// Looks a group up by name.
@@ -91,7 +99,10 @@ pub fn group_id(name: &str) -> Result<u32, AdminError> {
 }
 
 impl Server {
-    pub fn bind(path: &Path, group: Option<&str>, cgroup_root: &str) -> Result<Self, AdminError> {
+    /// `tagged`: every attach point (the cgroup root, each `[[workloads]]
+    /// cgroup`), relative to the cgroup2 mount; callers inside any of them are
+    /// refused.
+    pub fn bind(path: &Path, group: Option<&str>, tagged: &[&str]) -> Result<Self, AdminError> {
         let io = |source| AdminError::Io {
             path: path.to_owned(),
             source,
@@ -132,7 +143,10 @@ impl Server {
             listener,
             path: path.to_owned(),
             group: gid,
-            cgroup_root: cgroup_root.into(),
+            tagged: tagged
+                .iter()
+                .map(|t| format!("/{}", t.trim_matches('/')))
+                .collect(),
         })
     }
 
@@ -152,9 +166,9 @@ impl Server {
             };
             let h = handler.clone();
             let group = self.group;
-            let root = self.cgroup_root.clone();
+            let tagged = self.tagged.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_one(stream, h, group, root).await {
+                if let Err(e) = serve_one(stream, h, group, tagged).await {
                     tracing::debug!(error = %e, "admin connection ended with an error");
                 }
             });
@@ -197,35 +211,114 @@ fn authorised(uid: u32, groups: &[u32], group: Option<u32>) -> bool {
     group.is_some_and(|g| groups.contains(&g))
 }
 
-/// Is the peer a tagged loop (inside the agent's cgroup subtree)? Loops must
-/// never administer the agent or decide approvals, whatever their uid.
-fn inside_tagged_subtree(pid: Option<i32>, root_rel: &str) -> bool {
-    let Some(pid) = pid else { return false };
-    let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return false;
+/// Where the process that connected is, as far as the agent can tell.
+#[derive(Debug, PartialEq, Eq)]
+enum Peer {
+    /// Alive, outside every attach point.
+    Untagged,
+    /// Inside an attach point (its cgroup path).
+    Tagged(String),
+    /// Not established (why): refused like a tagged loop.
+    Unknown(String),
+}
+
+/// Is `cgroup` (a `0::` path, maybe with ` (deleted)`) at or below one of
+/// `tagged`?
+fn in_subtrees(cgroup: &str, tagged: &[String]) -> bool {
+    let cg = cgroup.strip_suffix(" (deleted)").unwrap_or(cgroup);
+    tagged.iter().any(|t| {
+        let t = t.trim_end_matches('/');
+        t.is_empty() || cg == t || cg.strip_prefix(t).is_some_and(|r| r.starts_with('/'))
+    })
+}
+
+/// The cgroup2 path in a `/proc/<pid>/cgroup` text.
+fn unified_path(text: &str) -> Option<&str> {
+    text.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// The pid a pidfd names, in the agent's pid namespace (`Pid:` in its fdinfo:
+/// -1 once the process was reaped, 0 when it is not visible from here).
+fn pidfd_pid(pidfd: &std::os::fd::OwnedFd) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether the process behind `pidfd` is still there (signal 0: nothing is
+/// sent). A pid reused by another process does not answer for this one.
+fn pidfd_alive(pidfd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal with signal 0 and no siginfo only checks.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
     };
-    let root = format!("/{}", root_rel.trim_matches('/'));
-    cg.lines()
-        .filter_map(|l| l.strip_prefix("0::"))
-        .any(|p| p == root || p.starts_with(&format!("{root}/")))
+    // EPERM: it exists, we may not signal it.
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Decides on the process that connected (`SO_PEERPIDFD`), never on a pid
+/// alone: read its cgroup, then check with the pidfd that the pid still named
+/// that process while it was read. Anything unknown is [`Peer::Unknown`].
+fn locate_peer(sock: &impl std::os::fd::AsFd, tagged: &[String]) -> Peer {
+    use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
+    let pidfd = match getsockopt(sock, PeerPidfd) {
+        Ok(fd) => fd,
+        Err(e) => return Peer::Unknown(format!("no pidfd for the peer ({e})")),
+    };
+    let pid = match pidfd_pid(&pidfd) {
+        Some(p) if p > 0 => p,
+        Some(-1) => return Peer::Unknown("the process that connected has exited".into()),
+        Some(_) => {
+            return Peer::Unknown("the process that connected is not visible to the agent".into())
+        }
+        None => return Peer::Unknown("the peer's pidfd cannot be read".into()),
+    };
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"));
+    if !pidfd_alive(&pidfd) {
+        return Peer::Unknown("the process that connected has exited".into());
+    }
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => return Peer::Unknown(format!("its cgroup cannot be read ({e})")),
+    };
+    match unified_path(&text) {
+        Some(p) if in_subtrees(p, tagged) => Peer::Tagged(p.to_owned()),
+        Some(_) => Peer::Untagged,
+        None => Peer::Unknown("it has no cgroup2 path".into()),
+    }
 }
 
 async fn serve_one(
     stream: UnixStream,
     handler: Arc<dyn Handler>,
     group: Option<u32>,
-    root_rel: Arc<str>,
+    tagged: Arc<[String]>,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let groups = {
         use std::os::fd::AsRawFd;
         peer_groups(stream.as_raw_fd(), cred.gid())
     };
+    let peer = locate_peer(&stream, &tagged);
     let (r, mut w) = stream.into_split();
     let mut lines = TokioBufReader::new(r.take(64 * 1024)).lines();
-    let refusal = if inside_tagged_subtree(cred.pid(), &root_rel) {
-        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: the caller is a tagged loop");
+    let refusal = if let Peer::Tagged(cgroup) = &peer {
+        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), %cgroup, "admin request refused: the caller is a tagged loop");
         Some("permission denied: tagged loops may not use the admin socket".to_owned())
+    } else if let Peer::Unknown(why) = &peer {
+        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), why = %why, "admin request refused: the caller's cgroup is unknown");
+        Some(format!(
+            "permission denied: cannot establish that the caller is not a tagged loop ({why})"
+        ))
     } else if !authorised(cred.uid(), &groups, group) && !handler.is_approver(cred.uid()) {
         tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an administrator");
         Some(format!(
@@ -288,4 +381,72 @@ pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, AdminError>
         return Err(AdminError::Remote(err.to_owned()));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(x: &[&str]) -> Vec<String> {
+        x.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn subtrees_match_whole_path_components_only() {
+        let t = v(&["/loopgate", "/system.slice/etl.service"]);
+        assert!(in_subtrees("/loopgate", &t));
+        assert!(in_subtrees("/loopgate/w/i-1", &t));
+        assert!(in_subtrees("/loopgate/w/i-1 (deleted)", &t));
+        assert!(in_subtrees("/system.slice/etl.service", &t));
+        assert!(in_subtrees("/system.slice/etl.service/sub", &t));
+        assert!(!in_subtrees("/loopgate2/w", &t));
+        assert!(!in_subtrees("/system.slice/etl.service2", &t));
+        assert!(!in_subtrees("/user.slice", &t));
+        // A workload cgroup at the mount itself tags everyone.
+        assert!(in_subtrees("/user.slice", &v(&["/"])));
+    }
+
+    #[test]
+    fn the_unified_line_is_found() {
+        assert_eq!(unified_path("0::/a/b\n"), Some("/a/b"));
+        assert_eq!(
+            unified_path("12:pids:/x\n0::/user.slice/s\n"),
+            Some("/user.slice/s")
+        );
+        assert_eq!(unified_path("12:pids:/x\n"), None);
+    }
+
+    fn own_cgroup() -> String {
+        let t = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        unified_path(&t).unwrap().to_owned()
+    }
+
+    #[test]
+    fn a_live_peer_is_located_by_its_cgroup() {
+        let (a, _b) = StdUnixStream::pair().unwrap();
+        assert_eq!(locate_peer(&a, &v(&["/no-such-subtree"])), Peer::Untagged);
+        let mine = own_cgroup();
+        assert_eq!(locate_peer(&a, &v(&[&mine])), Peer::Tagged(mine.clone()));
+    }
+
+    /// The attack: a child connects and exits, another process talks on the
+    /// socket. The peer cannot be located, so it is refused.
+    #[test]
+    fn a_peer_that_connected_and_exited_is_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let st = std::process::Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let (conn, _) = l.accept().unwrap();
+        match locate_peer(&conn, &v(&["/no-such-subtree"])) {
+            Peer::Unknown(why) => assert!(why.contains("exited"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

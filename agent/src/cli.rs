@@ -46,6 +46,11 @@ pub enum Cmd {
         /// Unprivileged user to run as (default: $SUDO_USER, else nobody).
         #[arg(long)]
         user: Option<String>,
+        /// Pass this variable of the caller's environment to the loop
+        /// (repeatable). Otherwise the loop gets only PATH, LANG, TERM, its
+        /// user's HOME, USER, LOGNAME, SHELL, and LOOPGATE_WORKLOAD/INSTANCE.
+        #[arg(long = "env", value_name = "NAME")]
+        env: Vec<String>,
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
@@ -147,6 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Exec {
             workload,
             user,
+            env,
             command,
         } => {
             telemetry::init(false);
@@ -156,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 exec::ExecArgs {
                     workload,
                     user,
+                    env,
                     command,
                 },
             )?;

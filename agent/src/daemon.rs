@@ -61,6 +61,8 @@ pub enum DaemonError {
     UnprivilegedPort { port: u16, start: u32 },
     #[error("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {0}")]
     NetnsCookie(std::io::Error),
+    #[error("admin http: {0}")]
+    AdminHttp(String),
     #[error("policies refused at start:\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
     #[error(transparent)]
@@ -281,10 +283,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .filter_map(|l| l.local_addr().ok())
         .map(|a| a.to_string())
         .collect();
+    // Callers in any attach point are tagged loops (refused on the socket).
+    let tagged: Vec<&str> = std::iter::once(cfg.agent.cgroup_root.as_str())
+        .chain(cfg.workloads.iter().map(|w| w.cgroup.as_str()))
+        .collect();
     let admin_server = admin::Server::bind(
         &cfg.agent.admin_socket,
         cfg.agent.admin_group.as_deref(),
-        &cfg.agent.cgroup_root,
+        &tagged,
     )?;
     let admin_http = match cfg.agent.admin_http {
         Some(addr) => Some(
@@ -467,22 +473,30 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             metrics.clone(),
             session_limits.clone(),
         );
-        let state = Arc::new(crate::admin_http::HttpState {
-            approvals: approvals.clone(),
-            metrics: metrics.clone(),
-            tokens,
-            refresh: Box::new(move || {
-                let st = au.stats();
-                m.set_gauges(
-                    st.spool_pending_bytes,
-                    st.dropped,
-                    ap.pending_count(),
-                    &k.stats(),
-                    st.failing.is_some(),
-                    lim.open(),
-                );
-            }),
-        });
+        let listen = http
+            .local_addr()
+            .map_err(|e| DaemonError::AdminHttp(e.to_string()))?;
+        let state = Arc::new(
+            crate::admin_http::HttpState::new(
+                approvals.clone(),
+                metrics.clone(),
+                tokens,
+                Box::new(move || {
+                    let st = au.stats();
+                    m.set_gauges(
+                        st.spool_pending_bytes,
+                        st.dropped,
+                        ap.pending_count(),
+                        &k.stats(),
+                        st.failing.is_some(),
+                        lim.open(),
+                    );
+                }),
+                listen,
+                cfg.approvals.page_url.as_deref(),
+            )
+            .map_err(|_| DaemonError::AdminHttp("cannot draw the CSRF key".into()))?,
+        );
         tokio::spawn(crate::admin_http::serve(http, state, stop.clone()));
     }
 

@@ -22,8 +22,28 @@ pub struct Notifier {
     client: HttpClient,
 }
 
-/// The Slack-compatible message (`text` is what Slack shows; the other fields
-/// are for other receivers).
+/// Text a loop controls (its request, the names and reasons around it) made
+/// inert in Slack mrkdwn: `&`, `<`, `>` escaped as Slack requires (so
+/// `<!channel>` or `<https://evil|click>` cannot become a mention or a link),
+/// backticks (which would end the code span) and control characters replaced.
+pub fn slack_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '`' => out.push('\''),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The Slack-compatible message (`text` is what Slack shows, with every
+/// loop-influenced part escaped; the other fields are raw, for other
+/// receivers).
 pub fn message(h: &Held, page_url: Option<&str>) -> serde_json::Value {
     let how = match page_url {
         Some(u) => format!(
@@ -38,7 +58,12 @@ pub fn message(h: &Held, page_url: Option<&str>) -> serde_json::Value {
     serde_json::json!({
         "text": format!(
             ":lock: loopgate is holding `{}` from workload *{}* to *{}* (rule `{}`: {}). Expires {}. To decide, {how}.",
-            h.request, h.workload, h.target, h.rule_id, h.reason, h.expires_at
+            slack_escape(&h.request),
+            slack_escape(&h.workload),
+            slack_escape(&h.target),
+            slack_escape(&h.rule_id),
+            slack_escape(&h.reason),
+            slack_escape(&h.expires_at)
         ),
         "approval_id": h.approval_id,
         "workload": h.workload,
@@ -170,6 +195,21 @@ mod tests {
             approvers: vec!["alice".into()],
             jwt_subject: None,
         }
+    }
+
+    #[test]
+    fn loop_text_cannot_mention_or_link_in_slack() {
+        let mut h = held();
+        h.request = "connect x as <!channel> <https://evil.example|click> & `rm`\nApproved".into();
+        let v = message(&h, None);
+        let text = v["text"].as_str().unwrap();
+        assert!(
+            text.contains("`connect x as &lt;!channel&gt; &lt;https://evil.example|click&gt; &amp; 'rm'\\nApproved`"),
+            "{text}"
+        );
+        assert!(!text.contains('<') && !text.contains('>'), "{text}");
+        // Other receivers get the raw value.
+        assert_eq!(v["request"], h.request.as_str());
     }
 
     async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {

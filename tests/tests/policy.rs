@@ -467,12 +467,20 @@ fn approval_page_and_metrics_on_the_admin_port() {
     assert!(page.contains("Signed in as <b>alice</b>"), "{page}");
     assert!(page.contains(&format!("id=\"approve-{id}\"")), "{page}");
     assert!(page.contains("connect 127.10.3.6"), "{page}");
+    // A decision carries the page's CSRF token and comes from its origin.
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a CSRF token in the page");
     assert_eq!(
         code(&[
             "-b",
             jar,
+            "-H",
+            &format!("Origin: {base}"),
             "-d",
-            "reason=looks fine",
+            &format!("reason=looks fine&csrf={csrf}"),
             &format!("{base}/approvals/{id}/approve")
         ]),
         "303"
