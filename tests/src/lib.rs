@@ -99,6 +99,8 @@ pub struct AgentSpec {
     pub extra: String,
     /// Policy files (name, text) written to the agent's policy directory.
     pub policies: Vec<(String, String)>,
+    /// A command the agent runs under (e.g. `prlimit --nofile=512:512`).
+    pub launcher: Vec<String>,
 }
 
 impl AgentSpec {
@@ -109,6 +111,7 @@ impl AgentSpec {
             agent_extra: String::new(),
             extra: String::new(),
             policies: Vec::new(),
+            launcher: Vec::new(),
         }
     }
 
@@ -121,6 +124,12 @@ impl AgentSpec {
     pub fn agent_key(mut self, line: &str) -> Self {
         self.agent_extra.push_str(line);
         self.agent_extra.push('\n');
+        self
+    }
+
+    /// Runs the agent under `cmd` (its arguments, then the agent's).
+    pub fn launcher(mut self, cmd: &[&str]) -> Self {
+        self.launcher = cmd.iter().map(|s| s.to_string()).collect();
         self
     }
 
@@ -148,6 +157,7 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub port: u16,
+    launcher: Vec<String>,
     child: Option<Child>,
 }
 
@@ -185,6 +195,7 @@ impl Agent {
             dir,
             config,
             port,
+            launcher: spec.launcher,
             child: None,
         };
         a.spawn();
@@ -198,7 +209,15 @@ impl Agent {
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .expect("agent log");
-        let child = Command::new(loopgate_bin())
+        let mut cmd = match self.launcher.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(loopgate_bin());
+                c
+            }
+            None => Command::new(loopgate_bin()),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .arg("agent")

@@ -445,13 +445,7 @@ fn proxy_listeners_are_both_required_privileged_and_deep() {
     )
     .unwrap();
     std::fs::create_dir_all(dir.path().join("p")).unwrap();
-    let out = Command::new(loopgate_bin())
-        .arg("--config")
-        .arg(&cfg)
-        .arg("agent")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = agent_must_exit(&cfg);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("ip_unprivileged_port_start"),
@@ -485,13 +479,7 @@ fn proxy_listeners_are_both_required_privileged_and_deep() {
         ),
     )
     .unwrap();
-    let out = Command::new(loopgate_bin())
-        .arg("--config")
-        .arg(&cfg2)
-        .arg("agent")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = agent_must_exit(&cfg2);
     assert!(!out.status.success(), "the agent started without [::1]");
     assert!(stderr(&out).contains("[::1]"), "{}", stderr(&out));
     remove_cgroup_tree(&cgroup2_mount().join("lgt-v6squat"));
@@ -500,4 +488,27 @@ fn proxy_listeners_are_both_required_privileged_and_deep() {
         let mut b = [0u8; 1];
         let _ = s.read(&mut b);
     });
+}
+
+/// Runs `loopgate agent` with `cfg` and expects it to exit within 20 s.
+fn agent_must_exit(cfg: &std::path::Path) -> std::process::Output {
+    let mut child = Command::new(loopgate_bin())
+        .arg("--config")
+        .arg(cfg)
+        .arg("agent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the agent started and kept running: {}", stderr(&out));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
 }
