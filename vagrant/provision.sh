@@ -17,6 +17,8 @@ PKGS=(
   postgresql postgresql-client           # a real PostgreSQL target in tests (tests start their own)
   clickhouse-server clickhouse-client   # the audit store (18.16 on Debian 12); tests start their own
   chromium              # the approval page test clicks in headless Chromium
+  dnsmasq-base          # a real DNS server on loopback behind the agent's resolver (tests)
+  util-linux            # unshare, prlimit, setpriv (tests)
 )
 # Node.js drives Chromium (playwright-core); any node >= 18 will do.
 command -v node >/dev/null || PKGS+=(nodejs npm)

@@ -11,7 +11,7 @@
 
 /// Pinned-map layout version. Bump whenever a map key or value changes, so a new
 /// agent never reuses a pinned map of another layout.
-pub const MAPS_ABI: u32 = 2;
+pub const MAPS_ABI: u32 = 3;
 
 pub const MAX_TARGETS: u32 = 4096;
 /// Ancestor cgroup levels recorded per connection (see `ConnRecord::ancestors`).
@@ -22,6 +22,11 @@ pub const DENIALS_RING_BYTES: u32 = 256 * 1024;
 /// `target_id` value recorded for a connection redirected by egress mode `audit`
 /// (the destination is not a registered target).
 pub const TARGET_ID_EGRESS: u32 = 0;
+/// `target_id` of a TCP connect to port 53 sent to the agent's DNS resolver
+/// (egress `deny` and `audit`).
+pub const TARGET_ID_DNS: u32 = u32::MAX;
+/// The DNS port: UDP and TCP queries of tagged loops go to the agent.
+pub const DNS_PORT: u16 = 53;
 
 /// Egress modes for destinations that are not registered targets.
 pub const EGRESS_ALLOW: u32 = 0;

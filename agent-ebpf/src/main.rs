@@ -48,9 +48,10 @@ use aya_log_ebpf::{debug, info};
 use loopgate_common::{
     v4_mapped, ConnRecord, FlowKey, PortKey, Settings, TargetKey, TargetValue, ANCESTOR_LEVELS,
     DENIALS_RING_BYTES, DENY_BIND, DENY_EGRESS_TCP, DENY_EGRESS_UDP, DENY_NETNS, DENY_SOCKET,
-    EGRESS_AUDIT, EGRESS_DENY, MAX_CONNS, MAX_TARGETS, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM,
-    STAT_COUNT, STAT_DENIAL_EVENTS_LOST, STAT_DENIED, STAT_FLOW_DROPPED, STAT_FLOW_REKEYED,
-    STAT_RECORD_FAILED, STAT_REDIRECTED, TARGET_ID_EGRESS, V4_MAPPED_WORD,
+    DNS_PORT, EGRESS_ALLOW, EGRESS_AUDIT, EGRESS_DENY, MAX_CONNS, MAX_TARGETS, SOCK_DGRAM,
+    SOCK_RAW, SOCK_STREAM, STAT_COUNT, STAT_DENIAL_EVENTS_LOST, STAT_DENIED, STAT_FLOW_DROPPED,
+    STAT_FLOW_REKEYED, STAT_RECORD_FAILED, STAT_REDIRECTED, TARGET_ID_DNS, TARGET_ID_EGRESS,
+    V4_MAPPED_WORD,
 };
 
 const AF_INET: u16 = 2;
@@ -69,9 +70,11 @@ static TARGETS: HashMap<TargetKey, TargetValue> = HashMap::pinned(MAX_TARGETS, 0
 /// Ports of registered targets (bind guard for wildcard addresses).
 #[map]
 static TARGET_PORTS: HashMap<PortKey, u32> = HashMap::pinned(MAX_TARGETS, 0);
-/// The host's resolvers (address, 53): the only UDP destinations under egress deny.
+/// Original destination of a UDP socket's DNS queries, by socket cookie: the
+/// queries go to the agent's resolver, and replies must look as if they came
+/// from where the loop sent them.
 #[map]
-static RESOLVERS: HashMap<TargetKey, u32> = HashMap::pinned(64, 0);
+static DNS_ORIG: LruHashMap<u64, TargetKey> = LruHashMap::pinned(MAX_CONNS, 0);
 #[map]
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map]
@@ -119,6 +122,10 @@ fn decide(addr: [u32; 4], port: u16) -> Verdict {
     // the exact listen addresses are exempt, not every loopback address.
     if port == settings.proxy_port && is_proxy_address(&addr) {
         return Verdict::Pass;
+    }
+    // DNS over TCP goes to the agent's resolver (through the proxy).
+    if port == DNS_PORT && settings.egress != EGRESS_ALLOW {
+        return Verdict::Redirect(TARGET_ID_DNS);
     }
     match settings.egress {
         EGRESS_DENY => Verdict::Deny(DENY_EGRESS_TCP),
@@ -227,18 +234,53 @@ fn deny<C: EbpfContext>(
     REJECT
 }
 
-/// UDP under egress deny: only the host's resolvers on port 53 pass.
+/// UDP that is not DNS: refused under egress deny.
 #[inline(always)]
-fn udp_allowed(addr: [u32; 4], port: u16) -> bool {
-    if egress_mode() != EGRESS_DENY {
-        return true;
-    }
+fn udp_allowed() -> bool {
+    egress_mode() != EGRESS_DENY
+}
+
+/// Whether a UDP datagram to `port` is a DNS query the agent answers.
+#[inline(always)]
+fn is_dns(port: u16) -> bool {
+    port == DNS_PORT && egress_mode() != EGRESS_ALLOW
+}
+
+/// Sends a UDP socket's DNS traffic to the agent's resolver (the proxy's
+/// address and port number, in UDP), remembering where it was going.
+#[inline(always)]
+fn redirect_dns(ctx: &SockAddrContext, addr: [u32; 4], port: u16, v6: bool) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = TargetKey {
         addr,
         port,
         _pad: 0,
     };
-    unsafe { RESOLVERS.get(key) }.is_some()
+    let Some(proxy_port) = SETTINGS.get(0).map(|s| s.proxy_port) else {
+        return REJECT;
+    };
+    if DNS_ORIG.insert(cookie, key, 0).is_err() {
+        count(STAT_RECORD_FAILED);
+        return REJECT;
+    }
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let mapped = addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD;
+    unsafe {
+        if !v6 {
+            (*sa).user_ip4 = 0x7f00_0001u32.to_be();
+        } else {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = if mapped { V4_MAPPED_WORD } else { 0 };
+            (*sa).user_ip6[3] = if mapped {
+                0x7f00_0001u32.to_be()
+            } else {
+                1u32.to_be()
+            };
+        }
+        (*sa).user_port = proxy_port.to_be() as u32;
+    }
+    ALLOW
 }
 
 /// Shared by connect4 and connect6 once the destination is known.
@@ -264,7 +306,10 @@ fn connect(
         ));
     }
     if sock_type != SOCK_STREAM as u32 {
-        if sock_type == SOCK_DGRAM as u32 && !udp_allowed(addr, port) {
+        if sock_type == SOCK_DGRAM as u32 && is_dns(port) {
+            return Err(redirect_dns(ctx, addr, port, family == AF_INET6));
+        }
+        if sock_type == SOCK_DGRAM as u32 && !udp_allowed() {
             return Err(deny(
                 ctx,
                 addr,
@@ -392,7 +437,10 @@ fn sendmsg(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32
             DENY_NETNS,
         );
     }
-    if !udp_allowed(addr, port) {
+    if is_dns(port) {
+        return redirect_dns(ctx, addr, port, family == AF_INET6);
+    }
+    if !udp_allowed() {
         return deny(
             ctx,
             addr,
@@ -438,6 +486,64 @@ pub fn lg_sendmsg6(ctx: SockAddrContext) -> i32 {
     )
 }
 
+/// A DNS reply from the agent's resolver shows the address the query went to.
+#[inline(always)]
+fn restore_dns_source(ctx: &SockAddrContext) -> Option<TargetKey> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    unsafe { DNS_ORIG.get(cookie) }.copied()
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lg_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (ip4, port_word) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
+    if proxy_port == 0
+        || u16::from_be(port_word as u16) != proxy_port
+        || ip4 != 0x7f00_0001u32.to_be()
+    {
+        return ALLOW;
+    }
+    if let Some(orig) = restore_dns_source(&ctx) {
+        unsafe {
+            (*sa).user_ip4 = orig.addr[3];
+            (*sa).user_port = orig.port.to_be() as u32;
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lg_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (w0, w1, w2, w3, port_word) = unsafe {
+        (
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+            (*sa).user_port,
+        )
+    };
+    let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
+    if proxy_port == 0
+        || u16::from_be(port_word as u16) != proxy_port
+        || !is_proxy_address(&[w0, w1, w2, w3])
+    {
+        return ALLOW;
+    }
+    if let Some(orig) = restore_dns_source(&ctx) {
+        unsafe {
+            (*sa).user_ip6[0] = orig.addr[0];
+            (*sa).user_ip6[1] = orig.addr[1];
+            (*sa).user_ip6[2] = orig.addr[2];
+            (*sa).user_ip6[3] = orig.addr[3];
+            (*sa).user_port = orig.port.to_be() as u32;
+        }
+    }
+    ALLOW
+}
+
 /// A bind a tagged loop may not make: the proxy port, a registered target's
 /// address and port, or the wildcard address on a target's port. A listener
 /// there would receive connections (and stored credentials) meant for the target.
@@ -448,10 +554,22 @@ fn bind(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32 {
     }
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
+    let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
+    // The proxy port is the agent's in TCP (proxy) and UDP (resolver).
     if sock_type != SOCK_STREAM as u32 {
+        if proxy_port != 0 && port == proxy_port {
+            return deny(
+                ctx,
+                addr,
+                port,
+                family,
+                sock_type as u8,
+                protocol as u8,
+                DENY_BIND,
+            );
+        }
         return ALLOW;
     }
-    let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
     let key = TargetKey {
         addr,
         port,
@@ -642,6 +760,7 @@ pub fn lg_getpeername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn lg_sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = DNS_ORIG.remove(cookie);
     let state = unsafe { (*ctx.sock).state };
     if let Some(rec) = unsafe { BY_COOKIE.get(cookie) } {
         // A connection still being set up (or already closed) never reaches

@@ -77,6 +77,14 @@ pub struct AgentConfig {
     /// Sessions open at once per workload: one loop cannot starve the others.
     #[serde(default = "default_max_sessions_per_workload")]
     pub max_sessions_per_workload: usize,
+    /// Names (globs, e.g. `*.internal`) tagged loops may resolve under
+    /// egress `deny`, besides the targets' host names.
+    #[serde(default)]
+    pub dns_allow: Vec<String>,
+    /// Resolvers the agent asks for allowed names (default: the
+    /// `nameserver`s of /etc/resolv.conf, port 53).
+    #[serde(default)]
+    pub dns_upstreams: Vec<SocketAddr>,
     /// A raw TCP session with no bytes either way for this long is closed.
     #[serde(default = "default_tcp_idle_timeout")]
     pub tcp_idle_timeout_secs: u64,

@@ -278,6 +278,21 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let listeners = proxy::bind(port)
         .await
         .map_err(|source| DaemonError::Listen { port, source })?;
+    let dns_sockets = if cfg.agent.egress == crate::config::Egress::Allow {
+        Vec::new()
+    } else {
+        let mut v = Vec::new();
+        for ip in [
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        ] {
+            let s = tokio::net::UdpSocket::bind(std::net::SocketAddr::new(ip, port))
+                .await
+                .map_err(|source| DaemonError::Listen { port, source })?;
+            v.push(s);
+        }
+        v
+    };
     let listener_addrs: Vec<String> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
@@ -322,17 +337,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let session_limits =
         crate::limits::SessionLimits::new(max_sessions, cfg.agent.max_sessions_per_workload);
     let netns_cookie = ebpf::own_netns_cookie().map_err(DaemonError::NetnsCookie)?;
-    // Under egress deny, UDP may only reach the host's resolvers on port 53.
-    let resolvers = std::fs::read_to_string("/etc/resolv.conf")
-        .map(|t| ebpf::resolv_conf_nameservers(&t))
-        .unwrap_or_default();
     let kernel = Arc::new(Kernel::load(&LoadOptions {
         pin_dir: &cfg.pin_dir(),
         attach: &attach,
         proxy_port: port,
         egress: cfg.agent.egress,
         targets: &target_map,
-        resolvers: &resolvers,
         netns_cookie,
         log_level: ebpf::parse_log_level(&cfg.agent.ebpf_log).unwrap_or(3),
     })?);
@@ -363,7 +373,50 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             .with_max_pending_per_workload(cfg.approvals.max_pending()),
     );
     tokio::spawn(policy.clone().watch(Duration::from_secs(2), stop.clone()));
+    let dns = if cfg.agent.egress == crate::config::Egress::Allow {
+        None
+    } else {
+        let names = cfg
+            .targets
+            .iter()
+            .filter_map(|t| match crate::config::TargetAddress::parse(&t.address) {
+                Ok(crate::config::TargetAddress::Host { host, .. }) => Some(host),
+                _ => None,
+            })
+            .collect();
+        let policy = crate::dns::Policy::new(
+            cfg.agent.egress == crate::config::Egress::Audit,
+            names,
+            &cfg.agent.dns_allow,
+        )
+        .map_err(|reason| {
+            DaemonError::Config(crate::config::ConfigError::Invalid {
+                file: cfg.source.clone(),
+                location: String::new(),
+                key: "agent.dns_allow".into(),
+                reason,
+            })
+        })?;
+        let upstreams = if cfg.agent.dns_upstreams.is_empty() {
+            std::fs::read_to_string("/etc/resolv.conf")
+                .map(|t| crate::dns::upstreams_from_resolv_conf(&t))
+                .unwrap_or_default()
+        } else {
+            cfg.agent.dns_upstreams.clone()
+        };
+        if upstreams.is_empty() {
+            tracing::warn!("no nameserver in /etc/resolv.conf: allowed names get SERVFAIL");
+        }
+        Some(Arc::new(crate::dns::Resolver {
+            policy: arc_swap::ArcSwap::from_pointee(policy),
+            upstreams,
+            audit: audit.clone(),
+            workloads: workloads.clone(),
+            host: host.clone(),
+        }))
+    };
     let proxy = Arc::new(Proxy {
+        dns: dns.clone(),
         kernel: kernel.clone(),
         workloads: workloads.clone(),
         targets: targets.clone(),
@@ -392,6 +445,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     });
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l));
+    }
+    // DNS of tagged loops (egress deny/audit): UDP on the proxy's addresses
+    // and port number; TCP arrives through the proxy.
+    if let Some(resolver) = &dns {
+        for s in dns_sockets {
+            tokio::spawn(resolver.clone().serve_udp(s, kernel.clone(), stop.clone()));
+        }
     }
     {
         // A reload re-checks open sessions: withdrawn permissions close them.

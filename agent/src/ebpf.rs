@@ -48,6 +48,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("lg_bind4", "cgroup/bind4"),
     ("lg_bind6", "cgroup/bind6"),
     ("lg_sock_create", "cgroup/sock_create"),
+    ("lg_recvmsg4", "cgroup/recvmsg4"),
+    ("lg_recvmsg6", "cgroup/recvmsg6"),
     ("lg_sendmsg4", "cgroup/sendmsg4"),
     ("lg_sendmsg6", "cgroup/sendmsg6"),
     ("lg_connect4", "cgroup/connect4"),
@@ -123,6 +125,7 @@ pub struct Kernel {
     targets: Mutex<HashMap<MapData, TargetKey, TargetValue>>,
     target_ports: Mutex<HashMap<MapData, PortKey, u32>>,
     flows: Mutex<HashMap<MapData, FlowKey, ConnRecord>>,
+    dns_orig: HashMap<MapData, u64, TargetKey>,
     stats: PerCpuArray<MapData, u64>,
     denials: Mutex<Option<RingBuf<MapData>>>,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
@@ -136,8 +139,6 @@ pub struct LoadOptions<'a> {
     pub proxy_port: u16,
     pub egress: Egress,
     pub targets: &'a StdHashMap<TargetKey, TargetValue>,
-    /// The host's DNS resolvers: the only UDP destinations under egress deny.
-    pub resolvers: &'a [IpAddr],
     /// The agent's network namespace cookie (`SO_NETNS_COOKIE`).
     pub netns_cookie: u64,
     pub log_level: u8,
@@ -193,8 +194,8 @@ impl Kernel {
         let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, "SETTINGS")?;
         let targets: HashMap<MapData, TargetKey, TargetValue> = take_map(&mut ebpf, "TARGETS")?;
         let target_ports: HashMap<MapData, PortKey, u32> = take_map(&mut ebpf, "TARGET_PORTS")?;
-        let mut resolvers: HashMap<MapData, TargetKey, u32> = take_map(&mut ebpf, "RESOLVERS")?;
         let flows: HashMap<MapData, FlowKey, ConnRecord> = take_map(&mut ebpf, "FLOWS")?;
+        let dns_orig: HashMap<MapData, u64, TargetKey> = take_map(&mut ebpf, "DNS_ORIG")?;
         let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "STATS")?;
         let denials: RingBuf<MapData> = take_map(&mut ebpf, "DENIALS")?;
 
@@ -215,18 +216,6 @@ impl Kernel {
                 name: "SETTINGS",
                 source,
             })?;
-        let stale: Vec<TargetKey> = resolvers.keys().filter_map(Result::ok).collect();
-        for k in stale {
-            let _ = resolvers.remove(&k);
-        }
-        for ip in opts.resolvers {
-            resolvers
-                .insert(target_key(SocketAddr::new(*ip, 53)), 1, 0)
-                .map_err(|source| EbpfError::Map {
-                    name: "RESOLVERS",
-                    source,
-                })?;
-        }
         let kernel_targets = Mutex::new(targets);
         let target_ports = Mutex::new(target_ports);
         sync_targets(&kernel_targets, &target_ports, opts.targets)?;
@@ -284,6 +273,7 @@ impl Kernel {
             targets: kernel_targets,
             target_ports,
             flows: Mutex::new(flows),
+            dns_orig,
             stats,
             denials: Mutex::new(Some(denials)),
             logger: Mutex::new(logger),
@@ -314,6 +304,13 @@ impl Kernel {
         let rec = flows.get(&key, 0).ok()?;
         let _ = flows.remove(&key);
         Some(rec)
+    }
+
+    /// Where a UDP socket's DNS queries were going before the kernel sent
+    /// them to the agent's resolver.
+    pub fn dns_origin(&self, socket_cookie: u64) -> Option<SocketAddr> {
+        let k = self.dns_orig.get(&socket_cookie, 0).ok()?;
+        Some(SocketAddr::new(from_words(k.addr), k.port))
     }
 
     /// Kernel counters, summed over CPUs.

@@ -25,6 +25,8 @@
 //! - [`limits`]: session caps (per workload, in all, by open files) and the
 //!   per-workload capture budget.
 //! - [`identity`]: the optional second factor: JWT verification against a JWKS.
+//! - [`dns`]: the resolver that answers tagged loops' DNS queries (judged by
+//!   name, recorded).
 //! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
 //! - [`daemon`]: `loopgate agent`, wiring it all together.
 //! - [`cli`], [`telemetry`]: the command line and logging.
@@ -37,6 +39,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod ebpf;
 pub mod exec;
 pub mod http_client;

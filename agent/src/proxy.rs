@@ -56,6 +56,8 @@ pub struct Proxy {
     pub audit_refuse: bool,
     /// Raw TCP sessions idle this long are closed.
     pub tcp_idle_timeout: Duration,
+    /// The resolver for tagged loops' DNS (egress deny/audit).
+    pub dns: Option<Arc<crate::dns::Resolver>>,
     pub masker: Arc<dyn Masker>,
     /// Stored credentials, by target name.
     pub credentials: HashMap<String, crate::secrets::StoredCredential>,
@@ -101,6 +103,8 @@ enum Handler {
     Tcp,
     Http,
     Postgres,
+    /// DNS over TCP to the agent's resolver: each query is judged by name.
+    Dns,
 }
 
 /// At most [`UNIDENTIFIED_PER_SEC`] refusals of unidentified connections are
@@ -645,6 +649,7 @@ impl Proxy {
         };
         let (target, protocol) = match self.targets.get(rec.target_id) {
             Some((name, p)) => (name.to_owned(), p.as_str()),
+            None if rec.target_id == loopgate_common::TARGET_ID_DNS => ("(dns)".to_owned(), "dns"),
             None => ("(egress)".to_owned(), "tcp"),
         };
         let session_id = Uuid::now_v7();
@@ -699,6 +704,7 @@ impl Proxy {
         let handler = match protocol {
             "http" => Handler::Http,
             "postgres" => Handler::Postgres,
+            "dns" if self.dns.is_some() => Handler::Dns,
             _ => Handler::Tcp,
         };
         self.metrics.session(protocol, &row.workload);
@@ -760,6 +766,7 @@ impl Proxy {
             _ if audit_failing.is_some() => {
                 refuse("audit:failing".into(), audit_failing.clone().unwrap_or_default())
             }
+            (_, Handler::Dns) => None,
             _ if tagged_listener.is_some() => refuse(
                 "listener:tagged".into(),
                 tagged_listener.clone().unwrap_or_default(),
@@ -848,6 +855,30 @@ impl Proxy {
                             "no bytes either way for {} s (agent.tcp_idle_timeout_secs)",
                             idle.as_secs()
                         )),
+                    },
+                }
+            }
+            Handler::Dns => {
+                let who = crate::dns::Asker {
+                    workload: row.workload.clone(),
+                    cgroup: row.cgroup.clone(),
+                    cgroup_id: row.cgroup_id,
+                    pid: row.tgid,
+                    uid: row.uid,
+                    gid: row.gid,
+                    comm: row.comm.clone(),
+                    netns_cookie: row.netns_cookie,
+                    session_id: Some(session_id),
+                };
+                match &self.dns {
+                    Some(r) => {
+                        crate::dns::serve_tcp(r.clone(), sock, who, counters.clone())
+                            .instrument(span.clone())
+                            .await
+                    }
+                    None => tcp::Outcome {
+                        outcome: "client_error",
+                        detail: Some("no DNS resolver".into()),
                     },
                 }
             }

