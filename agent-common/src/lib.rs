@@ -11,7 +11,7 @@
 
 /// Pinned-map layout version. Bump whenever a map key or value changes, so a new
 /// agent never reuses a pinned map of another layout.
-pub const MAPS_ABI: u32 = 3;
+pub const MAPS_ABI: u32 = 4;
 
 pub const MAX_TARGETS: u32 = 4096;
 /// Ancestor cgroup levels recorded per connection (see `ConnRecord::ancestors`).
@@ -104,6 +104,38 @@ pub struct Settings {
     /// from any other namespace are refused: redirect records are only valid
     /// in the namespace where the proxy listens.
     pub netns_cookie: u64,
+    /// Offsets in the `sched_process_exec` and `sched_process_fork`
+    /// tracepoint records (read from tracefs at start: they vary between
+    /// kernels) of `filename` (a `__data_loc`) and `child_pid`; 0: unknown.
+    pub exec_filename_off: u16,
+    pub fork_child_pid_off: u16,
+    pub _pad2: u32,
+}
+
+/// Longest executable path kept (longer ones are cut, and never match).
+pub const EXE_PATH_LEN: usize = 256;
+/// Executables remembered (processes that exec'd, and their forks).
+pub const MAX_EXES: u32 = 16384;
+
+/// An executable image of a process: its tgid and the time of the exec.
+/// Forked children share their parent's key until they exec themselves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExeKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` at exec; 0: unknown.
+    pub seq: u64,
+}
+
+/// The path a process was exec'd by (as given to execve).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExePath {
+    /// Bytes of `path` used, including the terminating NUL.
+    pub len: u32,
+    pub _pad: u32,
+    pub path: [u8; EXE_PATH_LEN],
 }
 
 /// What the kernel knows about a redirected (or denied) connection.
@@ -145,6 +177,8 @@ pub struct ConnRecord {
     /// The `FLOWS` key of this socket once its source port is bound (all
     /// zero before), so the record can be removed with the socket.
     pub flow: FlowKey,
+    /// The caller's executable image when it connected (`EXES` key).
+    pub exe: ExeKey,
 }
 
 /// Key of the `FLOWS` map: the full 4-tuple of a redirected connection, from
@@ -192,4 +226,6 @@ mod user {
     unsafe impl aya::Pod for ConnRecord {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for ExeKey {}
+    unsafe impl aya::Pod for ExePath {}
 }

@@ -39,19 +39,19 @@ use aya_ebpf::{
             bpf_get_socket_cookie,
         },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext, TracePointContext},
     EbpfContext,
 };
 use aya_log_ebpf::{debug, info};
 use loopgate_common::{
-    v4_mapped, ConnRecord, FlowKey, PortKey, Settings, TargetKey, TargetValue, ANCESTOR_LEVELS,
-    DENIALS_RING_BYTES, DENY_BIND, DENY_EGRESS_TCP, DENY_EGRESS_UDP, DENY_NETNS, DENY_SOCKET,
-    DNS_PORT, EGRESS_ALLOW, EGRESS_AUDIT, EGRESS_DENY, MAX_CONNS, MAX_TARGETS, SOCK_DGRAM,
-    SOCK_RAW, SOCK_STREAM, STAT_COUNT, STAT_DENIAL_EVENTS_LOST, STAT_DENIED, STAT_FLOW_DROPPED,
-    STAT_FLOW_REKEYED, STAT_RECORD_FAILED, STAT_REDIRECTED, TARGET_ID_DNS, TARGET_ID_EGRESS,
-    V4_MAPPED_WORD,
+    v4_mapped, ConnRecord, ExeKey, ExePath, FlowKey, PortKey, Settings, TargetKey, TargetValue,
+    ANCESTOR_LEVELS, DENIALS_RING_BYTES, DENY_BIND, DENY_EGRESS_TCP, DENY_EGRESS_UDP, DENY_NETNS,
+    DENY_SOCKET, DNS_PORT, EGRESS_ALLOW, EGRESS_AUDIT, EGRESS_DENY, MAX_CONNS, MAX_EXES,
+    MAX_TARGETS, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM, STAT_COUNT, STAT_DENIAL_EVENTS_LOST,
+    STAT_DENIED, STAT_FLOW_DROPPED, STAT_FLOW_REKEYED, STAT_RECORD_FAILED, STAT_REDIRECTED,
+    TARGET_ID_DNS, TARGET_ID_EGRESS, V4_MAPPED_WORD,
 };
 
 const AF_INET: u16 = 2;
@@ -77,6 +77,15 @@ static TARGET_PORTS: HashMap<PortKey, u32> = HashMap::pinned(MAX_TARGETS, 0);
 static DNS_ORIG: LruHashMap<u64, TargetKey> = LruHashMap::pinned(MAX_CONNS, 0);
 #[map]
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+/// Executable paths by image (tgid, exec time).
+#[map]
+static EXES: LruHashMap<ExeKey, ExePath> = LruHashMap::pinned(MAX_EXES, 0);
+/// The current image of each process (tgid → `EXES` key).
+#[map]
+static CURRENT_EXE: LruHashMap<u32, ExeKey> = LruHashMap::pinned(MAX_CONNS, 0);
+/// Room to read a path into (too large for the BPF stack).
+#[map]
+static EXE_SCRATCH: PerCpuArray<ExePath> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(MAX_CONNS, 0);
 #[map]
@@ -196,7 +205,81 @@ fn make_record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, family: u16) 
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
         flow: FlowKey::EMPTY,
+        exe: current_exe((pid_tgid >> 32) as u32),
     }
+}
+
+#[inline(always)]
+fn current_exe(tgid: u32) -> ExeKey {
+    match unsafe { CURRENT_EXE.get(tgid) } {
+        Some(k) => *k,
+        None => ExeKey {
+            tgid,
+            _pad: 0,
+            seq: 0,
+        },
+    }
+}
+
+/// `sched/sched_process_exec`: the path the process was exec'd by becomes
+/// its current image. Read here, at exec, so a later connect names the
+/// image that made it, whatever the process does afterwards.
+#[tracepoint]
+pub fn lg_exec(ctx: TracePointContext) -> u32 {
+    let Some(off) = SETTINGS.get(0).map(|s| s.exec_filename_off) else {
+        return 0;
+    };
+    if off == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // __data_loc: the low 16 bits are the offset of the string in the record.
+    let Ok(loc) = (unsafe { ctx.read_at::<u32>(off as usize) }) else {
+        return 0;
+    };
+    let Some(buf) = EXE_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU slot, ours while this program runs.
+    let buf = unsafe { &mut *buf };
+    let src = unsafe { (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize) };
+    let n = match unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut buf.path) }
+    {
+        Ok(s) => s.len() as u32,
+        Err(_) => return 0,
+    };
+    buf.len = n;
+    let key = ExeKey {
+        tgid,
+        _pad: 0,
+        seq: unsafe { bpf_ktime_get_ns() },
+    };
+    if EXES.insert(key, buf, 0).is_ok() {
+        let _ = CURRENT_EXE.insert(tgid, key, 0);
+    } else {
+        let _ = CURRENT_EXE.remove(tgid);
+    }
+    0
+}
+
+/// `sched/sched_process_fork`: a child runs its parent's image until it execs.
+#[tracepoint]
+pub fn lg_fork(ctx: TracePointContext) -> u32 {
+    let Some(off) = SETTINGS.get(0).map(|s| s.fork_child_pid_off) else {
+        return 0;
+    };
+    if off == 0 {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(off as usize) }) else {
+        return 0;
+    };
+    if let Some(k) = unsafe { CURRENT_EXE.get(parent) } {
+        let k = *k;
+        let _ = CURRENT_EXE.insert(child, k, 0);
+    }
+    0
 }
 
 /// A socket that connects again (after a failed redirect) must not keep the

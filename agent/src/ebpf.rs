@@ -28,8 +28,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use loopgate_common::{
-    ConnRecord, FlowKey, PortKey, Settings, TargetKey, TargetValue, EGRESS_ALLOW, EGRESS_AUDIT,
-    EGRESS_DENY, MAPS_ABI, STAT_COUNT, V4_MAPPED_WORD,
+    ConnRecord, ExeKey, ExePath, FlowKey, PortKey, Settings, TargetKey, TargetValue, EGRESS_ALLOW,
+    EGRESS_AUDIT, EGRESS_DENY, MAPS_ABI, STAT_COUNT, V4_MAPPED_WORD,
 };
 use serde::Serialize;
 
@@ -54,6 +54,13 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("lg_sendmsg6", "cgroup/sendmsg6"),
     ("lg_connect4", "cgroup/connect4"),
     ("lg_connect6", "cgroup/connect6"),
+];
+
+/// Tracepoints (global, not per cgroup): the executable of each process,
+/// recorded at exec and inherited at fork.
+pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("lg_fork", "sched", "sched_process_fork"),
+    ("lg_exec", "sched", "sched_process_exec"),
 ];
 
 pub const STAT_NAMES: &[&str] = &[
@@ -126,6 +133,7 @@ pub struct Kernel {
     target_ports: Mutex<HashMap<MapData, PortKey, u32>>,
     flows: Mutex<HashMap<MapData, FlowKey, ConnRecord>>,
     dns_orig: HashMap<MapData, u64, TargetKey>,
+    exes: HashMap<MapData, ExeKey, ExePath>,
     stats: PerCpuArray<MapData, u64>,
     denials: Mutex<Option<RingBuf<MapData>>>,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
@@ -196,6 +204,8 @@ impl Kernel {
         let target_ports: HashMap<MapData, PortKey, u32> = take_map(&mut ebpf, "TARGET_PORTS")?;
         let flows: HashMap<MapData, FlowKey, ConnRecord> = take_map(&mut ebpf, "FLOWS")?;
         let dns_orig: HashMap<MapData, u64, TargetKey> = take_map(&mut ebpf, "DNS_ORIG")?;
+        let exes: HashMap<MapData, ExeKey, ExePath> = take_map(&mut ebpf, "EXES")?;
+        let (exec_filename_off, fork_child_pid_off) = tracepoint_offsets()?;
         let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "STATS")?;
         let denials: RingBuf<MapData> = take_map(&mut ebpf, "DENIALS")?;
 
@@ -209,6 +219,9 @@ impl Kernel {
                     _pad: 0,
                     egress: egress_code(opts.egress),
                     netns_cookie: opts.netns_cookie,
+                    exec_filename_off,
+                    fork_child_pid_off,
+                    _pad2: 0,
                 },
                 0,
             )
@@ -232,8 +245,11 @@ impl Kernel {
             };
             r.map_err(|source| EbpfError::Program { name, source })?;
         }
+        // The executable tracepoints go in before any loop is redirected:
+        // the new ones are attached before the old ones are detached, so no
+        // exec goes unseen across a restart.
+        let mut attached = attach_tracepoints(&mut ebpf, &links_dir.join("tracepoints"))?;
 
-        let mut attached = Vec::new();
         for point in opts.attach {
             let cgroup = File::open(&point.cgroup).map_err(|source| EbpfError::Io {
                 what: "opening cgroup",
@@ -274,6 +290,7 @@ impl Kernel {
             target_ports,
             flows: Mutex::new(flows),
             dns_orig,
+            exes,
             stats,
             denials: Mutex::new(Some(denials)),
             logger: Mutex::new(logger),
@@ -313,6 +330,24 @@ impl Kernel {
         Some(SocketAddr::new(from_words(k.addr), k.port))
     }
 
+    /// The path a connection's process was exec'd by, when the kernel saw
+    /// that exec (`None`: started before the tracepoints were attached, or
+    /// forgotten).
+    pub fn exe_path(&self, key: &ExeKey) -> Option<String> {
+        if key.seq == 0 {
+            return None;
+        }
+        let p = self.exes.get(key, 0).ok()?;
+        let n = (p.len as usize).min(p.path.len());
+        let bytes = &p.path[..n];
+        let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+        // A path cut at the buffer's end is not the executable's path.
+        if n == p.path.len() && !p.path.ends_with(&[0]) {
+            return None;
+        }
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+
     /// Kernel counters, summed over CPUs.
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         STAT_NAMES
@@ -337,6 +372,134 @@ impl Kernel {
     pub fn take_logger(&self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         self.logger.lock().ok()?.take()
     }
+}
+
+/// Where tracefs is (mounted at /sys/kernel/tracing when it is not).
+fn ensure_tracefs() -> Result<PathBuf, EbpfError> {
+    for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if Path::new(p).join("events").is_dir() {
+            return Ok(PathBuf::from(p));
+        }
+    }
+    let target = Path::new("/sys/kernel/tracing");
+    let c = |s: &str| CString::new(s).expect("static string");
+    let (src, dst) = (c("tracefs"), c("/sys/kernel/tracing"));
+    // SAFETY: plain mount(2) with valid C strings and no data.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(EbpfError::Io {
+            what: "mounting tracefs at",
+            path: target.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    tracing::info!("mounted tracefs at /sys/kernel/tracing");
+    Ok(target.to_owned())
+}
+
+/// Offset of `field` in a tracepoint's record, from its tracefs `format`.
+pub fn field_offset(format: &str, field: &str) -> Option<u16> {
+    format.lines().find_map(|l| {
+        let l = l.trim();
+        let decl = l.strip_prefix("field:")?.split(';').next()?;
+        let name = decl.split_whitespace().last()?;
+        if name != field {
+            return None;
+        }
+        l.split(';')
+            .find_map(|p| p.trim().strip_prefix("offset:"))?
+            .parse()
+            .ok()
+    })
+}
+
+fn tracepoint_offsets() -> Result<(u16, u16), EbpfError> {
+    let root = ensure_tracefs()?;
+    let read = |ev: &str| {
+        let path = root.join("events/sched").join(ev).join("format");
+        std::fs::read_to_string(&path).map_err(|source| EbpfError::Io {
+            what: "reading",
+            path,
+            source,
+        })
+    };
+    let exec = read("sched_process_exec")?;
+    let fork = read("sched_process_fork")?;
+    let missing = |what: &str| EbpfError::Link {
+        path: root.join("events/sched"),
+        reason: format!("no `{what}` field in the tracepoint format"),
+    };
+    Ok((
+        field_offset(&exec, "filename").ok_or_else(|| missing("filename"))?,
+        field_offset(&fork, "child_pid").ok_or_else(|| missing("child_pid"))?,
+    ))
+}
+
+/// Attaches the tracepoints, pins their links as `<dir>/<name>-<program id>`,
+/// then removes the links of an earlier agent (so the old and new programs
+/// overlap instead of leaving a gap).
+fn attach_tracepoints(ebpf: &mut Ebpf, dir: &Path) -> Result<Vec<AttachedProgram>, EbpfError> {
+    std::fs::create_dir_all(dir).map_err(|source| EbpfError::Io {
+        what: "creating",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    let mut keep = Vec::new();
+    for (name, category, event) in TRACEPOINTS {
+        let prog: &mut aya::programs::TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| EbpfError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| EbpfError::Program { name, source })?;
+        let id = prog
+            .attach(category, event)
+            .map_err(|source| EbpfError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| EbpfError::Program { name, source })?;
+        let link = FdLink::try_from(link).map_err(|e| EbpfError::Link {
+            path: dir.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let info = link.info().map_err(|e| EbpfError::Link {
+            path: dir.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let pin = dir.join(format!("{name}-{}", info.program_id()));
+        let _ = std::fs::remove_file(&pin);
+        link.pin(&pin).map_err(|e| EbpfError::Link {
+            path: pin.clone(),
+            reason: e.to_string(),
+        })?;
+        keep.push(pin);
+        out.push(AttachedProgram {
+            program: name,
+            attach_type: "tracepoint",
+            cgroup: format!("{category}/{event}"),
+            link_id: info.id(),
+            program_id: info.program_id(),
+            how: "attached",
+        });
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if !keep.contains(&e.path()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
@@ -479,7 +642,7 @@ fn remove_stale_links(links_dir: &Path, keep: &[AttachPoint]) {
     };
     for e in rd.flatten() {
         let label = e.file_name().to_string_lossy().into_owned();
-        if keep.iter().any(|p| p.label == label) {
+        if label == "tracepoints" || keep.iter().any(|p| p.label == label) {
             continue;
         }
         tracing::info!(attach_point = %label, "detaching programs of a removed workload cgroup");
@@ -768,6 +931,18 @@ mod tests {
             8,
         );
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn tracepoint_field_offsets_from_format() {
+        let fork = "name: sched_process_fork\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(field_offset(fork, "child_pid"), Some(20));
+        assert_eq!(field_offset(fork, "parent_pid"), Some(12));
+        let old = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(field_offset(old, "child_pid"), Some(44));
+        let exec = "\tfield:__data_loc char[] filename;\toffset:8;\tsize:4;\tsigned:0;\n";
+        assert_eq!(field_offset(exec, "filename"), Some(8));
+        assert_eq!(field_offset(exec, "pid"), None);
     }
 
     #[test]

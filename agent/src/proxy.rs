@@ -683,11 +683,13 @@ impl Proxy {
 
         // L4 policy: this workload × this target, at connect time.
         let policy = self.policy.current();
+        // The executable the kernel saw the process exec (never /proc at
+        // accept time, which races with exec and exit).
         let exe = policy
             .needs_exe
-            .then(|| std::fs::read_link(format!("/proc/{}/exe", rec.tgid)).ok())
-            .flatten()
-            .map(|p| p.to_string_lossy().into_owned());
+            .then(|| self.kernel.exe_path(&rec.exe))
+            .flatten();
+        let exe_unknown = policy.needs_exe && exe.is_none();
         let l4 = session_request(&row, exe.as_deref(), crate::policy::CONNECT);
         // A workload that requires the JWT second factor is decided when the
         // token arrives, by a handler whose protocol carries one (HTTP). Raw
@@ -760,6 +762,10 @@ impl Proxy {
             None
         };
         let refusal = match (&jwt, handler) {
+            _ if exe_unknown => refuse(
+                "identity:exe".into(),
+                "policies select workloads by executable, and the kernel did not see this process's exec (it started before the agent first attached, or its path is longer than 255 bytes)".into(),
+            ),
             _ if over_limit.is_some() => {
                 refuse("limit:sessions".into(), over_limit.clone().unwrap_or_default())
             }

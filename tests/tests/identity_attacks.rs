@@ -674,3 +674,64 @@ fn dns_of_tagged_loops_is_judged_answered_and_recorded() {
         "{replay}"
     );
 }
+
+/// A loop that connects (from a forked child too), sends, and exits at once:
+/// the agent accepts after the process is gone.
+const HIT_AND_RUN: &str = r#"
+import os, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+for i in range(10):
+    pid = os.fork()
+    s = socket.socket()
+    try:
+        s.connect((host, port))
+        s.sendall(b"data")
+    except OSError:
+        pass
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+print("done")
+"#;
+
+/// Finding 4: `exe` selectors read /proc/<pid>/exe at accept time, so a
+/// process that exited (or exec'd) before the accept escaped an exe rule.
+/// The kernel now records the image at exec (and fork) and the connect
+/// carries it.
+#[test]
+fn exe_selectors_use_the_image_the_kernel_saw_at_connect() {
+    let echo = EchoServer::start("127.10.9.40");
+    let agent = Agent::start(
+        AgentSpec::new("exe")
+            .target("echo", &echo.addr.to_string(), "tcp")
+            .policy(
+                "exe.toml",
+                "[[workloads]]\nname = \"python\"\nexe = \"/usr/bin/python3*\"\n\n[[targets]]\nname = \"echo\"\ndefault = \"allow\"\n\n[[rules]]\nid = \"no-python\"\nworkloads = [\"python\"]\ntargets = [\"echo\"]\naction = \"deny\"\n",
+            ),
+    );
+    let out = agent.python(
+        "runner",
+        HIT_AND_RUN,
+        &["127.10.9.40", &echo.addr.port().to_string()],
+    );
+    assert_eq!(stdout(&out).trim(), "done", "{}", stderr(&out));
+    let s = agent.wait_sessions("20 sessions", |s| s.len() >= 20);
+    assert!(
+        s.iter().all(|r| r["outcome"] == "denied"),
+        "a python connection escaped the exe rule: {s:#?}"
+    );
+    assert_eq!(echo.accepted(), 0);
+    // Another executable is not caught by the rule.
+    let out = agent.exec(
+        "runner",
+        &[
+            "bash",
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/127.10.9.40/{}; echo -n hi >&3; head -c 2 <&3",
+                echo.addr.port()
+            ),
+        ],
+    );
+    assert_eq!(stdout(&out), "hi", "{}", stderr(&out));
+}
