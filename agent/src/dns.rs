@@ -145,25 +145,21 @@ impl Resolver {
         query: &[u8],
         tcp: bool,
     ) -> Result<(Vec<u8>, Judged, String), DnsError> {
-        let msg = Message::from_vec(query).map_err(|e| DnsError::Malformed(e.to_string()))?;
-        if msg.message_type() != MessageType::Query {
-            return Err(DnsError::Malformed("a response, not a query".into()));
-        }
-        let Some(q) = msg.queries().first().filter(|_| msg.queries().len() == 1) else {
-            let reply = refusal(&msg, ResponseCode::FormErr);
-            return Ok((
-                reply,
-                Judged {
-                    name: String::new(),
-                    qtype: String::new(),
-                    allowed: false,
-                    rule_id: "dns:malformed",
-                },
-                "FORMERR: exactly one question expected".into(),
-            ));
+        let (msg, name, qtype) = match parse_query(query)? {
+            Parsed::Question { msg, name, qtype } => (msg, name, qtype),
+            Parsed::NotOne(reply) => {
+                return Ok((
+                    reply,
+                    Judged {
+                        name: String::new(),
+                        qtype: String::new(),
+                        allowed: false,
+                        rule_id: "dns:malformed",
+                    },
+                    "FORMERR: exactly one question expected".into(),
+                ))
+            }
         };
-        let name = q.name().to_ascii();
-        let qtype = q.query_type().to_string();
         let (allowed, rule_id) = self.policy.load().judge(&name);
         let judged = Judged {
             name: normalize(&name),
@@ -397,6 +393,39 @@ pub async fn serve_tcp(
         }
         counters.down.fetch_add(out.len() as u64, Ordering::Relaxed);
     }
+}
+
+/// A query as the resolver sees it.
+pub enum Parsed {
+    /// One question: its name and type.
+    Question {
+        msg: Message,
+        name: String,
+        qtype: String,
+    },
+    /// Not exactly one question: the FORMERR reply to send.
+    NotOne(Vec<u8>),
+}
+
+/// Parses a loop's DNS message (hickory-proto). `Err`: not a query at all,
+/// nothing to answer.
+pub fn parse_query(query: &[u8]) -> Result<Parsed, DnsError> {
+    let msg = Message::from_vec(query).map_err(|e| DnsError::Malformed(e.to_string()))?;
+    if msg.message_type() != MessageType::Query {
+        return Err(DnsError::Malformed("a response, not a query".into()));
+    }
+    if msg.queries().len() != 1 {
+        return Ok(Parsed::NotOne(refusal(&msg, ResponseCode::FormErr)));
+    }
+    let q = &msg.queries()[0];
+    let name = q.name().to_ascii();
+    let qtype = q.query_type().to_string();
+    Ok(Parsed::Question { msg, name, qtype })
+}
+
+/// The REFUSED reply to a parsed query (what a denied name gets).
+pub fn refused(msg: &Message) -> Vec<u8> {
+    refusal(msg, ResponseCode::Refused)
 }
 
 /// A reply with `code` and the query's question, nothing else.
