@@ -26,6 +26,7 @@
 //! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
 //! - [`daemon`]: `loopgate agent`, wiring it all together.
 //! - [`cli`], [`telemetry`]: the command line and logging.
+//! - `fuzzing` (hidden): the drivers of the fuzz targets in `fuzz/`.
 
 pub mod admin;
 pub mod admin_http;
@@ -37,6 +38,8 @@ pub mod config;
 pub mod daemon;
 pub mod ebpf;
 pub mod exec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http_client;
 pub mod identity;
 pub mod metrics;

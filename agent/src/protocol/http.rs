@@ -437,6 +437,11 @@ impl Session {
         let Some(addr) = &self.address else {
             return Ok(());
         };
+        Self::names_target(req, addr)
+    }
+
+    /// [`Session::check_host`] for a target with an address (pure; fuzzed).
+    fn names_target<B>(req: &HttpRequest<B>, addr: &TargetAddress) -> Result<(), String> {
         let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
         let host = match hosts.as_slice() {
             [h] => h
@@ -951,3 +956,7 @@ mod tests {
         assert!(!host_matches("127.10.4.1:", &by_ip));
     }
 }
+
+/// The private functions above, for `crate::fuzzing`.
+#[doc(hidden)]
+pub(crate) mod fuzz;
