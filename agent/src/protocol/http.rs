@@ -655,6 +655,10 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
     while i < b.len() {
         if b[i] == b'%' {
             let hex = raw.get(i + 1..i + 3).ok_or("a truncated %-escape")?;
+            // Two hex digits (from_str_radix alone takes a sign: `%+d`).
+            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err("a bad %-escape");
+            }
             let v = u8::from_str_radix(hex, 16).map_err(|_| "a bad %-escape")?;
             match v {
                 b'/' | b'\\' | b'.' | b';' | 0 => {
@@ -942,6 +946,10 @@ mod tests {
             "/a%zz",
             "/a%4",
             "admin",
+            // A sign is not a hex digit (found by the http_path fuzz target:
+            // `%+d` went upstream as `%0D`).
+            "/admin%+d",
+            "/a%-1",
         ] {
             assert!(normalize_path(bad).is_err(), "{bad}");
         }
