@@ -59,6 +59,12 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.0'; then
   log "cargo +nightly install bpf-linker@0.10.0 --locked (1-2 minutes)"
   cargo +nightly install bpf-linker@0.10.0 --locked --quiet
 fi
+# cargo-fuzz drives the fuzz targets of fuzz/ (cargo xtask fuzz, and the
+# short run in cargo xtask test).
+if ! cargo +nightly fuzz --version 2>/dev/null | grep -q ' 0\.13\.'; then
+  log "cargo +nightly install cargo-fuzz@~0.13 --locked (2-3 minutes)"
+  cargo +nightly install cargo-fuzz@~0.13 --locked --quiet
+fi
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^clippy'; then
   log "rustup component add clippy --toolchain nightly (lints the eBPF crate)"
   rustup component add clippy --toolchain nightly

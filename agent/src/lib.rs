@@ -30,6 +30,7 @@
 //! - [`exec`]: `loopgate exec`, running a command as a tagged loop.
 //! - [`daemon`]: `loopgate agent`, wiring it all together.
 //! - [`cli`], [`telemetry`]: the command line and logging.
+//! - `fuzzing` (hidden): the drivers of the fuzz targets in `fuzz/`.
 
 pub mod admin;
 pub mod admin_http;
@@ -42,6 +43,8 @@ pub mod daemon;
 pub mod dns;
 pub mod ebpf;
 pub mod exec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http_client;
 pub mod identity;
 pub mod limits;

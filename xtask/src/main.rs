@@ -1,6 +1,7 @@
-//! `cargo xtask setup | test | demo | bench`: prerequisites, the test suite,
-//! the demo environment and the benchmarks. Every command that needs the
-//! prerequisites installs what is missing first (vagrant/provision.sh).
+//! `cargo xtask setup | test | demo | bench | fuzz`: prerequisites, the test
+//! suite, the demo environment, the benchmarks and the fuzz targets. Every
+//! command that needs the prerequisites installs what is missing first
+//! (vagrant/provision.sh).
 
 use std::{
     path::{Path, PathBuf},
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod env;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -25,7 +27,8 @@ struct Cli {
 enum Cmd {
     /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker 0.10).
     Setup,
-    /// Format check, clippy -D warnings, unit tests and the privileged end-to-end tests.
+    /// Format check, clippy -D warnings, unit tests, the privileged end-to-end
+    /// tests, and (without a filter) a short run of every fuzz target.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -45,6 +48,18 @@ enum Cmd {
         /// Events per recorder run (audit).
         #[arg(long, default_value_t = 2_000_000)]
         events: u64,
+    },
+    /// Fuzz a parser (cargo-fuzz on nightly; installed when missing). New
+    /// inputs are added to fuzz/corpus/NAME; a crash fails, naming its input.
+    Fuzz {
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::NAMES))]
+        name: String,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Minimise fuzz/corpus/NAME in place (cargo fuzz cmin) instead of fuzzing.
+        #[arg(long)]
+        cmin: bool,
     },
     /// The benchmark client (run by `bench`, tagged and untagged).
     #[command(hide = true)]
@@ -82,6 +97,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             other => anyhow::bail!("unknown benchmark {other}"),
         },
+        Cmd::Fuzz {
+            name, cmin: true, ..
+        } => fuzz::cmin(&name),
+        Cmd::Fuzz { name, secs, .. } => fuzz::fuzz(&name, secs, fuzz::Corpus::Committed),
         Cmd::BenchClient { args } => bench::client(&args),
     }
 }
@@ -156,6 +175,7 @@ fn test(filter: Option<String>) -> Result<()> {
         .env_remove("RUSTC_WORKSPACE_WRAPPER"))?;
     let bin = build_debug()?;
     env::clean_leftovers();
+    let fuzz_smoke = filter.is_none();
     let mut c = cargo();
     c.args([
         "test",
@@ -171,7 +191,12 @@ fn test(filter: Option<String>) -> Result<()> {
     if let Some(f) = filter {
         c.arg(f);
     }
-    run(&mut c)
+    run(&mut c)?;
+    if fuzz_smoke {
+        // The committed corpus is replayed, then new inputs are tried.
+        fuzz::fuzz("all", fuzz::SMOKE_SECS, fuzz::Corpus::Scratch)?;
+    }
+    Ok(())
 }
 
 extern "C" {

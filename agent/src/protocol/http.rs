@@ -587,6 +587,11 @@ impl Session {
         let Some(addr) = &self.address else {
             return Ok(());
         };
+        Self::names_target(req, addr)
+    }
+
+    /// [`Session::check_host`] for a target with an address (pure; fuzzed).
+    fn names_target<B>(req: &HttpRequest<B>, addr: &TargetAddress) -> Result<(), String> {
         let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
         let host = match hosts.as_slice() {
             [h] => h
@@ -809,6 +814,10 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
     while i < b.len() {
         if b[i] == b'%' {
             let hex = raw.get(i + 1..i + 3).ok_or("a truncated %-escape")?;
+            // Two hex digits (from_str_radix alone takes a sign: `%+d`).
+            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err("a bad %-escape");
+            }
             let v = u8::from_str_radix(hex, 16).map_err(|_| "a bad %-escape")?;
             match v {
                 b'/' | b'\\' | b'.' | b';' | 0 => {
@@ -822,8 +831,14 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
             }
             i += 3;
         } else {
-            decoded.push(b[i] as char);
-            i += 1;
+            // A whole character: past ASCII, the path is UTF-8 (not one
+            // Latin-1 character per byte).
+            let c = raw
+                .get(i..)
+                .and_then(|r| r.chars().next())
+                .ok_or("a broken path")?;
+            decoded.push(c);
+            i += c.len_utf8();
         }
     }
     let trailing = decoded.ends_with('/') && decoded.len() > 1;
@@ -1029,6 +1044,11 @@ mod tests {
             ("/q%3fx", "/q%3Fx"),
             ("/a%21b", "/a!b"),
             ("/", "/"),
+            // UTF-8 stays as sent (found by the http_path fuzz target: it
+            // came out as one Latin-1 character per byte, and changed again
+            // on every pass).
+            ("/caf\u{e9}/./x", "/caf\u{e9}/x"),
+            ("/..\u{59e}dmin", "/..\u{59e}dmin"),
         ] {
             assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
         }
@@ -1040,6 +1060,10 @@ mod tests {
             "/a%zz",
             "/a%4",
             "admin",
+            // A sign is not a hex digit (found by the http_path fuzz target:
+            // `%+d` went upstream as `%0D`).
+            "/admin%+d",
+            "/a%-1",
         ] {
             assert!(normalize_path(bad).is_err(), "{bad}");
         }
@@ -1065,3 +1089,7 @@ mod tests {
         assert!(!host_matches("127.10.4.1:", &by_ip));
     }
 }
+
+/// The private functions above, for `crate::fuzzing`.
+#[doc(hidden)]
+pub(crate) mod fuzz;

@@ -629,7 +629,9 @@ fn up_io(e: std::io::Error) -> StartupError {
 }
 
 /// Reads one untyped start-up packet (length-prefixed); returns its body.
-async fn read_startup(c: &mut TcpStream) -> Result<Vec<u8>, StartupError> {
+async fn read_startup(
+    c: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<Vec<u8>, StartupError> {
     let mut len = [0u8; 4];
     c.read_exact(&mut len).await.map_err(client_io)?;
     let len = i32::from_be_bytes(len);
@@ -672,7 +674,9 @@ fn parse_params(mut b: &[u8]) -> Result<BTreeMap<String, String>, StartupError> 
 }
 
 /// Reads the loop's PasswordMessage (`p`) and returns the password.
-async fn read_password(c: &mut TcpStream) -> Result<String, StartupError> {
+async fn read_password(
+    c: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<String, StartupError> {
     let mut head = [0u8; 5];
     c.read_exact(&mut head).await.map_err(client_io)?;
     let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
@@ -760,3 +764,7 @@ mod tests {
         ));
     }
 }
+
+/// The private functions above, for `crate::fuzzing`.
+#[doc(hidden)]
+pub(crate) mod fuzz;
