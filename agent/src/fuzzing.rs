@@ -10,10 +10,7 @@
 //! | `http_path` | the loop's bytes to an HTTP target (hyper parses them, as in the proxy) | `protocol::http`: `normalize_path`, the `Host`/authority check, `bearer`, `strip_hop_by_hop` |
 //! | `policy` | policy files (NUL-separated) | `policy::compile`, then `Policy::evaluate` |
 //! | `config` | `agent.toml` | `Config::parse` |
-//!
-//! DNS query handling (issue 9) gets its driver here, `pub fn dns_query(data:
-//! &[u8])`, once it exists; its target is `fuzz/fuzz_targets/dns_query.rs`
-//! and its name goes into `TARGETS` in `xtask/src/fuzz.rs`.
+//! | `dns_query` | a loop's DNS message to the agent's resolver | `dns::parse_query`, `dns::refused`, `dns::Policy::judge` |
 
 use std::{
     collections::HashSet,
@@ -455,9 +452,52 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// A loop's DNS message: parsing never panics; whatever the resolver sends
+/// back (REFUSED for a question, FORMERR for another count) parses as a
+/// response to the same id carrying the question; the name judgement is
+/// case- and trailing-dot-insensitive.
+pub fn dns_query(data: &[u8]) {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    let id = (data.len() >= 2).then(|| u16::from_be_bytes([data[0], data[1]]));
+    let check = |reply: &[u8], code: ResponseCode| {
+        let m = Message::from_vec(reply).expect("the resolver's own reply parses");
+        assert_eq!(m.message_type(), MessageType::Response);
+        assert_eq!(Some(m.id()), id);
+        assert_eq!(m.response_code(), code);
+        m
+    };
+    match crate::dns::parse_query(data) {
+        Err(_) => {}
+        Ok(crate::dns::Parsed::NotOne(reply)) => {
+            check(&reply, ResponseCode::FormErr);
+        }
+        Ok(crate::dns::Parsed::Question { msg, name, qtype }) => {
+            let m = check(&crate::dns::refused(&msg), ResponseCode::Refused);
+            assert_eq!(m.queries().len(), 1);
+            assert_eq!(m.queries()[0].name().to_ascii(), name);
+            assert_eq!(m.queries()[0].query_type().to_string(), qtype);
+            let p = crate::dns::Policy::new(
+                false,
+                vec!["db.internal".into()],
+                &["*.corp.example".into()],
+            )
+            .expect("static policy");
+            let upper = name.to_ascii_uppercase();
+            let dotted = format!("{}.", name.trim_end_matches('.'));
+            assert_eq!(p.judge(&name), p.judge(&upper), "{name}");
+            assert_eq!(p.judge(&name), p.judge(&dotted), "{name}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_query_corpus() {
+        replay("dns_query", dns_query);
+    }
 
     /// The committed corpora hold every property (the fuzzer's findings,
     /// once fixed, stay fixed without nightly).

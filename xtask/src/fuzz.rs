@@ -17,9 +17,15 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{run, workspace};
 
-/// `all`, then the targets (= the `[[bin]]`s of fuzz/Cargo.toml). DNS query
-/// handling (issue 9) adds `dns_query` here once it exists.
-pub const NAMES: &[&str] = &["all", "pg_startup", "http_path", "policy", "config"];
+/// `all`, then the targets (= the `[[bin]]`s of fuzz/Cargo.toml).
+pub const NAMES: &[&str] = &[
+    "all",
+    "pg_startup",
+    "http_path",
+    "policy",
+    "config",
+    "dns_query",
+];
 const TARGETS: &[&str] = NAMES.split_at(1).1;
 
 /// Seconds per target in `cargo xtask test`.
