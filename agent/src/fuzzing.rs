@@ -71,7 +71,8 @@ pub fn pg_startup(data: &[u8]) {
                     return;
                 }
             },
-            pg::CANCEL_REQUEST => return,
+            // A cancel request (its length is checked before use) or
+            // another protocol version ends the start-up.
             _ => return,
         }
     };

@@ -94,14 +94,32 @@ pub fn fuzz(name: &str, secs: u64, corpus: Corpus) -> Result<()> {
 }
 
 /// `cargo xtask fuzz NAME --cmin`: minimise the committed corpus in place.
+/// The hand-made inputs (`seed-*`, from fuzz/seeds.py) and the reproducers
+/// of fixed findings (`regress-*`) are kept under their names.
 pub fn cmin(name: &str) -> Result<()> {
     let names = names(name)?;
     ensure_cargo_fuzz()?;
     for t in names {
+        let dir = fuzz_dir().join("corpus").join(t);
+        let mut kept = Vec::new();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
+            let path = e?.path();
+            let named = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("seed-") || n.starts_with("regress-"));
+            if named {
+                let data = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+                kept.push((path, data));
+            }
+        }
         run(fuzz_cmd()
             .args(["cmin", "--debug-assertions", t])
             .arg(Path::new("corpus").join(t))
             .args(["--", "-rss_limit_mb=2048", "-timeout=10"]))?;
+        for (path, data) in kept {
+            std::fs::write(&path, data).with_context(|| format!("{}", path.display()))?;
+        }
     }
     Ok(())
 }

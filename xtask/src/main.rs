@@ -60,6 +60,10 @@ enum Cmd {
         /// Minimise fuzz/corpus/NAME in place (cargo fuzz cmin) instead of fuzzing.
         #[arg(long)]
         cmin: bool,
+        /// Add new inputs to fuzz/target/smoke-corpus/NAME, not the committed corpus
+        /// (what `cargo xtask test` does).
+        #[arg(long, conflicts_with = "cmin")]
+        scratch: bool,
     },
     /// The benchmark client (run by `bench`, tagged and untagged).
     #[command(hide = true)]
@@ -100,7 +104,18 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Fuzz {
             name, cmin: true, ..
         } => fuzz::cmin(&name),
-        Cmd::Fuzz { name, secs, .. } => fuzz::fuzz(&name, secs, fuzz::Corpus::Committed),
+        Cmd::Fuzz {
+            name,
+            secs,
+            scratch,
+            ..
+        } => {
+            let corpus = match scratch {
+                true => fuzz::Corpus::Scratch,
+                false => fuzz::Corpus::Committed,
+            };
+            fuzz::fuzz(&name, secs, corpus)
+        }
         Cmd::BenchClient { args } => bench::client(&args),
     }
 }

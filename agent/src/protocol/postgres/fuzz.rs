@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 pub(crate) const SSL_REQUEST: i32 = super::SSL_REQUEST;
 pub(crate) const GSSENC_REQUEST: i32 = super::GSSENC_REQUEST;
-pub(crate) const CANCEL_REQUEST: i32 = super::CANCEL_REQUEST;
 pub(crate) const PROTOCOL_3: i32 = super::PROTOCOL_3;
 pub(crate) const MAX_STARTUP: usize = super::MAX_STARTUP;
 
