@@ -83,6 +83,11 @@ static EXES: LruHashMap<ExeKey, ExePath> = LruHashMap::pinned(MAX_EXES, 0);
 /// The current image of each process (tgid → `EXES` key).
 #[map]
 static CURRENT_EXE: LruHashMap<u32, ExeKey> = LruHashMap::pinned(MAX_CONNS, 0);
+/// cgroup ids of the attach points (the agent's root and named workload
+/// cgroups): the exec/fork tracepoints, which run host-wide, only record
+/// processes below one of them.
+#[map]
+static ATTACH_POINTS: HashMap<u64, u32> = HashMap::pinned(256, 0);
 /// Room to read a path into (too large for the BPF stack).
 #[map]
 static EXE_SCRATCH: PerCpuArray<ExePath> = PerCpuArray::with_max_entries(1, 0);
@@ -221,6 +226,25 @@ fn current_exe(tgid: u32) -> ExeKey {
     }
 }
 
+/// Whether the current task is a tagged loop's (below an attach point).
+#[inline(always)]
+fn current_is_tagged() -> bool {
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if unsafe { ATTACH_POINTS.get(own) }.is_some() {
+        return true;
+    }
+    for level in 1..=ANCESTOR_LEVELS as i32 {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        if unsafe { ATTACH_POINTS.get(id) }.is_some() {
+            return true;
+        }
+    }
+    false
+}
+
 /// `sched/sched_process_exec`: the path the process was exec'd by becomes
 /// its current image. Read here, at exec, so a later connect names the
 /// image that made it, whatever the process does afterwards.
@@ -229,7 +253,7 @@ pub fn lg_exec(ctx: TracePointContext) -> u32 {
     let Some(off) = SETTINGS.get(0).map(|s| s.exec_filename_off) else {
         return 0;
     };
-    if off == 0 {
+    if off == 0 || !current_is_tagged() {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -268,7 +292,7 @@ pub fn lg_fork(ctx: TracePointContext) -> u32 {
     let Some(off) = SETTINGS.get(0).map(|s| s.fork_child_pid_off) else {
         return 0;
     };
-    if off == 0 {
+    if off == 0 || !current_is_tagged() {
         return 0;
     }
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;

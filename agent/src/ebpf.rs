@@ -205,6 +205,23 @@ impl Kernel {
         let flows: HashMap<MapData, FlowKey, ConnRecord> = take_map(&mut ebpf, "FLOWS")?;
         let dns_orig: HashMap<MapData, u64, TargetKey> = take_map(&mut ebpf, "DNS_ORIG")?;
         let exes: HashMap<MapData, ExeKey, ExePath> = take_map(&mut ebpf, "EXES")?;
+        let mut attach_points: HashMap<MapData, u64, u32> = take_map(&mut ebpf, "ATTACH_POINTS")?;
+        let stale: Vec<u64> = attach_points.keys().filter_map(Result::ok).collect();
+        for k in stale {
+            let _ = attach_points.remove(&k);
+        }
+        for point in opts.attach {
+            let id = crate::cgroup::cgroup_id(&point.cgroup).map_err(|e| EbpfError::Link {
+                path: point.cgroup.clone(),
+                reason: e.to_string(),
+            })?;
+            attach_points
+                .insert(id, 1, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: "ATTACH_POINTS",
+                    source,
+                })?;
+        }
         let (exec_filename_off, fork_child_pid_off) = tracepoint_offsets()?;
         let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "STATS")?;
         let denials: RingBuf<MapData> = take_map(&mut ebpf, "DENIALS")?;
