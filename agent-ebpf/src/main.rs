@@ -462,10 +462,8 @@ fn store_redirect(ctx: &SockAddrContext, rec: &ConnRecord) -> Option<u16> {
 pub fn lg_connect4(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the verifier guarantees `sock_addr` points at a valid context.
-    let (sock_type, protocol, ip4, port_word) =
-        unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
-    let port = u16::from_be(port_word as u16);
-    let addr = v4_mapped(ip4);
+    let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
+    let (addr, port) = user_addr4(&ctx);
     let target_id = match connect(&ctx, addr, port, AF_INET, sock_type, protocol) {
         Ok(Some(t)) => t,
         Ok(None) => return ALLOW,
@@ -487,21 +485,9 @@ pub fn lg_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn lg_connect6(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // The verifier wants `user_ip6` read one word at a time.
-    let (sock_type, protocol, w0, w1, w2, w3, port_word) = unsafe {
-        (
-            (*sa).type_,
-            (*sa).protocol,
-            (*sa).user_ip6[0],
-            (*sa).user_ip6[1],
-            (*sa).user_ip6[2],
-            (*sa).user_ip6[3],
-            (*sa).user_port,
-        )
-    };
-    let port = u16::from_be(port_word as u16);
-    let addr = [w0, w1, w2, w3];
-    let mapped = w0 == 0 && w1 == 0 && w2 == V4_MAPPED_WORD;
+    let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
+    let (addr, port) = user_addr6(&ctx);
+    let mapped = addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD;
     let target_id = match connect(&ctx, addr, port, AF_INET6, sock_type, protocol) {
         Ok(Some(t)) => t,
         Ok(None) => return ALLOW,
@@ -561,20 +547,18 @@ fn sendmsg(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32
     ALLOW
 }
 
-#[cgroup_sock_addr(sendmsg4)]
-pub fn lg_sendmsg4(ctx: SockAddrContext) -> i32 {
+/// The address an AF_INET `bpf_sock_addr` names (mapped form, host-order port).
+#[inline(always)]
+fn user_addr4(ctx: &SockAddrContext) -> ([u32; 4], u16) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let (ip4, port_word) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    sendmsg(
-        &ctx,
-        v4_mapped(ip4),
-        u16::from_be(port_word as u16),
-        AF_INET,
-    )
+    (v4_mapped(ip4), u16::from_be(port_word as u16))
 }
 
-#[cgroup_sock_addr(sendmsg6)]
-pub fn lg_sendmsg6(ctx: SockAddrContext) -> i32 {
+/// The address an AF_INET6 `bpf_sock_addr` names. The verifier wants
+/// `user_ip6` read one word at a time.
+#[inline(always)]
+fn user_addr6(ctx: &SockAddrContext) -> ([u32; 4], u16) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let (w0, w1, w2, w3, port_word) = unsafe {
         (
@@ -585,12 +569,19 @@ pub fn lg_sendmsg6(ctx: SockAddrContext) -> i32 {
             (*sa).user_port,
         )
     };
-    sendmsg(
-        &ctx,
-        [w0, w1, w2, w3],
-        u16::from_be(port_word as u16),
-        AF_INET6,
-    )
+    ([w0, w1, w2, w3], u16::from_be(port_word as u16))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lg_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let (addr, port) = user_addr4(&ctx);
+    sendmsg(&ctx, addr, port, AF_INET)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lg_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let (addr, port) = user_addr6(&ctx);
+    sendmsg(&ctx, addr, port, AF_INET6)
 }
 
 /// A DNS reply from the agent's resolver shows the address the query went to.
@@ -623,20 +614,9 @@ pub fn lg_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lg_recvmsg6(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    let (w0, w1, w2, w3, port_word) = unsafe {
-        (
-            (*sa).user_ip6[0],
-            (*sa).user_ip6[1],
-            (*sa).user_ip6[2],
-            (*sa).user_ip6[3],
-            (*sa).user_port,
-        )
-    };
+    let (addr, port) = user_addr6(&ctx);
     let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
-    if proxy_port == 0
-        || u16::from_be(port_word as u16) != proxy_port
-        || !is_proxy_address(&[w0, w1, w2, w3])
-    {
+    if proxy_port == 0 || port != proxy_port || !is_proxy_address(&addr) {
         return ALLOW;
     }
     if let Some(orig) = restore_dns_source(&ctx) {
@@ -702,34 +682,14 @@ fn bind(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32 {
 
 #[cgroup_sock_addr(bind4)]
 pub fn lg_bind4(ctx: SockAddrContext) -> i32 {
-    let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    let (ip4, port_word) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    bind(
-        &ctx,
-        v4_mapped(ip4),
-        u16::from_be(port_word as u16),
-        AF_INET,
-    )
+    let (addr, port) = user_addr4(&ctx);
+    bind(&ctx, addr, port, AF_INET)
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn lg_bind6(ctx: SockAddrContext) -> i32 {
-    let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    let (w0, w1, w2, w3, port_word) = unsafe {
-        (
-            (*sa).user_ip6[0],
-            (*sa).user_ip6[1],
-            (*sa).user_ip6[2],
-            (*sa).user_ip6[3],
-            (*sa).user_port,
-        )
-    };
-    bind(
-        &ctx,
-        [w0, w1, w2, w3],
-        u16::from_be(port_word as u16),
-        AF_INET6,
-    )
+    let (addr, port) = user_addr6(&ctx);
+    bind(&ctx, addr, port, AF_INET6)
 }
 
 /// Raw and ICMP sockets are refused under egress deny (ping, traceroute and
