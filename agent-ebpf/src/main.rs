@@ -151,12 +151,7 @@ fn decide(addr: [u32; 4], port: u16) -> Verdict {
 /// 127.0.0.1 (also as `::ffff:127.0.0.1`) or ::1: where the proxy listens.
 #[inline(always)]
 fn is_proxy_address(addr: &[u32; 4]) -> bool {
-    let v6_loopback = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 1u32.to_be();
-    let v4_loopback = addr[0] == 0
-        && addr[1] == 0
-        && addr[2] == V4_MAPPED_WORD
-        && addr[3] == 0x7f00_0001u32.to_be();
-    v6_loopback || v4_loopback
+    *addr == proxy_address(true) || *addr == proxy_address(false)
 }
 
 /// The unspecified address (0.0.0.0 in either form, or ::).
@@ -370,22 +365,10 @@ fn redirect_dns(ctx: &SockAddrContext, addr: [u32; 4], port: u16, v6: bool) -> i
         count(STAT_RECORD_FAILED);
         return REJECT;
     }
-    let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    let mapped = addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD;
-    unsafe {
-        if !v6 {
-            (*sa).user_ip4 = 0x7f00_0001u32.to_be();
-        } else {
-            (*sa).user_ip6[0] = 0;
-            (*sa).user_ip6[1] = 0;
-            (*sa).user_ip6[2] = if mapped { V4_MAPPED_WORD } else { 0 };
-            (*sa).user_ip6[3] = if mapped {
-                0x7f00_0001u32.to_be()
-            } else {
-                1u32.to_be()
-            };
-        }
-        (*sa).user_port = proxy_port.to_be() as u32;
+    if v6 {
+        set_user_addr6(ctx, proxy_address(is_mapped(&addr)), proxy_port);
+    } else {
+        set_user_addr4(ctx, proxy_address(true), proxy_port);
     }
     ALLOW
 }
@@ -475,10 +458,7 @@ pub fn lg_connect4(ctx: SockAddrContext) -> i32 {
     let Some(proxy_port) = store_redirect(&ctx, &rec) else {
         return REJECT;
     };
-    unsafe {
-        (*sa).user_ip4 = 0x7f00_0001u32.to_be();
-        (*sa).user_port = proxy_port.to_be() as u32;
-    }
+    set_user_addr4(&ctx, proxy_address(true), proxy_port);
     ALLOW
 }
 
@@ -487,7 +467,7 @@ pub fn lg_connect6(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
     let (addr, port) = user_addr6(&ctx);
-    let mapped = addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD;
+    let mapped = is_mapped(&addr);
     let target_id = match connect(&ctx, addr, port, AF_INET6, sock_type, protocol) {
         Ok(Some(t)) => t,
         Ok(None) => return ALLOW,
@@ -499,18 +479,7 @@ pub fn lg_connect6(ctx: SockAddrContext) -> i32 {
     let Some(proxy_port) = store_redirect(&ctx, &rec) else {
         return REJECT;
     };
-    let last = if mapped {
-        0x7f00_0001u32.to_be()
-    } else {
-        1u32.to_be()
-    };
-    unsafe {
-        (*sa).user_ip6[0] = 0;
-        (*sa).user_ip6[1] = 0;
-        (*sa).user_ip6[2] = if mapped { V4_MAPPED_WORD } else { 0 };
-        (*sa).user_ip6[3] = last;
-        (*sa).user_port = proxy_port.to_be() as u32;
-    }
+    set_user_addr6(&ctx, proxy_address(mapped), proxy_port);
     ALLOW
 }
 
@@ -572,6 +541,46 @@ fn user_addr6(ctx: &SockAddrContext) -> ([u32; 4], u16) {
     ([w0, w1, w2, w3], u16::from_be(port_word as u16))
 }
 
+/// Makes an AF_INET `bpf_sock_addr` name `addr` (mapped form) and `port`.
+#[inline(always)]
+fn set_user_addr4(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    unsafe {
+        (*sa).user_ip4 = addr[3];
+        (*sa).user_port = port.to_be() as u32;
+    }
+}
+
+/// Makes an AF_INET6 `bpf_sock_addr` name `addr` and `port`, word by word.
+#[inline(always)]
+fn set_user_addr6(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    unsafe {
+        (*sa).user_ip6[0] = addr[0];
+        (*sa).user_ip6[1] = addr[1];
+        (*sa).user_ip6[2] = addr[2];
+        (*sa).user_ip6[3] = addr[3];
+        (*sa).user_port = port.to_be() as u32;
+    }
+}
+
+/// Where the proxy (and the resolver) listens for a socket of this kind:
+/// `::ffff:127.0.0.1` for IPv4 and IPv4-mapped destinations, else `::1`.
+#[inline(always)]
+fn proxy_address(v4: bool) -> [u32; 4] {
+    if v4 {
+        v4_mapped(0x7f00_0001u32.to_be())
+    } else {
+        [0, 0, 0, 1u32.to_be()]
+    }
+}
+
+/// IPv4-mapped (`::ffff:a.b.c.d`)?
+#[inline(always)]
+fn is_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lg_sendmsg4(ctx: SockAddrContext) -> i32 {
     let (addr, port) = user_addr4(&ctx);
@@ -584,49 +593,32 @@ pub fn lg_sendmsg6(ctx: SockAddrContext) -> i32 {
     sendmsg(&ctx, addr, port, AF_INET6)
 }
 
-/// A DNS reply from the agent's resolver shows the address the query went to.
+/// A DNS reply from the agent's resolver (source: the proxy's address and
+/// port) shows the address the query went to.
 #[inline(always)]
-fn restore_dns_source(ctx: &SockAddrContext) -> Option<TargetKey> {
+fn restore_dns_source(ctx: &SockAddrContext, addr: &[u32; 4], port: u16) -> Option<TargetKey> {
+    let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
+    if proxy_port == 0 || port != proxy_port || !is_proxy_address(addr) {
+        return None;
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     unsafe { DNS_ORIG.get(cookie) }.copied()
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lg_recvmsg4(ctx: SockAddrContext) -> i32 {
-    let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    let (ip4, port_word) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
-    if proxy_port == 0
-        || u16::from_be(port_word as u16) != proxy_port
-        || ip4 != 0x7f00_0001u32.to_be()
-    {
-        return ALLOW;
-    }
-    if let Some(orig) = restore_dns_source(&ctx) {
-        unsafe {
-            (*sa).user_ip4 = orig.addr[3];
-            (*sa).user_port = orig.port.to_be() as u32;
-        }
+    let (addr, port) = user_addr4(&ctx);
+    if let Some(orig) = restore_dns_source(&ctx, &addr, port) {
+        set_user_addr4(&ctx, orig.addr, orig.port);
     }
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lg_recvmsg6(ctx: SockAddrContext) -> i32 {
-    let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let (addr, port) = user_addr6(&ctx);
-    let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
-    if proxy_port == 0 || port != proxy_port || !is_proxy_address(&addr) {
-        return ALLOW;
-    }
-    if let Some(orig) = restore_dns_source(&ctx) {
-        unsafe {
-            (*sa).user_ip6[0] = orig.addr[0];
-            (*sa).user_ip6[1] = orig.addr[1];
-            (*sa).user_ip6[2] = orig.addr[2];
-            (*sa).user_ip6[3] = orig.addr[3];
-            (*sa).user_port = orig.port.to_be() as u32;
-        }
+    if let Some(orig) = restore_dns_source(&ctx, &addr, port) {
+        set_user_addr6(&ctx, orig.addr, orig.port);
     }
     ALLOW
 }
@@ -800,11 +792,7 @@ fn original_peer(ctx: &SockAddrContext) -> Option<&'static ConnRecord> {
 #[cgroup_sock_addr(getpeername4)]
 pub fn lg_getpeername4(ctx: SockAddrContext) -> i32 {
     if let Some(rec) = original_peer(&ctx) {
-        let sa = ctx.sock_addr;
-        unsafe {
-            (*sa).user_ip4 = rec.orig_addr[3];
-            (*sa).user_port = rec.orig_port.to_be() as u32;
-        }
+        set_user_addr4(&ctx, rec.orig_addr, rec.orig_port);
     }
     ALLOW
 }
@@ -812,14 +800,7 @@ pub fn lg_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn lg_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(rec) = original_peer(&ctx) {
-        let sa = ctx.sock_addr;
-        unsafe {
-            (*sa).user_ip6[0] = rec.orig_addr[0];
-            (*sa).user_ip6[1] = rec.orig_addr[1];
-            (*sa).user_ip6[2] = rec.orig_addr[2];
-            (*sa).user_ip6[3] = rec.orig_addr[3];
-            (*sa).user_port = rec.orig_port.to_be() as u32;
-        }
+        set_user_addr6(&ctx, rec.orig_addr, rec.orig_port);
     }
     ALLOW
 }
