@@ -107,9 +107,21 @@ fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// Parses the `nameserver` lines of a resolv.conf.
+/// `nameserver` addresses of a resolv.conf.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver"))
+                .then(|| w.next()?.split('%').next()?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// The resolvers of a resolv.conf, on port 53.
 pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
-    crate::ebpf::resolv_conf_nameservers(text)
+    resolv_conf_nameservers(text)
         .into_iter()
         .map(|ip| SocketAddr::new(ip, 53))
         .collect()
@@ -520,6 +532,19 @@ mod tests {
 
     fn policy(all: bool) -> Policy {
         Policy::new(all, vec!["db.internal".into()], &["*.corp.example".into()]).unwrap()
+    }
+
+    #[test]
+    fn nameservers_from_resolv_conf() {
+        let t =
+            "# comment\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nsearch x\nnameserver bogus\n";
+        assert_eq!(
+            resolv_conf_nameservers(t),
+            vec![
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "fe80::1".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

@@ -816,18 +816,6 @@ pub fn own_netns_cookie() -> std::io::Result<u64> {
     Ok(cookie)
 }
 
-/// `nameserver` addresses of a resolv.conf.
-pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next() == Some("nameserver"))
-                .then(|| w.next()?.split('%').next()?.parse().ok())
-                .flatten()
-        })
-        .collect()
-}
-
 pub fn original_destination(rec: &ConnRecord) -> SocketAddr {
     SocketAddr::new(from_words(rec.orig_addr), rec.orig_port)
 }
@@ -960,19 +948,6 @@ mod tests {
         let exec = "\tfield:__data_loc char[] filename;\toffset:8;\tsize:4;\tsigned:0;\n";
         assert_eq!(field_offset(exec, "filename"), Some(8));
         assert_eq!(field_offset(exec, "pid"), None);
-    }
-
-    #[test]
-    fn nameservers_from_resolv_conf() {
-        let t =
-            "# comment\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nsearch x\nnameserver bogus\n";
-        assert_eq!(
-            resolv_conf_nameservers(t),
-            vec![
-                "10.0.0.2".parse::<IpAddr>().unwrap(),
-                "fe80::1".parse().unwrap()
-            ]
-        );
     }
 
     #[test]

@@ -532,7 +532,7 @@ impl Proxy {
 
     /// The kernel's record of the loop socket behind an accepted connection,
     /// or why there is none. The record is keyed by the full 4-tuple and
-    /// this namespace, must be younger than the connect timeout, and must
+    /// this namespace (a record from another namespace is never found), must be younger than the connect timeout, and must
     /// belong to the very socket at the other end (sock_diag cookie check).
     fn identify(&self, peer: SocketAddr, local: SocketAddr) -> Result<ConnRecord, Unidentified> {
         let Some(rec) = self.kernel.take_flow(peer, local, self.netns_cookie) else {
@@ -541,12 +541,6 @@ impl Proxy {
                 reason: "no redirect record for this connection: only a tagged loop's redirected connect is served".into(),
             });
         };
-        if rec.netns_cookie != self.netns_cookie {
-            return Err(Unidentified {
-                rule_id: "identity:netns",
-                reason: "the redirect record belongs to another network namespace".into(),
-            });
-        }
         let age = Duration::from_nanos(crate::ebpf::ktime_now().saturating_sub(rec.ktime_ns));
         if age > self.connect_timeout.max(Duration::from_secs(1)) {
             return Err(Unidentified {
@@ -740,43 +734,41 @@ impl Proxy {
             );
             Some(reason)
         };
-        // The stored credential goes only to the real server: a listener
-        // that a tagged loop owns at the target's address (bound before it
-        // became a target, or before the agent started) gets nothing.
+        // Refusals made before the policy, first match wins. The stored
+        // credential goes only to the real server: a listener that a tagged
+        // loop owns at the target's address (bound before it became a
+        // target, or before the agent started) gets nothing; that lookup is
+        // made only when nothing earlier refused.
         let injects = !matches!(handler, Handler::Tcp)
             && self
                 .credentials
                 .get(&row.target)
                 .is_some_and(|c| c.password.is_some() || c.authorization.is_some());
-        let tagged_listener = if injects {
+        let early: Option<(&str, String)> = if exe_unknown {
+            Some(("identity:exe", "policies select workloads by executable, and the kernel did not see this process's exec (it started before the agent first attached, or its path is longer than 255 bytes)".into()))
+        } else if let Some(r) = over_limit {
+            Some(("limit:sessions", r))
+        } else if let Some(r) = audit_failing {
+            Some(("audit:failing", r))
+        } else if injects && !matches!(handler, Handler::Dns) {
             match crate::sockdiag::listener_cgroup(destination) {
-                Ok(Some(cg)) if self.workloads.is_tagged(cg) => Some(format!(
+                Ok(Some(cg)) if self.workloads.is_tagged(cg) => Some(("listener:tagged", format!(
                     "the listener at {destination} belongs to a tagged loop (cgroup {cg}); the stored credential is not sent to it"
-                )),
+                ))),
                 Ok(_) => None,
-                Err(e) => Some(format!(
+                Err(e) => Some(("listener:tagged", format!(
                     "cannot check who listens at {destination}: {e}"
-                )),
+                ))),
             }
         } else {
             None
         };
         let refusal = match (&jwt, handler) {
-            _ if exe_unknown => refuse(
-                "identity:exe".into(),
-                "policies select workloads by executable, and the kernel did not see this process's exec (it started before the agent first attached, or its path is longer than 255 bytes)".into(),
-            ),
-            _ if over_limit.is_some() => {
-                refuse("limit:sessions".into(), over_limit.clone().unwrap_or_default())
-            }
-            _ if audit_failing.is_some() => {
-                refuse("audit:failing".into(), audit_failing.clone().unwrap_or_default())
+            _ if early.is_some() => {
+                let (rule_id, reason) = early.unwrap_or_default();
+                refuse(rule_id.into(), reason)
             }
             (_, Handler::Dns) => None,
-            _ if tagged_listener.is_some() => refuse(
-                "listener:tagged".into(),
-                tagged_listener.clone().unwrap_or_default(),
-            ),
             _ if unseen_request_rule.is_some() => {
                 let rule_id = unseen_request_rule.unwrap_or_default();
                 let reason = format!(
