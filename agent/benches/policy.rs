@@ -1,10 +1,14 @@
 //! Policy evaluation cost per decision with 1,000 rules (issue 4 target:
-//! ≤ 2 µs median). `cargo xtask bench policy` runs it.
+//! ≤ 2 µs median), and with CEL `when` conditions on HTTP requests.
+//! `cargo xtask bench policy` runs it.
 
 use std::path::Path;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use loopgate::policy::{model::compile, Request};
+use loopgate::{
+    kinds::Protocol,
+    policy::{model::compile, HttpOp, Operation, Request},
+};
 
 fn policy_text(rules: usize) -> String {
     let mut t = String::from("[defaults]\naction = \"allow\"\n");
@@ -40,11 +44,9 @@ fn bench(c: &mut Criterion) {
         uid: 1000,
         exe: None,
         target: "t47",
-        protocol: "postgres",
-        kind: "connect",
-        jwt_subject: None,
-        method: None,
-        path: None,
+        protocol: Protocol::Postgres,
+        jwt: None,
+        op: Operation::Connect,
     };
     // Identity matched once per connection, decisions per request.
     let matched = p.workload_matches(&req);
@@ -63,5 +65,55 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// 1,000 HTTP request rules with `when` conditions (10 per target).
+fn when_text(rules: usize) -> String {
+    let mut t = String::from("[defaults]\naction = \"allow\"\n");
+    for i in 0..rules {
+        let action = match i % 10 {
+            0 => "deny",
+            1 => "approve",
+            _ => "allow",
+        };
+        t.push_str(&format!(
+            "[[rules]]\nid = \"r{i}\"\ntargets = [\"t{}\"]\nprotocols = [\"http\"]\nwhen = \"http.method == 'DELETE' && http.path.startsWith('/r{i}/') && workload != 'w{i}'\"\naction = \"{action}\"\n\n",
+            i % 100
+        ));
+    }
+    t
+}
+
+fn bench_when(c: &mut Criterion) {
+    let text = when_text(1000);
+    let p = compile(&[(Path::new("bench.toml"), &text)], None).expect("valid policy");
+    let mut headers = hyper::HeaderMap::new();
+    for (k, v) in [
+        ("host", "api.internal"),
+        ("accept", "application/json"),
+        ("user-agent", "curl/8.5.0"),
+    ] {
+        headers.insert(k, v.parse().expect("header"));
+    }
+    let req = Request {
+        workload: "team7-nightly",
+        cgroup: "loopgate/team7-nightly/i-1",
+        uid: 1000,
+        exe: None,
+        target: "t47",
+        protocol: Protocol::Http,
+        jwt: None,
+        op: Operation::Http(HttpOp {
+            method: "GET",
+            path: "/orders/1",
+            host: Some("api.internal"),
+            headers: Some(&headers),
+        }),
+    };
+    let matched = p.workload_matches(&req);
+    // The 10 rules of the target are evaluated, each with its condition.
+    c.bench_function("evaluate_1000_rules_with_when", |b| {
+        b.iter(|| p.evaluate(black_box(&req), Some(&matched)))
+    });
+}
+
+criterion_group!(benches, bench, bench_when);
 criterion_main!(benches);

@@ -200,34 +200,19 @@ impl Default for AuditConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Postgres,
-    Ssh,
-    Http,
-    Https,
-    Kubernetes,
-    Tcp,
-}
+pub use crate::kinds::Protocol;
 
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Postgres => "postgres",
-            Protocol::Ssh => "ssh",
-            Protocol::Http => "http",
-            Protocol::Https => "https",
-            Protocol::Kubernetes => "kubernetes",
-            Protocol::Tcp => "tcp",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// `agent.ebpf_log`: the kernel programs' log level (aya-log), by name.
+pub fn parse_log_level(s: &str) -> Option<u8> {
+    Some(match s {
+        "off" => 0,
+        "error" => 1,
+        "warn" => 2,
+        "info" => 3,
+        "debug" => 4,
+        "trace" => 5,
+        _ => return None,
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -536,7 +521,7 @@ impl Config {
         if a.connect_timeout_secs == 0 {
             return Err(self.invalid("agent.connect_timeout_secs", "must be at least 1"));
         }
-        if crate::ebpf::parse_log_level(&a.ebpf_log).is_none() {
+        if parse_log_level(&a.ebpf_log).is_none() {
             return Err(self.invalid(
                 "agent.ebpf_log",
                 format!(

@@ -24,10 +24,11 @@ use crate::{
         AuditSink, EventRow, Record, Recorder, SessionRow,
     },
     cgroup::{self, WorkloadResolver},
-    config::{Config, Protocol},
+    config::Config,
     ebpf::{self, AttachPoint, Kernel, LoadOptions},
     policy::store::PolicyStore,
     proxy::{self, Proxy, SessionTable},
+    session::Services,
     targets::TargetTable,
 };
 
@@ -344,15 +345,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         egress: cfg.agent.egress,
         targets: &target_map,
         netns_cookie,
-        log_level: ebpf::parse_log_level(&cfg.agent.ebpf_log).unwrap_or(3),
+        log_level: crate::config::parse_log_level(&cfg.agent.ebpf_log).unwrap_or(3),
     })?);
     for p in &kernel.attached {
         tracing::info!(program = p.program, cgroup = %p.cgroup, link_id = p.link_id, program_id = p.program_id, how = p.how, "program attached");
-    }
-    for (name, proto) in targets.protocols() {
-        if !matches!(proto, Protocol::Tcp | Protocol::Http | Protocol::Postgres) {
-            tracing::warn!(target_name = name, protocol = %proto, "no {proto} handler yet: sessions to this target are relayed and recorded as raw TCP");
-        }
     }
 
     let workloads = Arc::new(WorkloadResolver::new(
@@ -415,15 +411,24 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             host: host.clone(),
         }))
     };
-    let proxy = Arc::new(Proxy {
-        dns: dns.clone(),
-        kernel: kernel.clone(),
-        workloads: workloads.clone(),
-        targets: targets.clone(),
-        audit: audit.clone(),
+    let services = Arc::new(Services {
         policy: policy.clone(),
         approvals: approvals.clone(),
         metrics: metrics.clone(),
+        audit: audit.clone(),
+        masker,
+        abort: CancellationToken::new(),
+        connect_timeout: Duration::from_secs(cfg.agent.connect_timeout_secs),
+    });
+    let proxy = Arc::new(Proxy {
+        services: services.clone(),
+        flows: kernel.clone(),
+        workloads: workloads.clone(),
+        targets: targets.clone(),
+        handlers: crate::protocol::Registry::new(crate::protocol::Settings {
+            dns: dns.clone(),
+            tcp_idle_timeout: Duration::from_secs(cfg.agent.tcp_idle_timeout_secs.max(1)),
+        }),
         capture_bytes: cfg.audit.capture_bytes,
         capture_budget: crate::limits::CaptureBudget::new(
             cfg.audit.capture_workload_bytes_per_hour,
@@ -431,18 +436,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         ),
         limits: session_limits.clone(),
         audit_refuse: cfg.audit.on_failure == crate::config::OnFailure::Refuse,
-        tcp_idle_timeout: Duration::from_secs(cfg.agent.tcp_idle_timeout_secs.max(1)),
-        masker,
         credentials,
         host: host.clone(),
         sessions: SessionTable::default(),
-        connect_timeout: Duration::from_secs(cfg.agent.connect_timeout_secs),
         netns_cookie,
         unidentified: Default::default(),
         stop_accepting: stop.clone(),
-        abort: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
+    for (name, proto) in targets.protocols() {
+        if !proxy.handlers.handles(proto) {
+            tracing::warn!(target_name = name, protocol = %proto, "no {proto} handler yet: sessions to this target are relayed and recorded as raw TCP");
+        }
+    }
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l));
     }
@@ -591,7 +597,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             open = proxy.sessions.len(),
             "grace period over; closing open sessions"
         );
-        proxy.abort.cancel();
+        proxy.services.abort.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), proxy.tracker.wait()).await;
     }
     let a = audit.clone();

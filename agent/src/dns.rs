@@ -357,56 +357,6 @@ impl Resolver {
     }
 }
 
-/// DNS over TCP from a tagged loop (redirected through the proxy): each
-/// length-prefixed query is judged, answered and recorded as an event of
-/// the session.
-pub async fn serve_tcp(
-    resolver: Arc<Resolver>,
-    mut client: TcpStream,
-    who: Asker,
-    counters: Arc<crate::protocol::tcp::Counters>,
-) -> crate::protocol::tcp::Outcome {
-    use std::sync::atomic::Ordering;
-    let mut len = [0u8; 2];
-    loop {
-        let r = tokio::time::timeout(Duration::from_secs(30), client.read_exact(&mut len)).await;
-        let Ok(Ok(_)) = r else {
-            return crate::protocol::tcp::Outcome {
-                outcome: "ok",
-                detail: None,
-            };
-        };
-        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
-        if client.read_exact(&mut q).await.is_err() {
-            return crate::protocol::tcp::Outcome {
-                outcome: "client_error",
-                detail: Some("the DNS query was cut short".into()),
-            };
-        }
-        counters.up.fetch_add(2 + q.len() as u64, Ordering::Relaxed);
-        let (reply, judged, answer) = match resolver.answer(&q, true).await {
-            Ok(x) => x,
-            Err(e) => {
-                return crate::protocol::tcp::Outcome {
-                    outcome: "client_error",
-                    detail: Some(e.to_string()),
-                }
-            }
-        };
-        resolver.record(&who, &judged, &answer, None);
-        let mut out = Vec::with_capacity(2 + reply.len());
-        out.extend_from_slice(&(reply.len() as u16).to_be_bytes());
-        out.extend_from_slice(&reply);
-        if client.write_all(&out).await.is_err() {
-            return crate::protocol::tcp::Outcome {
-                outcome: "client_error",
-                detail: None,
-            };
-        }
-        counters.down.fetch_add(out.len() as u64, Ordering::Relaxed);
-    }
-}
-
 /// A query as the resolver sees it.
 pub enum Parsed {
     /// One question: its name and type.

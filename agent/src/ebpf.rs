@@ -152,18 +152,6 @@ pub struct LoadOptions<'a> {
     pub log_level: u8,
 }
 
-pub fn parse_log_level(s: &str) -> Option<u8> {
-    Some(match s {
-        "off" => 0,
-        "error" => 1,
-        "warn" => 2,
-        "info" => 3,
-        "debug" => 4,
-        "trace" => 5,
-        _ => return None,
-    })
-}
-
 pub fn egress_code(e: Egress) -> u32 {
     match e {
         Egress::Allow => EGRESS_ALLOW,

@@ -28,7 +28,8 @@ use hyper_util::rt::TokioIo;
 
 use crate::{
     config::{Config, TargetAddress},
-    policy::{self, Request, Verdict, CONNECT},
+    kinds::Protocol,
+    policy::{self, HttpOp, Operation, Request, Verdict},
     protocol::{http::fuzz as http, postgres::fuzz as pg},
 };
 
@@ -371,6 +372,12 @@ fn reads_no_special_file(text: &str) -> bool {
 }
 
 fn evaluate(p: &policy::Policy) {
+    let claims = crate::identity::Claims::for_tests(
+        "alice",
+        serde_json::json!({"sub": "alice", "iss": "https://idp", "groups": ["ops"]}),
+    );
+    let mut headers = hyper::HeaderMap::new();
+    headers.insert("x-env", hyper::header::HeaderValue::from_static("prod"));
     let requests = [
         Request {
             workload: "etl",
@@ -378,8 +385,7 @@ fn evaluate(p: &policy::Policy) {
             uid: 1000,
             exe: Some("/usr/bin/psql"),
             target: "orders-db",
-            protocol: "postgres",
-            kind: CONNECT,
+            protocol: Protocol::Postgres,
             ..Default::default()
         },
         Request {
@@ -387,8 +393,7 @@ fn evaluate(p: &policy::Policy) {
             cgroup: "loopgate/root/1",
             uid: 0,
             target: "api",
-            protocol: "http",
-            kind: CONNECT,
+            protocol: Protocol::Http,
             ..Default::default()
         },
         Request {
@@ -397,19 +402,21 @@ fn evaluate(p: &policy::Policy) {
             uid: 1001,
             exe: Some("/usr/bin/curl"),
             target: "api",
-            protocol: "http",
-            kind: crate::protocol::http::REQUEST,
-            jwt_subject: Some("alice"),
-            method: Some("DELETE"),
-            path: Some("/admin/users/1"),
+            protocol: Protocol::Http,
+            jwt: Some(&claims),
+            op: Operation::Http(HttpOp {
+                method: "DELETE",
+                path: "/admin/users/1",
+                host: Some("api.internal"),
+                headers: Some(&headers),
+            }),
         },
         Request {
             workload: "nightly-1",
             cgroup: "system.slice/etl.service",
             uid: 1000,
             target: "elsewhere",
-            protocol: "tcp",
-            kind: CONNECT,
+            protocol: Protocol::Tcp,
             ..Default::default()
         },
     ];

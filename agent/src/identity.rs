@@ -8,6 +8,7 @@
 //! [`JwtVerifier::verify`]; which workloads require it is policy.
 
 use std::{
+    collections::HashMap,
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -69,6 +70,29 @@ pub struct Claims {
     pub iss: String,
     #[serde(default)]
     pub email: Option<String>,
+    /// Every claim of the verified token (`jwt.claims` in rule conditions).
+    #[serde(skip)]
+    pub all: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Claims {
+    fn from_map(all: serde_json::Map<String, serde_json::Value>) -> Result<Self, JwtError> {
+        let mut c: Claims = serde_json::from_value(serde_json::Value::Object(all.clone()))
+            .map_err(|e| JwtError::Invalid(format!("claims: {e}")))?;
+        c.all = all;
+        Ok(c)
+    }
+
+    /// Claims as a verified token would carry them.
+    #[doc(hidden)]
+    pub fn for_tests(sub: &str, all: serde_json::Value) -> Self {
+        Claims {
+            sub: sub.to_owned(),
+            iss: all["iss"].as_str().unwrap_or_default().to_owned(),
+            email: None,
+            all: all.as_object().cloned().unwrap_or_default(),
+        }
+    }
 }
 
 pub struct JwtVerifier {
@@ -233,7 +257,7 @@ impl JwtVerifier {
         v.set_audience(&[&self.audience]);
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         v.leeway = 30;
-        decode::<Claims>(token, &key, &v)
+        let all = decode::<serde_json::Map<String, serde_json::Value>>(token, &key, &v)
             .map(|d| d.claims)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => JwtError::Expired,
@@ -246,7 +270,56 @@ impl JwtVerifier {
                 },
                 ErrorKind::InvalidSignature => JwtError::BadSignature,
                 _ => JwtError::Invalid(e.to_string()),
-            })
+            })?;
+        Claims::from_map(all)
+    }
+}
+
+/// Verifiers that fetch their keys from a URL, kept across policy reloads:
+/// a reload reuses them (and their cached keys) instead of fetching the
+/// JWKS again. Verifiers of a `jwks_file` are rebuilt on each reload, so a
+/// rotated file takes effect.
+#[derive(Default)]
+pub struct JwtRegistry {
+    remote: std::sync::Mutex<HashMap<RemoteKey, Arc<JwtVerifier>>>,
+}
+
+type RemoteKey = (String, Option<std::path::PathBuf>, String, String);
+
+impl JwtRegistry {
+    /// The verifier of `url` for this issuer and audience (created once).
+    pub fn remote(
+        &self,
+        url: &str,
+        ca_file: Option<&Path>,
+        issuer: &str,
+        audience: &str,
+    ) -> Result<Arc<JwtVerifier>, JwtError> {
+        let key = (
+            url.to_owned(),
+            ca_file.map(Path::to_path_buf),
+            issuer.to_owned(),
+            audience.to_owned(),
+        );
+        let mut m = self
+            .remote
+            .lock()
+            .map_err(|_| JwtError::Invalid("the verifier registry is poisoned".into()))?;
+        if let Some(v) = m.get(&key) {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(JwtVerifier::from_jwks_url(url, ca_file, issuer, audience)?);
+        m.insert(key, v.clone());
+        Ok(v)
+    }
+
+    /// How many URL verifiers it holds.
+    pub fn len(&self) -> usize {
+        self.remote.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

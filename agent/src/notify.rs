@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use crate::{
-    approval::Held,
+    approval::{Announce, Held},
     http_client::{self, HttpClient, HttpClientError},
 };
 
@@ -102,13 +102,15 @@ impl Notifier {
             client: http_client::build(ca_file)?,
         })
     }
+}
 
-    pub fn is_empty(&self) -> bool {
+impl Announce for Notifier {
+    fn is_empty(&self) -> bool {
         self.webhooks.is_empty()
     }
 
     /// Sends the notification to every webhook in the background.
-    pub fn held(&self, h: &Held) {
+    fn held(&self, h: &Held) {
         let body = Bytes::from(message(h, self.page_url.as_deref()).to_string());
         for uri in &self.webhooks {
             let (client, uri, body) = (self.client.clone(), uri.clone(), body.clone());

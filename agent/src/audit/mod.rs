@@ -16,7 +16,9 @@
 //! [`clickhouse`] (schema, migrations, shipper, queries), [`query`] (what the
 //! CLI reads).
 
+pub mod capture;
 pub mod clickhouse;
+pub mod mask;
 pub mod query;
 pub mod rows;
 pub mod spool;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 /// `sessions`: one logical row per session. Written at the start (`version`
 /// 1, outcome `open`) and at the end (`version` 2); `ReplacingMergeTree(version)`
 /// keeps the last one.
-#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct SessionRow {
     #[serde(with = "clickhouse::serde::uuid")]
     pub session_id: Uuid,

@@ -10,6 +10,7 @@
 //! **approve** beats **mask** beats **allow**. When no rule matches, the
 //! target's `default` applies, then `[defaults] action`, then `allow`.
 
+pub mod cel;
 pub mod model;
 pub mod store;
 
@@ -18,6 +19,8 @@ use std::{collections::HashMap, time::Duration};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Serialize;
 
+pub use crate::kinds::OpKind;
+use crate::kinds::Protocol;
 pub use model::{load_dir, PolicyError, PolicyErrors};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
@@ -116,8 +119,39 @@ impl Decision {
     }
 }
 
+/// One HTTP request, as the rules see it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpOp<'a> {
+    /// Upper case.
+    pub method: &'a str,
+    /// Normalised, without the query.
+    pub path: &'a str,
+    /// The `Host` header, when there is exactly one.
+    pub host: Option<&'a str>,
+    pub headers: Option<&'a hyper::HeaderMap>,
+}
+
+/// What a decision is about: the session, or one operation inside it. Each
+/// protocol that inspects its sessions adds its variant (and an
+/// [`OpKind`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Operation<'a> {
+    /// Opening the session (once per connection).
+    Connect,
+    Http(HttpOp<'a>),
+}
+
+impl Operation<'_> {
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Operation::Connect => OpKind::Connect,
+            Operation::Http(_) => OpKind::Http,
+        }
+    }
+}
+
 /// Who is asking, and for what.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Request<'a> {
     pub workload: &'a str,
     pub cgroup: &'a str,
@@ -125,16 +159,33 @@ pub struct Request<'a> {
     /// Executable path, when a selector needs it.
     pub exe: Option<&'a str>,
     pub target: &'a str,
-    pub protocol: &'a str,
-    /// `connect` at L4 (once per session); protocol handlers add their own
-    /// kinds (`request` for HTTP).
-    pub kind: &'a str,
-    /// Subject of a JWT second factor the protocol handler verified.
-    pub jwt_subject: Option<&'a str>,
-    /// HTTP request method (upper case), for `methods` rules.
-    pub method: Option<&'a str>,
-    /// HTTP request path without the query, for `paths` rules.
-    pub path: Option<&'a str>,
+    pub protocol: Protocol,
+    /// The verified JWT second factor, once a handler checked it.
+    pub jwt: Option<&'a crate::identity::Claims>,
+    pub op: Operation<'a>,
+}
+
+impl Default for Request<'_> {
+    /// An anonymous session decision on raw TCP (tests and benches fill in
+    /// what they need).
+    fn default() -> Self {
+        Request {
+            workload: "",
+            cgroup: "",
+            uid: 0,
+            exe: None,
+            target: "",
+            protocol: Protocol::Tcp,
+            jwt: None,
+            op: Operation::Connect,
+        }
+    }
+}
+
+impl Request<'_> {
+    pub fn jwt_subject(&self) -> Option<&str> {
+        self.jwt.map(|c| c.sub.as_str())
+    }
 }
 
 /// The kind of the one decision made when a session opens.
@@ -154,7 +205,7 @@ struct WorkloadSel {
 impl WorkloadSel {
     fn matches(&self, r: &Request<'_>) -> bool {
         // A selector that requires the second factor never matches without it.
-        (self.jwt.is_none() || r.jwt_subject.is_some()) && self.matches_identity(r)
+        (self.jwt.is_none() || r.jwt.is_some()) && self.matches_identity(r)
     }
 
     /// The kernel-attested criteria only (workload, cgroup, uid, exe).
@@ -172,24 +223,41 @@ impl WorkloadSel {
 }
 
 impl Rule {
-    /// The request attributes. A rule without `kinds` applies to the session
-    /// decision (`connect`) unless it names request attributes (`methods`,
-    /// `paths`), in which case it applies to requests.
-    fn matches_request(&self, r: &Request<'_>) -> bool {
-        let l7 = self.methods.is_some() || self.paths.is_some();
+    /// Whether the rule applies to this operation. A rule without `kinds`
+    /// decides the operations whose attributes it names (`methods`,
+    /// `paths`, `when` over `http.*`), or else the session (`connect`).
+    fn matches_op(&self, r: &Request<'_>) -> bool {
+        let kind = r.op.kind();
         let kind_ok = match &self.kinds {
-            Some(k) => k.is_match(r.kind),
-            None => (r.kind == CONNECT) != l7,
+            Some(k) => k.is_match(kind.as_str()),
+            None => self.decides == kind,
         };
-        kind_ok
-            && self.methods.as_ref().is_none_or(|ms| {
-                r.method
-                    .is_some_and(|m| ms.iter().any(|x| x.eq_ignore_ascii_case(m)))
-            })
-            && self
-                .paths
-                .as_ref()
-                .is_none_or(|ps| r.path.is_some_and(|p| ps.is_match(p)))
+        if !kind_ok {
+            return false;
+        }
+        if self.methods.is_none() && self.paths.is_none() {
+            return true;
+        }
+        let Operation::Http(h) = r.op else {
+            return false;
+        };
+        self.methods
+            .as_ref()
+            .is_none_or(|ms| ms.iter().any(|x| x.eq_ignore_ascii_case(h.method)))
+            && self.paths.as_ref().is_none_or(|ps| ps.is_match(h.path))
+    }
+
+    /// Whether it decides operations other than the session's opening that
+    /// this protocol has.
+    fn decides_operations(&self, protocol: Protocol) -> bool {
+        let ops = protocol.operations();
+        match &self.kinds {
+            Some(k) => {
+                !k.is_match(CONNECT)
+                    && (self.decides == OpKind::Connect || ops.contains(&self.decides))
+            }
+            None => self.decides != OpKind::Connect && ops.contains(&self.decides),
+        }
     }
 }
 
@@ -198,12 +266,16 @@ struct Rule {
     id: String,
     /// Indexes into `Policy::workloads`; empty = every workload.
     workloads: Vec<usize>,
-    protocols: Option<Vec<String>>,
+    protocols: Option<Vec<Protocol>>,
     kinds: Option<GlobSet>,
+    /// The operations it decides, from the attributes it names.
+    decides: OpKind,
     /// HTTP methods (upper case); `None`: any.
     methods: Option<Vec<String>>,
     /// Globs on the HTTP path (`*` stays within a segment, `**` crosses).
     paths: Option<GlobSet>,
+    /// A CEL condition (`when`).
+    when: Option<cel::Condition>,
     verdict: Verdict,
     reason: String,
     approval: Option<ApprovalSpec>,
@@ -225,6 +297,8 @@ pub struct Policy {
     pub files: usize,
     /// Whether any workload selector looks at the executable.
     pub needs_exe: bool,
+    /// The functions of rule conditions.
+    functions: cel::Functions,
 }
 
 impl Policy {
@@ -251,13 +325,12 @@ impl Policy {
     }
 
     /// A `deny` or `approve` rule (or request default) that decides
-    /// requests, not the session, for this identity × target. On a target
-    /// whose requests the agent cannot see yet, the session is refused
-    /// instead of letting such requests through unchecked. `methods`/`paths`
-    /// rules count only on HTTP-speaking protocols (they cannot match other
-    /// requests).
+    /// operations inside the session, not the session itself, for this
+    /// identity × target. On a target whose operations the agent cannot see
+    /// yet, the session is refused instead of letting such operations
+    /// through unchecked. Rules on operations this protocol never has
+    /// (`methods` on a PostgreSQL target) do not count.
     pub fn request_rule(&self, r: &Request<'_>) -> Option<String> {
-        let http_like = matches!(r.protocol, "http" | "https" | "kubernetes");
         let matched = self.workload_matches(r);
         let rule = self
             .by_target
@@ -268,18 +341,13 @@ impl Policy {
             .chain(self.any_target.iter())
             .map(|&i| &self.rules[i])
             .find(|rule| {
-                let l7 = rule.methods.is_some() || rule.paths.is_some();
-                let request_level = match &rule.kinds {
-                    Some(k) => !k.is_match(CONNECT) && (!l7 || http_like),
-                    None => l7 && http_like,
-                };
-                request_level
+                rule.decides_operations(r.protocol)
                     && rule.verdict >= Verdict::Approve
                     && (rule.workloads.is_empty() || rule.workloads.iter().any(|&w| matched[w]))
                     && rule
                         .protocols
                         .as_ref()
-                        .is_none_or(|p| p.iter().any(|x| x == r.protocol))
+                        .is_none_or(|p| p.contains(&r.protocol))
             })
             .map(|rule| rule.id.clone());
         rule.or_else(|| {
@@ -310,7 +378,9 @@ impl Policy {
                 &owned
             }
         };
-        let mut best: Option<&Rule> = None;
+        // The best rule so far, and why its condition failed (if it did).
+        let mut best: Option<(&Rule, Option<String>)> = None;
+        let mut vars: Option<cel::Vars<'_>> = None;
         let candidates = self
             .by_target
             .get(r.target)
@@ -320,31 +390,54 @@ impl Policy {
             .chain(self.any_target.iter());
         for &i in candidates {
             let rule = &self.rules[i];
-            if best.is_some_and(|b| b.verdict >= rule.verdict) {
+            if best
+                .as_ref()
+                .is_some_and(|(b, _)| b.verdict >= rule.verdict)
+            {
                 continue;
             }
             let wl_ok = rule.workloads.is_empty() || rule.workloads.iter().any(|&w| matched[w]);
             let proto_ok = rule
                 .protocols
                 .as_ref()
-                .is_none_or(|p| p.iter().any(|x| x == r.protocol));
-            if wl_ok && proto_ok && rule.matches_request(r) {
-                best = Some(rule);
-                if rule.verdict == Verdict::Deny {
-                    break;
+                .is_none_or(|p| p.contains(&r.protocol));
+            if !(wl_ok && proto_ok && rule.matches_op(r)) {
+                continue;
+            }
+            let mut failed = None;
+            if let Some(c) = &rule.when {
+                let vars = vars.get_or_insert_with(|| cel::Vars::new(r, &self.functions));
+                match c.holds(vars) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    // An error never opens anything: it counts as a match
+                    // for deny and approve, as none for allow and mask.
+                    Err(e) if rule.verdict >= Verdict::Approve => failed = Some(e),
+                    Err(_) => continue,
                 }
             }
+            best = Some((rule, failed));
+            if rule.verdict == Verdict::Deny {
+                break;
+            }
         }
-        if let Some(rule) = best {
+        if let Some((rule, failed)) = best {
+            let reason = match failed {
+                Some(e) => format!(
+                    "{} (its condition could not be evaluated: {e}; counted as a match)",
+                    rule.reason
+                ),
+                None => rule.reason.clone(),
+            };
             return Decision {
                 verdict: rule.verdict,
                 rule_id: rule.id.clone(),
-                reason: rule.reason.clone(),
+                reason,
                 approval: rule.approval.clone(),
                 mask: rule.mask.clone(),
             };
         }
-        if r.kind != CONNECT {
+        if r.op.kind() != OpKind::Connect {
             // Target and global defaults decide whether a session may open;
             // inside an allowed session, what no rule names follows the
             // target's `request_default` (allow when unset).

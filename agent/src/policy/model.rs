@@ -34,8 +34,11 @@
 //! methods = ["DELETE", "PUT"]      # optional, HTTP requests: methods
 //! paths = ["/admin/**"]            # optional, HTTP requests: path globs
 //!                                  # (`*` within a segment, `**` across)
+//! when = "http.path.startsWith('/admin') && !('ops' in jwt.claims.groups)"
+//!                                  # optional: a CEL condition (see below)
 //! # Without `kinds`, a rule decides whether a session opens (`connect`),
-//! # unless it names `methods` or `paths`: then it decides each request.
+//! # unless it names `methods` or `paths` or its `when` reads `http.*`:
+//! # then it decides each request.
 //! action = "approve"               # allow | deny | approve | mask
 //! reason = "writes need a human"
 //! approvers = ["alice"]            # approve: who may decide (default: any approver)
@@ -43,6 +46,26 @@
 //! grant = "10m"                    # approve: once | session | a duration
 //! mask = ["password"]              # mask: fields to mask in responses
 //! ```
+//!
+//! `when` conditions are [CEL](https://cel.dev) over the operation's
+//! attributes (see [`super::cel`] for the table): `workload`, `cgroup`,
+//! `uid`, `exe`, `target`, `protocol`, `jwt.sub`, `jwt.iss`, `jwt.claims`,
+//! and for HTTP requests `http.method`, `http.path`, `http.host`,
+//! `http.headers` (lower-case names). For example:
+//!
+//! ```toml
+//! when = "http.method in ['PUT', 'DELETE'] && http.headers['x-env'] == 'prod'"
+//! when = "uid == 0 || exe.endsWith('/python3')"
+//! when = "http.path.matches('^/users/[0-9]+/keys$')"
+//! ```
+//!
+//! A condition is compiled when the policy loads: a syntax error, an unknown
+//! name or a condition that is not true or false is a policy error at its
+//! `file:line:column` (`policy check`; a reload with one is refused). At
+//! run time a condition that cannot be evaluated (a function called on a
+//! missing header) counts as a match for `deny` and `approve` rules and as
+//! no match for `allow` and `mask` rules; a missing map key compared with
+//! `==` is simply false.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -58,9 +81,10 @@ use toml::Spanned;
 use crate::config::line_col;
 
 use super::{
-    glob, glob_set, ApprovalSpec, Grant, Policy, Rule, Verdict, WorkloadSel,
-    DEFAULT_APPROVAL_TIMEOUT,
+    cel::Condition, glob, glob_set, ApprovalSpec, Grant, OpKind, Policy, Rule, Verdict,
+    WorkloadSel, DEFAULT_APPROVAL_TIMEOUT,
 };
+use crate::{identity::JwtRegistry, kinds::Protocol};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError {
@@ -194,9 +218,10 @@ struct RawRule {
     grant: Option<Spanned<String>>,
     #[serde(default)]
     mask: Option<Spanned<Vec<String>>>,
+    /// A CEL condition over the request's attributes.
+    #[serde(default)]
+    when: Option<Spanned<String>>,
 }
-
-const PROTOCOLS: &[&str] = &["postgres", "ssh", "http", "https", "kubernetes", "tcp"];
 
 struct Ctx<'a> {
     file: &'a Path,
@@ -230,6 +255,15 @@ fn parse_grant(s: &str) -> Result<Grant, String> {
 /// given, are the target names of the agent config: rules naming others are
 /// errors. Returns every error found, not just the first.
 pub fn load_dir(dir: &Path, targets: Option<&HashSet<String>>) -> Result<Policy, PolicyErrors> {
+    load_dir_with(dir, targets, &JwtRegistry::default())
+}
+
+/// [`load_dir`], reusing the JWKS verifiers of `jwts` (kept across reloads).
+pub fn load_dir_with(
+    dir: &Path,
+    targets: Option<&HashSet<String>>,
+    jwts: &JwtRegistry,
+) -> Result<Policy, PolicyErrors> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .flatten()
@@ -263,7 +297,7 @@ pub fn load_dir(dir: &Path, targets: Option<&HashSet<String>>) -> Result<Policy,
         .iter()
         .map(|(p, t)| (p.as_path(), t.as_str()))
         .collect();
-    match compile(&sources, targets) {
+    match compile_with(&sources, targets, jwts) {
         Ok(p) if errors.is_empty() => Ok(p),
         Ok(_) => Err(PolicyErrors(errors)),
         Err(PolicyErrors(mut more)) => {
@@ -277,6 +311,15 @@ pub fn load_dir(dir: &Path, targets: Option<&HashSet<String>>) -> Result<Policy,
 pub fn compile(
     sources: &[(&Path, &str)],
     targets: Option<&HashSet<String>>,
+) -> Result<Policy, PolicyErrors> {
+    compile_with(sources, targets, &JwtRegistry::default())
+}
+
+/// [`compile`], reusing the JWKS verifiers of `jwts`.
+pub fn compile_with(
+    sources: &[(&Path, &str)],
+    targets: Option<&HashSet<String>>,
+    jwts: &JwtRegistry,
 ) -> Result<Policy, PolicyErrors> {
     let mut errors = Vec::new();
     let mut parsed = Vec::new();
@@ -362,13 +405,11 @@ pub fn compile(
                         Path::new(f),
                         &r.issuer,
                         &r.audience,
-                    ),
-                    (None, Some(u), ca) => crate::identity::JwtVerifier::from_jwks_url(
-                        u,
-                        ca.as_deref().map(Path::new),
-                        &r.issuer,
-                        &r.audience,
-                    ),
+                    )
+                    .map(std::sync::Arc::new),
+                    (None, Some(u), ca) => {
+                        jwts.remote(u, ca.as_deref().map(Path::new), &r.issuer, &r.audience)
+                    }
                     (Some(_), Some(_), _) => {
                         cx.err(j.span(), "jwt: set jwks_file or jwks_url, not both");
                         return None;
@@ -386,7 +427,7 @@ pub fn compile(
                     }
                 };
                 match v {
-                    Ok(v) => Some(std::sync::Arc::new(v)),
+                    Ok(v) => Some(v),
                     Err(e) => {
                         cx.err(j.span(), e.to_string());
                         None
@@ -534,15 +575,20 @@ pub fn compile(
                 }
             }
             let protocols = r.protocols.as_ref().map(|p| {
+                let mut v = Vec::new();
                 for x in p.get_ref() {
-                    if !PROTOCOLS.contains(&x.as_str()) {
-                        cx.err(
+                    match Protocol::parse(x) {
+                        Some(p) => v.push(p),
+                        None => cx.err(
                             p.span(),
-                            format!("unknown protocol `{x}` (one of {})", PROTOCOLS.join(", ")),
-                        );
+                            format!(
+                                "unknown protocol `{x}` (one of {})",
+                                Protocol::CONFIGURABLE.map(Protocol::as_str).join(", ")
+                            ),
+                        ),
                     }
                 }
-                p.get_ref().clone()
+                v
             });
             let kinds = r.kinds.as_ref().and_then(|k| match glob_set(k.get_ref()) {
                 Ok(s) => Some(s),
@@ -551,17 +597,61 @@ pub fn compile(
                     None
                 }
             });
-            let http_protocols = ["http", "https", "kubernetes"];
+            let when = r.when.as_ref().and_then(|w| {
+                match Condition::compile(w.get_ref(), &policy.functions) {
+                    Ok(c) => Some((c, w.span())),
+                    Err(e) => {
+                        let at = expression_offset(text, w.span(), e.offset);
+                        cx.err(at..at, format!("when: {}", e.message));
+                        None
+                    }
+                }
+            });
+            // The operations the rule decides, from the attributes it names.
+            let by_fields = (r.methods.is_some() || r.paths.is_some()).then_some(OpKind::Http);
+            let by_when = when.as_ref().and_then(|(c, _)| c.reads);
+            let decides = match (by_fields, by_when) {
+                (Some(a), Some(b)) if a != b => {
+                    if let Some((_, span)) = &when {
+                        cx.err(
+                            span.clone(),
+                            format!(
+                                "when reads {} attributes, and methods/paths describe {} operations",
+                                b.namespace().unwrap_or("session"),
+                                a.namespace().unwrap_or("session")
+                            ),
+                        );
+                    }
+                    a
+                }
+                (Some(k), _) | (None, Some(k)) => k,
+                (None, None) => OpKind::Connect,
+            };
+            let ops_protocols: Vec<&str> = Protocol::CONFIGURABLE
+                .into_iter()
+                .filter(|p| p.operations().contains(&decides))
+                .map(Protocol::as_str)
+                .collect();
             for (field, span) in [
                 ("methods", r.methods.as_ref().map(|m| m.span())),
                 ("paths", r.paths.as_ref().map(|m| m.span())),
+                (
+                    "when",
+                    when.as_ref()
+                        .filter(|(c, _)| c.reads.is_some())
+                        .map(|(_, s)| s.clone()),
+                ),
             ] {
                 let Some(span) = span else { continue };
                 if let Some(ps) = &protocols {
-                    if !ps.iter().any(|p| http_protocols.contains(&p.as_str())) {
+                    if !ps.iter().any(|p| p.operations().contains(&decides)) {
                         cx.err(
                             span.clone(),
-                            format!("{field} applies to http, https and kubernetes requests, and this rule's protocols are {}", ps.join(", ")),
+                            format!(
+                                "{field} applies to {} requests, and this rule's protocols are {}",
+                                human_list(&ops_protocols),
+                                ps.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+                            ),
                         );
                     }
                 }
@@ -672,8 +762,10 @@ pub fn compile(
                 workloads,
                 protocols,
                 kinds,
+                decides,
                 methods,
                 paths,
+                when: when.map(|(c, _)| c),
                 verdict,
                 reason: r
                     .reason
@@ -695,6 +787,40 @@ pub fn compile(
         Ok(policy)
     } else {
         Err(PolicyErrors(errors))
+    }
+}
+
+/// The file offset of byte `offset` of a `when` expression whose TOML
+/// string spans `span` (escapes inside a basic string shift it slightly).
+fn expression_offset(text: &str, span: Range<usize>, offset: usize) -> usize {
+    let lit = text.get(span.clone()).unwrap_or("");
+    let mut start = span.start;
+    if lit.starts_with("\"\"\"") || lit.starts_with("'''") {
+        start += 3;
+        // A newline right after the opening quotes is not part of the string.
+        if text[start..].starts_with("\r\n") {
+            start += 2;
+        } else if text[start..].starts_with('\n') {
+            start += 1;
+        }
+    } else if lit.starts_with('"') || lit.starts_with('\'') {
+        start += 1;
+    }
+    let mut at = (start + offset)
+        .min(span.end.saturating_sub(1))
+        .max(span.start);
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// `a, b and c`.
+fn human_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_owned(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
 }
 

@@ -11,7 +11,8 @@ use std::{
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use super::{model::load_dir, Policy};
+use super::{model::load_dir_with, Policy};
+use crate::identity::JwtRegistry;
 
 pub struct PolicyStore {
     dir: PathBuf,
@@ -20,6 +21,8 @@ pub struct PolicyStore {
     state: Mutex<State>,
     /// Bumped on every installed policy (subscribers re-check live sessions).
     version: tokio::sync::watch::Sender<u64>,
+    /// JWKS verifiers, kept across reloads (a reload does not re-fetch).
+    jwts: JwtRegistry,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -66,9 +69,10 @@ impl PolicyStore {
             current: ArcSwap::from_pointee(Policy::default()),
             state: Mutex::new(State::default()),
             version: tokio::sync::watch::Sender::new(0),
+            jwts: JwtRegistry::default(),
         };
         if dir.is_dir() {
-            let p = load_dir(dir, Some(&store.targets))?;
+            let p = load_dir_with(dir, Some(&store.targets), &store.jwts)?;
             store.install(p, fingerprint(dir));
         } else {
             tracing::warn!(dir = %dir.display(), "no policy directory: every registered target is allowed");
@@ -116,7 +120,7 @@ impl PolicyStore {
     /// Reloads now (SIGHUP). Returns whether a new policy is in force.
     pub fn reload(&self) -> bool {
         let fp = fingerprint(&self.dir);
-        match load_dir(&self.dir, Some(&self.targets)) {
+        match load_dir_with(&self.dir, Some(&self.targets), &self.jwts) {
             Ok(p) => {
                 self.install(p, fp);
                 true

@@ -27,11 +27,22 @@ fn req<'a>(workload: &'a str, target: &'a str) -> Request<'a> {
         uid: 1000,
         exe: None,
         target,
-        protocol: "tcp",
-        kind: "connect",
-        jwt_subject: None,
-        method: None,
-        path: None,
+        protocol: Protocol::Tcp,
+        jwt: None,
+        op: Operation::Connect,
+    }
+}
+
+/// An HTTP request of `r`'s identity.
+fn http<'a>(r: &Request<'a>, method: &'a str, path: &'a str) -> Request<'a> {
+    Request {
+        op: Operation::Http(HttpOp {
+            method,
+            path,
+            host: None,
+            headers: None,
+        }),
+        ..r.clone()
     }
 }
 
@@ -181,10 +192,14 @@ action = "deny"
     );
     let mut r = req("w", "db");
     assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow);
-    r.protocol = "postgres";
+    r.protocol = Protocol::Postgres;
     assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow);
-    r.kind = "sql:drop";
-    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Deny);
+    // Kinds no handler produces yet (SQL statements) match no operation of
+    // today's: not the session, not an HTTP request.
+    assert_eq!(
+        p.evaluate(&http(&r, "GET", "/"), None).verdict,
+        Verdict::Allow
+    );
 }
 
 #[test]
@@ -271,8 +286,9 @@ fn a_workload_can_require_a_jwt() {
     // Without a verified token the selector does not match (fail closed) ...
     assert_eq!(p.workload_matches(&req("bot-1", "db")), vec![false]);
     // ... with one it does.
+    let claims = crate::identity::Claims::for_tests("etl-bot", serde_json::json!({}));
     let with = Request {
-        jwt_subject: Some("etl-bot"),
+        jwt: Some(&claims),
         ..req("bot-1", "db")
     };
     assert_eq!(p.workload_matches(&with), vec![true]);
@@ -317,15 +333,11 @@ action = "deny"
 "#,
     );
     let mut r = req("w", "api");
-    r.protocol = "http";
+    r.protocol = Protocol::Http;
     // The session decision: the connect rule, not the request rules.
     assert_eq!(p.evaluate(&r, None).rule_id, "open-api");
     let at = |method: &'static str, path: &'static str| {
-        let mut q = r.clone();
-        q.kind = "request";
-        q.method = Some(method);
-        q.path = Some(path);
-        let d = p.evaluate(&q, None);
+        let d = p.evaluate(&http(&r, method, path), None);
         (d.verdict, d.rule_id)
     };
     assert_eq!(
@@ -429,18 +441,17 @@ action = "allow"
 "#,
     );
     let mut r = req("w", "api");
-    r.protocol = "http";
+    r.protocol = Protocol::Http;
     assert_eq!(
         p.evaluate(&r, None).verdict,
         Verdict::Allow,
         "the session opens"
     );
-    r.kind = "request";
-    r.method = Some("GET");
-    r.path = Some("/public/a");
-    assert_eq!(p.evaluate(&r, None).rule_id, "public-reads");
-    r.path = Some("/private/a");
-    let d = p.evaluate(&r, None);
+    assert_eq!(
+        p.evaluate(&http(&r, "GET", "/public/a"), None).rule_id,
+        "public-reads"
+    );
+    let d = p.evaluate(&http(&r, "GET", "/private/a"), None);
     assert_eq!(
         (d.verdict, d.rule_id.as_str()),
         (Verdict::Deny, "request-default:api")
@@ -474,15 +485,134 @@ action = "deny"
 "#,
     );
     let mut r = req("w", "db");
-    r.protocol = "postgres";
+    r.protocol = Protocol::Postgres;
     // A SQL rule on a postgres target (no statement handler yet).
     assert_eq!(p.request_rule(&r).as_deref(), Some("no-drops"));
     // An HTTP method rule says nothing about a raw TCP target.
     let mut t = req("w", "cache");
-    t.protocol = "tcp";
+    t.protocol = Protocol::Tcp;
     assert_eq!(p.request_rule(&t), None);
     // An https target: the method rule, then the request default.
     let mut h = req("w", "api");
-    h.protocol = "https";
+    h.protocol = Protocol::Https;
     assert_eq!(p.request_rule(&h).as_deref(), Some("no-deletes-anywhere"));
+}
+
+#[test]
+fn when_conditions_decide_the_operations_they_read() {
+    let p = policy(
+        r#"
+[[rules]]
+id = "etl-only-at-night"
+targets = ["api"]
+when = "workload == 'etl' && uid == 1000"
+action = "deny"
+reason = "etl stays out"
+
+[[rules]]
+id = "no-admin-deletes"
+targets = ["api"]
+when = "http.method == 'DELETE' && http.path.startsWith('/admin/')"
+action = "deny"
+
+[[rules]]
+id = "prod-writes-held"
+targets = ["api"]
+when = "http.headers['x-env'] == 'prod' && http.method != 'GET'"
+action = "approve"
+
+[[rules]]
+id = "broken-at-run-time"
+targets = ["api"]
+when = "http.headers['x-missing'].startsWith('a')"
+action = "deny"
+"#,
+    );
+    let mut r = req("w", "api");
+    r.protocol = Protocol::Http;
+    // A condition on the identity only decides the session.
+    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow);
+    let etl = Request {
+        workload: "etl",
+        ..r.clone()
+    };
+    assert_eq!(p.evaluate(&etl, None).rule_id, "etl-only-at-night");
+    // ... and no request.
+    assert_ne!(
+        p.evaluate(&http(&etl, "GET", "/x"), None).rule_id,
+        "etl-only-at-night"
+    );
+    // Conditions on http.* decide requests, never the session. The last
+    // rule's condition fails on every request without the header: an
+    // error counts as a match for a deny rule (it never opens anything).
+    let d = p.evaluate(&http(&r, "DELETE", "/admin/users/1"), None);
+    assert_eq!(d.rule_id, "no-admin-deletes");
+    let d = p.evaluate(&http(&r, "GET", "/orders"), None);
+    assert_eq!(
+        (d.verdict, d.rule_id.as_str()),
+        (Verdict::Deny, "broken-at-run-time")
+    );
+    assert!(d.reason.contains("could not be evaluated"), "{}", d.reason);
+    let mut headers = hyper::HeaderMap::new();
+    headers.insert("x-env", hyper::header::HeaderValue::from_static("prod"));
+    headers.insert("x-missing", hyper::header::HeaderValue::from_static("b"));
+    let prod = Request {
+        op: Operation::Http(HttpOp {
+            method: "POST",
+            path: "/orders",
+            host: None,
+            headers: Some(&headers),
+        }),
+        ..r.clone()
+    };
+    let d = p.evaluate(&prod, None);
+    assert_eq!(
+        (d.verdict, d.rule_id.as_str()),
+        (Verdict::Approve, "prod-writes-held")
+    );
+    // An allow rule whose condition fails does not match.
+    let allow = policy(
+        "[defaults]\naction = \"deny\"\n[[rules]]\nid = \"a\"\ntargets = [\"api\"]\nwhen = \"http.headers['x'].startsWith('a')\"\naction = \"allow\"\n[[targets]]\nname = \"api\"\ndefault = \"allow\"\nrequest_default = \"deny\"\n",
+    );
+    assert_eq!(
+        allow.evaluate(&http(&r, "GET", "/"), None).rule_id,
+        "request-default:api"
+    );
+    // A rule on requests the handler cannot see yet refuses the session.
+    let mut pg = req("w", "api");
+    pg.protocol = Protocol::Https;
+    assert_eq!(p.request_rule(&pg).as_deref(), Some("no-admin-deletes"));
+}
+
+#[test]
+fn broken_when_conditions_are_policy_errors_at_their_place() {
+    // Line 5, the column of the character the parser stopped at.
+    let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"db\"]\naction = \"deny\"\nwhen = \"http.method == \"\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("/etc/loopgate/policies/p.toml:5:"),
+        "{e:?}"
+    );
+    assert!(e[0].contains("when: unrecognized eof"), "{e:?}");
+    for (when, want) in [
+        ("htp.path == '/'", "unknown name `htp`"),
+        ("http.path", "true or false"),
+        // Panicked 0.9.1's parser: a policy error, not a crash.
+        ("b'{||\\\\b',1", "when:"),
+        ("", "empty"),
+    ] {
+        let e = errors(&format!(
+            "[[rules]]\nid = \"a\"\ntargets = [\"db\"]\naction = \"deny\"\nwhen = \"{when}\"\n"
+        ));
+        assert!(e.iter().any(|x| x.contains(want)), "{when}: {e:?}");
+    }
+    // Request attributes on a protocol that has no requests of that kind.
+    let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"db\"]\nprotocols = [\"postgres\"]\naction = \"deny\"\nwhen = \"http.method == 'GET'\"\n");
+    assert!(
+        e[0].contains("when applies to http, https and kubernetes requests"),
+        "{e:?}"
+    );
+    // A `connect` kind has no request attributes.
+    let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"db\"]\nkinds = [\"connect\"]\naction = \"deny\"\nwhen = \"http.method == 'GET'\"\n");
+    assert!(e[0].contains("a `connect` kind has none"), "{e:?}");
 }

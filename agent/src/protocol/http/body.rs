@@ -23,7 +23,7 @@ use hyper::{
     header::{self, HeaderMap},
 };
 
-use crate::secrets::Masker;
+use crate::{audit::mask::StreamMasker, secrets::Masker};
 
 /// Decoded bytes produced per step (and so the largest data frame).
 pub(crate) const DECODE_CHUNK: usize = 32 * 1024;
@@ -190,7 +190,6 @@ pub(crate) type OnError = Arc<dyn Fn(&BodyError) + Send + Sync>;
 /// them (`TE: trailers` is hop-by-hop).
 pub(crate) struct MaskBody<B = hyper::body::Incoming> {
     inner: B,
-    masker: Arc<dyn Masker>,
     decoder: Option<Decoder>,
     /// Whether a decoder got any input (an empty body, e.g. for HEAD or
     /// 304, is not a truncated stream).
@@ -199,7 +198,8 @@ pub(crate) struct MaskBody<B = hyper::body::Incoming> {
     decoded_all: bool,
     decoded: u64,
     limit: u64,
-    pending: Vec<u8>,
+    /// The stream masker, holding back what could start a stored value.
+    pending: StreamMasker,
     /// The inner body ended.
     inner_done: bool,
     /// Nothing more will be produced (after the end or an error).
@@ -226,13 +226,12 @@ impl<B> MaskBody<B> {
         };
         Self {
             inner,
-            masker,
+            pending: StreamMasker::new(masker),
             decoder,
             fed: false,
             decoded_all: false,
             decoded: 0,
             limit: MAX_DECODED,
-            pending: Vec::new(),
             inner_done: false,
             finished: false,
             masked,
@@ -247,8 +246,7 @@ impl<B> MaskBody<B> {
     }
 
     fn push_plain(&mut self, data: &[u8]) {
-        self.pending.extend_from_slice(data);
-        if self.masker.mask(&mut self.pending) {
+        if self.pending.push(data) {
             if let Some(m) = self.masked.as_ref().and_then(|m| m.lock().ok()).as_mut() {
                 **m = true;
             }
@@ -257,18 +255,11 @@ impl<B> MaskBody<B> {
 
     /// Masked bytes that can go now (all of them once the body is done).
     fn ready(&mut self) -> Option<Bytes> {
-        if self.pending.is_empty() {
-            return None;
-        }
         if self.finished {
-            return Some(Bytes::from(std::mem::take(&mut self.pending)));
+            let rest = self.pending.finish();
+            return (!rest.is_empty()).then(|| Bytes::from(rest));
         }
-        let keep = self.masker.holdback(&self.pending);
-        if self.pending.len() <= keep {
-            return None;
-        }
-        let rest = self.pending.split_off(self.pending.len() - keep);
-        Some(Bytes::from(std::mem::replace(&mut self.pending, rest)))
+        self.pending.ready().map(Bytes::from)
     }
 
     fn fail(&mut self, e: BodyError) -> BodyError {
@@ -375,7 +366,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished && self.pending.is_empty()
+        self.finished && self.pending.held() == 0
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -383,7 +374,7 @@ where
             return SizeHint::default();
         }
         let inner = self.inner.size_hint();
-        let held = self.pending.len() as u64;
+        let held = self.pending.held() as u64;
         let mut h = SizeHint::new();
         h.set_lower(inner.lower() + held);
         if let Some(u) = inner.upper() {

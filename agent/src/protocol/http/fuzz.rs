@@ -6,26 +6,26 @@ use hyper::{header::HeaderMap, Request};
 use crate::config::TargetAddress;
 
 /// Headers that never reach the upstream.
-pub(crate) const HOP_BY_HOP: &[&str] = super::HOP_BY_HOP;
+pub(crate) const HOP_BY_HOP: &[&str] = super::head::HOP_BY_HOP;
 
 pub(crate) fn normalize_path(raw: &str) -> Result<String, &'static str> {
-    super::normalize_path(raw)
+    super::path::normalize_path(raw)
 }
 
 /// Whether the request's `Host` (and absolute-form authority) names `addr`:
 /// the check made before the stored credential is added.
 pub(crate) fn names_target<B>(req: &Request<B>, addr: &TargetAddress) -> Result<(), String> {
-    super::Session::names_target(req, addr)
+    super::head::names_target(req, addr)
 }
 
 pub(crate) fn host_matches(named: &str, addr: &TargetAddress) -> bool {
-    super::host_matches(named, addr)
+    super::head::host_matches(named, addr)
 }
 
 pub(crate) fn bearer(h: &HeaderMap) -> Option<&str> {
-    super::bearer(h)
+    super::head::bearer(h)
 }
 
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    super::strip_hop_by_hop(h)
+    super::head::strip_hop_by_hop(h)
 }

@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
-pub(crate) const SSL_REQUEST: i32 = super::SSL_REQUEST;
-pub(crate) const GSSENC_REQUEST: i32 = super::GSSENC_REQUEST;
-pub(crate) const PROTOCOL_3: i32 = super::PROTOCOL_3;
-pub(crate) const MAX_STARTUP: usize = super::MAX_STARTUP;
+pub(crate) const SSL_REQUEST: i32 = super::wire::SSL_REQUEST;
+pub(crate) const GSSENC_REQUEST: i32 = super::wire::GSSENC_REQUEST;
+pub(crate) const PROTOCOL_3: i32 = super::wire::PROTOCOL_3;
+pub(crate) const MAX_STARTUP: usize = super::wire::MAX_STARTUP;
 
 /// A refusal or protocol error, as the loop would see it (its message; the
 /// SQLSTATE when the agent sends one).
@@ -25,17 +25,17 @@ fn refusal(e: super::StartupError) -> Refusal {
 pub(crate) async fn read_startup(
     c: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> Result<Vec<u8>, Refusal> {
-    super::read_startup(c).await.map_err(refusal)
+    super::wire::read_startup(c).await.map_err(refusal)
 }
 
 /// The loop's PasswordMessage; the password.
 pub(crate) async fn read_password(
     c: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> Result<String, Refusal> {
-    super::read_password(c).await.map_err(refusal)
+    super::wire::read_password(c).await.map_err(refusal)
 }
 
 /// The NUL-terminated key/value pairs of a protocol 3.0 start-up message.
 pub(crate) fn parse_params(b: &[u8]) -> Result<BTreeMap<String, String>, Refusal> {
-    super::parse_params(b).map_err(refusal)
+    super::wire::parse_params(b).map_err(refusal)
 }

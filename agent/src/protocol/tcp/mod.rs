@@ -1,29 +1,27 @@
-//! Raw TCP: splice(2) both ways (zero-copy through a pipe per direction),
-//! count bytes, report how it ended.
+//! Raw TCP (`protocol = "tcp"`, and every protocol without a handler of its
+//! own yet): splice(2) both ways (zero-copy through a pipe per direction),
+//! count bytes, report how it ended. Sessions idle for
+//! `agent.tcp_idle_timeout_secs` are closed.
+//!
+//! [`relay_streams`] and [`relay_io`] are also what other handlers use once
+//! their protocol's start-up is done (PostgreSQL after the login).
 
 use std::{
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{atomic::AtomicU64, Arc},
     time::Duration,
 };
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tokio::{io::Interest, net::TcpStream};
-use uuid::Uuid;
-
-use crate::{
-    audit::{
-        now_micros,
-        rows::{ChunkRow, Record, DIRECTION_DOWN, DIRECTION_UP},
-        AuditSink,
-    },
-    secrets::Masker,
-};
 use tokio_util::sync::CancellationToken;
+
+use super::ProtocolHandler;
+use crate::{
+    audit::capture::{Capture, CaptureStream, Side},
+    kinds::{Outcome, Protocol},
+    session::{Counters, Session},
+};
 
 /// Most bytes moved per splice call, and the pipe size asked for.
 const BUF: usize = 1 << 20;
@@ -32,164 +30,58 @@ const PIPE_SIZE: libc::c_int = 1 << 20;
 const COPY_LIMIT: usize = 256 * 1024;
 const COPY_BUF: usize = 32 * 1024;
 
-/// Payload capture of a session: the first `limit` bytes of each direction
-/// become `chunks` rows, after the masking hook.
-#[derive(Clone)]
-pub struct Capture {
-    pub session_id: Uuid,
-    pub sink: Arc<dyn AuditSink>,
-    pub limit: u64,
-    pub masker: Arc<dyn Masker>,
+/// The raw TCP handler.
+pub struct Tcp {
+    /// Sessions with no bytes either way for this long are closed.
+    pub idle_timeout: Duration,
 }
 
-impl Capture {
-    fn emit(&self, side: Side, seq: u32, offset: u64, ts: i64, data: Vec<u8>, masked: bool) {
-        self.sink.record(Record::Chunk(ChunkRow {
-            session_id: self.session_id,
-            direction: match side {
-                Side::Client => DIRECTION_UP,
-                Side::Upstream => DIRECTION_DOWN,
-            },
-            seq,
-            offset,
-            ts,
-            data,
-            masked: masked as u8,
-        }));
-    }
-}
-
-/// One direction's capture. Masking runs over the bytes not yet recorded,
-/// and the last `max_secret_len - 1` bytes are held back until more arrive
-/// (or the direction ends), so a secret split across two reads is still
-/// masked as a whole. Dropping it records what is held back.
-pub(crate) struct CaptureStream {
-    capture: Capture,
-    side: Side,
-    pending: Vec<u8>,
-    /// Stream offset of `pending[0]`.
-    offset: u64,
-    /// When the bytes in `pending` were read (held-back bytes keep the time
-    /// they arrived, so replay orders them where they belong).
-    pending_ts: i64,
-    seq: u32,
-    masked: bool,
-}
-
-impl CaptureStream {
-    pub(crate) fn new(capture: Capture, side: Side) -> Self {
-        Self {
-            capture,
-            side,
-            pending: Vec::new(),
-            offset: 0,
-            pending_ts: 0,
-            seq: 0,
-            masked: false,
-        }
+#[async_trait::async_trait]
+impl ProtocolHandler for Tcp {
+    fn protocol(&self) -> Protocol {
+        Protocol::Tcp
     }
 
-    pub(crate) fn push(&mut self, bytes: &[u8]) {
-        let now = now_micros();
-        if self.pending.is_empty() {
-            self.pending_ts = now;
-        }
-        self.pending.extend_from_slice(bytes);
-        self.masked |= self.capture.masker.mask(&mut self.pending);
-        let keep = self.capture.masker.max_len().saturating_sub(1);
-        if self.pending.len() > keep {
-            let rest = self.pending.split_off(self.pending.len() - keep);
-            let out = std::mem::replace(&mut self.pending, rest);
-            self.emit(out);
-            self.pending_ts = now;
-        }
-    }
-
-    /// Marks the next recorded chunk as masked (for bytes masked before they
-    /// reached the capture).
-    pub(crate) fn mark_masked(&mut self) {
-        self.masked = true;
-    }
-
-    fn emit(&mut self, data: Vec<u8>) {
-        if data.is_empty() {
-            return;
-        }
-        let n = data.len() as u64;
-        self.capture.emit(
-            self.side,
-            self.seq,
-            self.offset,
-            self.pending_ts,
-            data,
-            std::mem::take(&mut self.masked),
-        );
-        self.offset += n;
-        self.seq += 1;
-    }
-}
-
-impl Drop for CaptureStream {
-    fn drop(&mut self) {
-        let rest = std::mem::take(&mut self.pending);
-        self.emit(rest);
-    }
-}
-
-/// Live byte counters of a session (read by `loopgate status`).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub up: AtomicU64,
-    pub down: AtomicU64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    /// `ok`, `upstream_unreachable`, `client_error`, `upstream_error`,
-    /// `shutdown` (and `revoked`, set by the proxy).
-    pub outcome: &'static str,
-    pub detail: Option<String>,
-}
-
-impl Outcome {
-    pub(crate) fn new(outcome: &'static str, detail: Option<String>) -> Self {
-        Self { outcome, detail }
-    }
-}
-
-/// Connects to `upstream` and relays until both directions are closed, an error
-/// occurs, or `abort` fires (agent shutdown past its grace period).
-pub async fn relay(
-    client: TcpStream,
-    upstream: SocketAddr,
-    connect_timeout: Duration,
-    counters: Arc<Counters>,
-    capture: Option<Capture>,
-    abort: CancellationToken,
-) -> Outcome {
-    match connect(upstream, connect_timeout).await {
-        Ok(server) => relay_streams(client, server, counters, capture, abort).await,
-        Err(o) => o,
-    }
-}
-
-/// Connects to the upstream, within `connect_timeout`.
-pub async fn connect(
-    upstream: SocketAddr,
-    connect_timeout: Duration,
-) -> Result<TcpStream, Outcome> {
-    match tokio::time::timeout(connect_timeout, TcpStream::connect(upstream)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(Outcome::new(
-            "upstream_unreachable",
-            Some(format!("connect {upstream}: {e}")),
-        )),
-        Err(_) => Err(Outcome::new(
-            "upstream_unreachable",
-            Some(format!(
-                "connect {upstream}: timed out after {connect_timeout:?}"
+    async fn serve(&self, s: Arc<Session>, client: TcpStream) -> Outcome {
+        let relay = async {
+            match s.connect_upstream().await {
+                Ok(server) => {
+                    relay_streams(
+                        client,
+                        server,
+                        s.counters().clone(),
+                        s.capture(),
+                        s.closed().clone(),
+                    )
+                    .await
+                }
+                Err(o) => o,
+            }
+        };
+        tokio::select! {
+            out = relay => out,
+            idle = idle_for(s.counters(), self.idle_timeout) => Outcome::IdleTimeout(format!(
+                "no bytes either way for {} s (agent.tcp_idle_timeout_secs)",
+                idle.as_secs()
             )),
-        )),
+        }
+    }
+}
+
+/// Resolves once the session's byte counters have not moved for `limit`.
+async fn idle_for(counters: &Counters, limit: Duration) -> Duration {
+    let step = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let mut last = counters.total();
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(step).await;
+        let now = counters.total();
+        if now != last {
+            last = now;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= limit {
+            return limit;
+        }
     }
 }
 
@@ -261,18 +153,18 @@ async fn both_ways(
         tokio::select! {
             r = &mut up, if !up_done => match r {
                 Ok(()) => up_done = true,
-                Err(e) => return Outcome::new(e.outcome(), Some(e.to_string())),
+                Err(e) => return e.outcome(),
             },
             r = &mut down, if !down_done => match r {
                 Ok(()) => down_done = true,
-                Err(e) => return Outcome::new(e.outcome(), Some(e.to_string())),
+                Err(e) => return e.outcome(),
             },
             _ = abort.cancelled() => {
-                return Outcome::new("shutdown", Some("closed by agent shutdown".into()))
+                return Outcome::Shutdown
             }
         }
     }
-    Outcome::new("ok", None)
+    Outcome::ok()
 }
 
 /// One direction of [`relay_io`]; on EOF it shuts the other side's writing half.
@@ -311,27 +203,12 @@ where
             op: "writing to",
             err,
         })?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         if let Some(c) = cap.as_mut() {
             if seen < limit {
                 c.push(&buf[..n.min((limit - seen) as usize)]);
             }
             seen += n as u64;
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Side {
-    Client,
-    Upstream,
-}
-
-impl Side {
-    fn name(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Upstream => "upstream",
         }
     }
 }
@@ -345,10 +222,10 @@ struct PumpError {
 }
 
 impl PumpError {
-    fn outcome(&self) -> &'static str {
+    fn outcome(&self) -> Outcome {
         match self.side {
-            Side::Client => "client_error",
-            Side::Upstream => "upstream_error",
+            Side::Client => Outcome::ClientError(self.to_string()),
+            Side::Upstream => Outcome::UpstreamError(self.to_string()),
         }
     }
 }
@@ -447,7 +324,7 @@ async fn pump(
                 Err(e) => return Err(fail(other, "writing to", e)),
             }
         }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         if let Some(c) = cap.as_mut() {
             if copied < capture_limit {
                 c.push(&buf[..n.min(capture_limit - copied)]);
@@ -490,7 +367,7 @@ async fn pump(
                 Err(e) => return Err(fail(other, "writing to", e)),
             }
         }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
     half_close(to);
     Ok(())
@@ -505,6 +382,7 @@ fn half_close(to: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::{net::SocketAddr, sync::atomic::Ordering};
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -521,7 +399,10 @@ mod tests {
         let c = counters.clone();
         let task = tokio::spawn(async move {
             let (sock, _) = front.accept().await.unwrap();
-            relay(sock, upstream, Duration::from_secs(2), c, None, abort).await
+            match crate::session::connect(upstream, Duration::from_secs(2)).await {
+                Ok(server) => relay_streams(sock, server, c, None, abort).await,
+                Err(o) => o,
+            }
         });
         (TcpStream::connect(addr).await.unwrap(), task, counters)
     }
@@ -554,53 +435,9 @@ mod tests {
         assert!(answer[8..].iter().all(|&b| b == 9));
         assert_eq!(srv.await.unwrap(), payload.len());
         let out = task.await.unwrap();
-        assert_eq!(out.outcome, "ok", "{out:?}");
+        assert_eq!(out, Outcome::ok());
         assert_eq!(counters.up.load(Ordering::Relaxed), payload.len() as u64);
         assert_eq!(counters.down.load(Ordering::Relaxed), 8 + (3 << 20));
-    }
-
-    struct Collect(std::sync::Mutex<Vec<ChunkRow>>);
-    impl AuditSink for Collect {
-        fn record(&self, rec: Record) {
-            if let Record::Chunk(c) = rec {
-                self.0.lock().unwrap().push(c);
-            }
-        }
-        fn stats(&self) -> crate::audit::SinkStats {
-            Default::default()
-        }
-    }
-
-    #[test]
-    fn a_secret_split_across_reads_is_masked() {
-        let sink = Arc::new(Collect(Default::default()));
-        let cap = Capture {
-            session_id: Uuid::nil(),
-            sink: sink.clone(),
-            limit: 1 << 20,
-            masker: Arc::new(crate::secrets::SecretMasker::new(&[
-                crate::secrets::Secret::for_tests("hunter2-db-pass"),
-            ])),
-        };
-        {
-            let mut s = CaptureStream::new(cap.clone(), Side::Client);
-            s.push(b"user=app password=hunt");
-            s.push(b"er2-db-pass; more bytes after the secret");
-        }
-        let chunks = sink.0.lock().unwrap();
-        let all: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
-        let text = String::from_utf8(all).unwrap();
-        assert_eq!(
-            text,
-            "user=app password=***************; more bytes after the secret"
-        );
-        // Offsets and sequence numbers stay contiguous.
-        let mut off = 0;
-        for (i, c) in chunks.iter().enumerate() {
-            assert_eq!((c.seq as usize, c.offset), (i, off));
-            off += c.data.len() as u64;
-        }
-        assert!(chunks.iter().any(|c| c.masked == 1));
     }
 
     #[tokio::test]
@@ -611,8 +448,8 @@ mod tests {
         drop(l);
         let (mut client, task, _) = relayed(dead, CancellationToken::new()).await;
         let out = task.await.unwrap();
-        assert_eq!(out.outcome, "upstream_unreachable");
-        assert!(out.detail.unwrap().contains(&dead.to_string()));
+        assert_eq!(out.as_str(), "upstream_unreachable");
+        assert!(out.detail().contains(&dead.to_string()));
         let mut buf = [0u8; 1];
         assert_eq!(client.read(&mut buf).await.unwrap_or(0), 0);
     }
@@ -634,6 +471,6 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(out.outcome, "shutdown");
+        assert_eq!(out, Outcome::Shutdown);
     }
 }

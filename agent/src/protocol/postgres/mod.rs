@@ -1,0 +1,415 @@
+//! PostgreSQL targets (`protocol = "postgres"`): the agent answers the loop's
+//! start-up itself and logs in upstream with the stored credential, so the
+//! loop never needs (or sees) the database password.
+//!
+//! 1. `SSLRequest`/`GSSENCRequest` are declined (`N`): the loop's leg is
+//!    loopback to the agent. A `CancelRequest` is decided first, like a
+//!    session: the connect decision was made before the handler ran, and a
+//!    workload that requires a JWT is refused (a cancel carries no token).
+//!    Only then is it passed to the upstream (the loop holds the upstream's
+//!    real `BackendKeyData`).
+//! 2. When the workload requires the JWT second factor, the agent asks the
+//!    loop for a cleartext password and takes the JWT from it (`PGPASSWORD`
+//!    / `password=`), verifies it and makes the session decision with its
+//!    subject. Otherwise the loop is not asked for a password at all: the
+//!    kernel-attested identity was decided at connect.
+//! 3. Upstream, the start-up parameters are sent with the stored `username`
+//!    (when set) and the server's password challenge is answered with the
+//!    stored password: SCRAM-SHA-256, MD5 or cleartext (postgres-protocol).
+//! 4. The loop gets `AuthenticationOk`, and from then on the session is
+//!    relayed and captured like raw TCP (statement-level policy belongs to a
+//!    later handler stage).
+//!
+//! Refusals are `ErrorResponse` messages (SQLSTATE 28000 / 28P01 / 08006), so
+//! psql and drivers print them as they would a server's.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::{tcp, ProtocolHandler};
+use crate::{
+    kinds::{EventKind, OpKind, Outcome, Protocol, Refusal},
+    secrets::StoredCredential,
+    session::{Attempt, Counters, Event, SecondFactorError, Session},
+};
+
+/// A loop has this long to finish its start-up.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The upstream has this long to complete the login.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+mod login;
+mod wire;
+
+use wire::{
+    auth_request, error_response, parse_params, read_password, read_startup, CANCEL_REQUEST,
+    GSSENC_REQUEST, PROTOCOL_3, SSL_REQUEST,
+};
+
+/// A read from the loop during start-up, within `STARTUP_TIMEOUT` (an
+/// approval wait is not part of it).
+async fn loop_read<T>(
+    f: impl std::future::Future<Output = Result<T, StartupError>>,
+) -> Result<T, StartupError> {
+    tokio::time::timeout(STARTUP_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StartupError::Client(format!(
+                "the loop did not finish its start-up within {STARTUP_TIMEOUT:?}"
+            )))
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartupError {
+    /// Refused for the loop (SQLSTATE, message sent to it).
+    #[error("{message}")]
+    Refused {
+        sqlstate: &'static str,
+        message: String,
+        /// `Outcome::Denied` or `Outcome::ClientError`.
+        outcome: fn(String) -> Outcome,
+    },
+    /// The loop broke the protocol or went away.
+    #[error("{0}")]
+    Client(String),
+    /// The upstream failed; `raw` is its ErrorResponse, passed to the loop.
+    #[error("{detail}")]
+    Upstream {
+        outcome: fn(String) -> Outcome,
+        detail: String,
+        raw: Option<Vec<u8>>,
+    },
+}
+
+/// The agent's connection to the server: plain (relayed with splice) or TLS.
+enum ServerConn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// The PostgreSQL handler.
+pub struct Postgres;
+
+#[async_trait::async_trait]
+impl ProtocolHandler for Postgres {
+    fn protocol(&self) -> Protocol {
+        Protocol::Postgres
+    }
+
+    fn carries_second_factor(&self) -> bool {
+        true
+    }
+
+    fn sends_credential(&self) -> bool {
+        true
+    }
+
+    async fn serve(&self, session: Arc<Session>, client: TcpStream) -> Outcome {
+        let conn = Conn {
+            credential: session.credential().cloned().unwrap_or_default(),
+            s: session,
+        };
+        serve(conn, client).await
+    }
+}
+
+/// One loop connection to a PostgreSQL target.
+struct Conn {
+    s: Arc<Session>,
+    credential: StoredCredential,
+}
+
+async fn serve(s: Conn, mut client: TcpStream) -> Outcome {
+    let _ = client.set_nodelay(true);
+    let abort = s.s.closed().clone();
+    let counters = s.s.counters().clone();
+    let started = tokio::select! {
+        r = s.start(&mut client, &counters) => r,
+        _ = abort.cancelled() => return Outcome::Shutdown,
+    };
+    let server = match started {
+        Ok(Some(server)) => server,
+        // A cancel request, relayed.
+        Ok(None) => return Outcome::Ok(Some("cancel request relayed".into())),
+        Err(e) => {
+            let out = match &e {
+                StartupError::Refused {
+                    sqlstate,
+                    message,
+                    outcome,
+                } => {
+                    let _ = client.write_all(&error_response(sqlstate, message)).await;
+                    outcome(message.clone())
+                }
+                StartupError::Client(d) => Outcome::ClientError(d.clone()),
+                StartupError::Upstream {
+                    outcome,
+                    detail,
+                    raw,
+                } => {
+                    let msg = match raw {
+                        Some(raw) => raw.clone(),
+                        None => error_response("08006", &format!("loopgate: {detail}")),
+                    };
+                    let _ = client.write_all(&msg).await;
+                    outcome(detail.clone())
+                }
+            };
+            let _ = client.shutdown().await;
+            return out;
+        }
+    };
+    let capture = s.s.capture();
+    match server {
+        ServerConn::Plain(server) => {
+            tcp::relay_streams(client, server, counters, capture, abort).await
+        }
+        ServerConn::Tls(server) => tcp::relay_io(client, *server, counters, capture, abort).await,
+    }
+}
+
+impl Conn {
+    /// The start-up phase. `Ok(None)`: a cancel request was relayed.
+    async fn start(
+        &self,
+        client: &mut TcpStream,
+        counters: &Counters,
+    ) -> Result<Option<ServerConn>, StartupError> {
+        let params = loop {
+            let body = loop_read(read_startup(client)).await?;
+            let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+            match code {
+                SSL_REQUEST | GSSENC_REQUEST => {
+                    client.write_all(b"N").await.map_err(client_io)?;
+                }
+                CANCEL_REQUEST => {
+                    // code + backend pid + secret key
+                    if body.len() != 12 {
+                        return Err(StartupError::Client(format!(
+                            "a cancel request of {} bytes (want 16)",
+                            body.len() + 4
+                        )));
+                    }
+                    let pid = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                    let text = format!("cancel backend {pid}");
+                    let attrs = vec![("backend_pid".into(), pid.to_string())];
+                    // Decided before anything reaches the server. Without a
+                    // token there is no identity to decide a JWT workload on.
+                    if let Some(wl) = self.s.second_factor_selector() {
+                        let r = Refusal::new(
+                            format!("jwt-required:{wl}"),
+                            format!(
+                                "workload {wl} requires a JWT second factor, and a cancel request carries none"
+                            ),
+                        );
+                        self.s.refuse(EventKind::Cancel, &text, &r, attrs);
+                        return Err(StartupError::Refused {
+                            sqlstate: "28000",
+                            message: format!("loopgate: cancel request refused: {}", r.reason),
+                            outcome: Outcome::Denied,
+                        });
+                    }
+                    // The connect decision allowed this workload (a refused
+                    // one never reaches the handler); the key is the
+                    // server's secret for that backend, so the loop can only
+                    // cancel a query of a session it holds.
+                    self.s.record(
+                        Event::note(
+                            EventKind::Cancel,
+                            text,
+                            "allowed at connect; cancel requests carry the backend's secret key",
+                        )
+                        .with_attrs(attrs),
+                    );
+                    let mut up = self.s.connect_upstream().await?;
+                    let mut msg = Vec::with_capacity(16);
+                    msg.extend_from_slice(&16i32.to_be_bytes());
+                    msg.extend_from_slice(&body);
+                    up.write_all(&msg).await.map_err(up_io)?;
+                    return Ok(None);
+                }
+                PROTOCOL_3 => break parse_params(&body[4..])?,
+                v => {
+                    return Err(StartupError::Refused {
+                        sqlstate: "0A000",
+                        message: format!(
+                            "loopgate: unsupported frontend protocol {}.{}",
+                            v >> 16,
+                            v & 0xffff
+                        ),
+                        outcome: Outcome::ClientError,
+                    })
+                }
+            }
+        };
+        let Some(loop_user) = params.get("user").cloned() else {
+            return Err(StartupError::Refused {
+                sqlstate: "28000",
+                message: "loopgate: the start-up message names no user".into(),
+                outcome: Outcome::ClientError,
+            });
+        };
+        // A replication connection speaks another protocol (BASE_BACKUP
+        // copies every file), and `_pq_.` options are protocol extensions
+        // loopgate does not negotiate.
+        if let Some(r) = params.get("replication") {
+            if !matches!(
+                r.to_ascii_lowercase().as_str(),
+                "false" | "0" | "off" | "no"
+            ) {
+                return Err(StartupError::Refused {
+                    sqlstate: "28000",
+                    message: "loopgate: replication connections are not allowed".into(),
+                    outcome: Outcome::Denied,
+                });
+            }
+        }
+        if let Some(k) = params.keys().find(|k| k.starts_with("_pq_.")) {
+            return Err(StartupError::Refused {
+                sqlstate: "0A000",
+                message: format!("loopgate: protocol option {k} is not supported"),
+                outcome: Outcome::ClientError,
+            });
+        }
+        let database = params
+            .get("database")
+            .cloned()
+            .unwrap_or_else(|| loop_user.clone());
+
+        // The second factor, and the session decision made with it.
+        if self.s.requires_second_factor() {
+            client
+                .write_all(&auth_request(3, &[]))
+                .await
+                .map_err(client_io)?;
+            let token = loop_read(read_password(client)).await?;
+            let connect = format!("connect {} as {loop_user}", self.s.row().destination);
+            let attempt = Attempt {
+                kind: EventKind::Op(OpKind::Connect),
+                text: connect.clone(),
+                attrs: vec![("user".into(), loop_user.clone())],
+                how: "send it as the password",
+                connect,
+            };
+            match self.s.second_factor(Some(&token), &attempt).await {
+                Ok(_) => {}
+                Err(SecondFactorError::Invalid(r)) => {
+                    return Err(StartupError::Refused {
+                        sqlstate: "28P01",
+                        message: format!(
+                            "loopgate: the JWT second factor was refused: {}",
+                            r.reason
+                        ),
+                        outcome: Outcome::Denied,
+                    })
+                }
+                Err(SecondFactorError::Refused(r) | SecondFactorError::SubjectChanged(r)) => {
+                    return Err(StartupError::Refused {
+                        sqlstate: "28000",
+                        message: format!(
+                            "loopgate: refused by policy (rule {}): {}",
+                            r.rule_id, r.reason
+                        ),
+                        outcome: Outcome::Denied,
+                    })
+                }
+            }
+        }
+
+        // Upstream, with the stored credential.
+        let login = async {
+            let tcp = self.s.connect_upstream().await?;
+            let _ = tcp.set_nodelay(true);
+            let mut server = match &self.credential.tls {
+                Some(tls) => ServerConn::Tls(Box::new(self.tls(tcp, tls.clone()).await?)),
+                None => ServerConn::Plain(tcp),
+            };
+            let user = self
+                .credential
+                .username
+                .clone()
+                .unwrap_or(loop_user.clone());
+            let mut up_params: Vec<(&str, &str)> = params
+                .iter()
+                .filter(|(k, _)| *k != "user")
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            up_params.push(("user", &user));
+            let mut buf = BytesMut::new();
+            frontend::startup_message(up_params, &mut buf)
+                .map_err(|e| StartupError::Client(e.to_string()))?;
+            let leftover = match &mut server {
+                ServerConn::Plain(s) => self.upstream_login(s, &buf, &user).await?,
+                ServerConn::Tls(s) => self.upstream_login(s.as_mut(), &buf, &user).await?,
+            };
+            Ok::<_, StartupError>((server, user, leftover))
+        };
+        let (server, user, leftover) =
+            tokio::time::timeout(LOGIN_TIMEOUT, login)
+                .await
+                .map_err(|_| StartupError::Upstream {
+                    outcome: Outcome::UpstreamError,
+                    detail: format!(
+                        "the server did not complete the login within {LOGIN_TIMEOUT:?}"
+                    ),
+                    raw: None,
+                })??;
+        self.s.record(
+            Event::note(
+                EventKind::Login,
+                format!("login to {database} as {user}"),
+                "logged in upstream with the stored credential",
+            )
+            .with_attrs(vec![
+                ("database".into(), database),
+                ("user".into(), user),
+                ("loop_user".into(), loop_user),
+            ]),
+        );
+
+        // The loop is in: AuthenticationOk, then whatever the server sent
+        // after its own (ParameterStatus, BackendKeyData, ReadyForQuery).
+        let mut ok = auth_request(0, &[]);
+        ok.extend_from_slice(&leftover);
+        client.write_all(&ok).await.map_err(client_io)?;
+        counters
+            .down
+            .fetch_add(ok.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(server))
+    }
+}
+
+/// The upstream could not be reached.
+impl From<Outcome> for StartupError {
+    fn from(o: Outcome) -> Self {
+        let outcome: fn(String) -> Outcome = match o {
+            Outcome::UpstreamUnreachable(_) => Outcome::UpstreamUnreachable,
+            _ => Outcome::UpstreamError,
+        };
+        StartupError::Upstream {
+            outcome,
+            detail: o.detail().to_owned(),
+            raw: None,
+        }
+    }
+}
+
+fn client_io(e: std::io::Error) -> StartupError {
+    StartupError::Client(format!("the loop's connection failed during start-up: {e}"))
+}
+
+fn up_io(e: std::io::Error) -> StartupError {
+    StartupError::Upstream {
+        outcome: Outcome::UpstreamError,
+        detail: format!("the server connection failed during authentication: {e}"),
+        raw: None,
+    }
+}
+
+/// The private functions above, for `crate::fuzzing`.
+#[doc(hidden)]
+pub(crate) mod fuzz;
