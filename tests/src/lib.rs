@@ -35,7 +35,7 @@ pub use servers::{
     clickhouse::{chdb_python, sql_blocks, ClickHouse},
     echo::{direct_roundtrip, EchoServer},
     free_port,
-    http::{gzip, zlib, HttpServer, RawHttpServer},
+    http::{gzip, webhook_receiver, zlib, HttpServer, RawHttpServer},
     postgres::PgServer,
 };
 pub use util::{playwright_core, set_mode, stderr, stdout};

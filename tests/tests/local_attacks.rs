@@ -671,53 +671,6 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
     assert!(!log.contains(token), "the token must never be logged");
 }
 
-/// A webhook receiver on loopback that keeps every body and answers 200.
-fn webhook_receiver(ip: &str) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::Read;
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let b = bodies.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let body = loop {
-                let n = s.read(&mut chunk).unwrap_or(0);
-                if n == 0 {
-                    break None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).into_owned();
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let len: usize = text[..end]
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().ok())?
-                        })
-                        .unwrap_or(0);
-                    if buf.len() >= end + 4 + len {
-                        break Some(
-                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
-                        );
-                    }
-                }
-            };
-            if let Some(body) = body {
-                b.lock().unwrap().push(body);
-            }
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-    });
-    (format!("http://{addr}/hooks/l-test"), bodies)
-}
-
 /// A PostgreSQL start-up as a loop writes it: any user name it likes, then
 /// the JWT (from `$LG_JWT`, passed with `exec --env`) as the password; then it
 /// waits while the agent holds the session.
@@ -743,7 +696,7 @@ fn loop_text_in_webhooks_cannot_mention_or_link_in_slack() {
     let idp = Idp::new(dir.path());
     let pw = dir.path().join("db.pw");
     std::fs::write(&pw, "l-stored-pw-never-used\n").unwrap();
-    let (url, bodies) = webhook_receiver("127.10.9.4");
+    let (url, bodies) = webhook_receiver("127.10.9.4", "/hooks/l-test", 0);
     let policy = format!(
         r#"
 [[workloads]]

@@ -512,67 +512,10 @@ fn approval_page_and_metrics_on_the_admin_port() {
     assert!(m.contains("loopgate_spool_pending_bytes 0"), "{m}");
 }
 
-/// A webhook receiver on loopback: answers 500 to the first POST, 200 after,
-/// and keeps every body.
-fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::Read;
-    let l = std::net::TcpListener::bind("127.10.3.20:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let b = bodies.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // Headers, then Content-Length bytes of body.
-            let body = loop {
-                let n = s.read(&mut chunk).unwrap_or(0);
-                if n == 0 {
-                    break None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).into_owned();
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let len: usize = text[..end]
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().ok())?
-                        })
-                        .unwrap_or(0);
-                    if buf.len() >= end + 4 + len {
-                        break Some(
-                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
-                        );
-                    }
-                }
-            };
-            let Some(body) = body else { continue };
-            let first = {
-                let mut v = b.lock().unwrap();
-                v.push(body);
-                v.len() == 1
-            };
-            let status = if first {
-                "500 Internal Server Error"
-            } else {
-                "200 OK"
-            };
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-    });
-    (format!("http://{addr}/hooks/T000/B000/secret-path"), bodies)
-}
-
 #[test]
 fn held_requests_are_announced_to_webhooks_with_retries() {
     let echo = EchoServer::start("127.10.3.7");
-    let (url, bodies) = webhook_receiver();
+    let (url, bodies) = webhook_receiver("127.10.3.20", "/hooks/T000/B000/secret-path", 1);
     let agent = Agent::start(
         AgentSpec::new("polhook")
             .target("db", &echo.addr.to_string(), "tcp")
