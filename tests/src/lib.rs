@@ -15,9 +15,11 @@
 //! | [`agent`] | [`Agent`] (start, CLI, sessions, tagged loops), [`AgentSpec`] (the config it writes), cgroups |
 //! | [`servers`] | one module each: [`EchoServer`], [`HttpServer`]/[`RawHttpServer`], [`PgServer`], [`ClickHouse`] |
 //! | [`idp`] | [`Idp`]: the JWT/JWKS test issuer |
+//! | [`curl`] | [`curl()`] and [`Agent::curl`]: the one curl runner |
 //! | [`util`] | output text, file modes, dev-cache tools |
 
 pub mod agent;
+pub mod curl;
 pub mod idp;
 pub mod servers;
 pub mod util;
@@ -29,6 +31,7 @@ pub use agent::{
     spec::{free_privileged_port, AgentSpec},
     Agent,
 };
+pub use curl::curl;
 pub use idp::{Idp, ISSUER};
 pub use serde_json::Value;
 pub use servers::{

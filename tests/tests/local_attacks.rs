@@ -529,18 +529,6 @@ fn exec_from_a_terminal_gives_the_loop_its_own_session_and_pty() {
     assert!(text.contains("CALLER tty restored"), "{text}");
 }
 
-/// curl: (status code, body).
-fn curl(args: &[&str]) -> (String, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("run curl");
-    let text = stdout(&out);
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.to_owned(), body.to_owned())
-}
-
 #[test]
 fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_host() {
     let echo = EchoServer::start("127.10.9.3");
@@ -570,9 +558,9 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
     let jar = dir.path().join("cookies");
     let jar = jar.to_str().unwrap();
     let (code, _) = curl(&["-c", jar, &format!("{base}/approvals?token={token}")]);
-    assert_eq!(code, "303");
+    assert_eq!(code, 303);
     let (code, page) = curl(&["-b", jar, &format!("{base}/approvals")]);
-    assert_eq!(code, "200");
+    assert_eq!(code, 200);
     // (Before the fix the page had no token: the attacks below then carry none.)
     let csrf = page
         .split("name=\"csrf\" value=\"")
@@ -594,7 +582,7 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         &form,
         &approve,
     ]);
-    assert_eq!(code, "403", "cross-origin decision");
+    assert_eq!(code, 403, "cross-origin decision");
     let (code, _) = curl(&[
         "-b",
         jar,
@@ -604,7 +592,7 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         &form,
         &approve,
     ]);
-    assert_eq!(code, "403", "another local origin");
+    assert_eq!(code, 403, "another local origin");
     let (code, _) = curl(&[
         "-b",
         jar,
@@ -614,13 +602,13 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         &form,
         &approve,
     ]);
-    assert_eq!(code, "403", "cross-origin Referer, no Origin");
+    assert_eq!(code, 403, "cross-origin Referer, no Origin");
     let (code, _) = curl(&["-b", jar, "-d", &form, &approve]);
-    assert_eq!(code, "403", "neither Origin nor Referer");
+    assert_eq!(code, 403, "neither Origin nor Referer");
     // From the page's origin, but without (or with a wrong) token.
     let origin = format!("Origin: {base}");
     let (code, _) = curl(&["-b", jar, "-H", &origin, "-d", "reason=no-token", &approve]);
-    assert_eq!(code, "403", "no CSRF token");
+    assert_eq!(code, 403, "no CSRF token");
     let (code, _) = curl(&[
         "-b",
         jar,
@@ -630,29 +618,29 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         "reason=x&csrf=AAAA",
         &approve,
     ]);
-    assert_eq!(code, "403", "wrong CSRF token");
+    assert_eq!(code, 403, "wrong CSRF token");
     assert_eq!(pending(&agent).len(), 1, "nothing may have been decided");
     assert_eq!(echo.accepted(), 0);
 
     // DNS rebinding: a name of the attacker's resolving to 127.0.0.1.
     let (code, body) = curl(&["-H", "Host: evil.example", &format!("{base}/metrics")]);
-    assert_eq!(code, "421", "metrics for another Host");
+    assert_eq!(code, 421, "metrics for another Host");
     assert!(!body.contains("loopgate_"), "{body}");
     let (code, _) = curl(&[
         "-H",
         &format!("Host: evil.example:{port}"),
         &format!("{base}/approvals"),
     ]);
-    assert_eq!(code, "421", "the page for another Host");
+    assert_eq!(code, 421, "the page for another Host");
     let (code, body) = curl(&[&format!("{base}/metrics")]);
-    assert_eq!(code, "200");
+    assert_eq!(code, 200);
     assert!(body.contains("loopgate_decisions_total"), "{body}");
     let (code, _) = curl(&[
         "-H",
         &format!("Host: localhost:{port}"),
         &format!("{base}/metrics"),
     ]);
-    assert_eq!(code, "200", "localhost names the listener too");
+    assert_eq!(code, 200, "localhost names the listener too");
 
     // The page itself decides.
     let (code, _) = curl(&[
@@ -664,7 +652,7 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         &format!("reason=ok&csrf={csrf}"),
         &approve,
     ]);
-    assert_eq!(code, "303");
+    assert_eq!(code, 303);
     assert_eq!(l.answer(), "ok");
     let log = agent.log();
     assert!(log.contains("cross-origin decision refused"), "{log}");

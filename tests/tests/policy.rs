@@ -413,15 +413,6 @@ fn policy_check_reports_every_error_with_its_position() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-fn curl(args: &[&str]) -> String {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "-m", "10"])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn approval_page_and_metrics_on_the_admin_port() {
     let echo = EchoServer::start("127.10.3.6");
@@ -449,7 +440,7 @@ fn approval_page_and_metrics_on_the_admin_port() {
     let id = wait_pending_id(&agent);
 
     // No token, a wrong token: refused.
-    let code = |args: &[&str]| curl(&[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
+    let code = |args: &[&str]| curl(args).0.to_string();
     assert_eq!(code(&[&format!("{base}/approvals")]), "401");
     assert_eq!(code(&[&format!("{base}/approvals?token=wrong")]), "401");
     assert_eq!(
@@ -463,7 +454,7 @@ fn approval_page_and_metrics_on_the_admin_port() {
         code(&["-c", jar, &format!("{base}/approvals?token={token}")]),
         "303"
     );
-    let page = curl(&["-b", jar, &format!("{base}/approvals")]);
+    let page = curl(&["-b", jar, &format!("{base}/approvals")]).1;
     assert!(page.contains("Signed in as <b>alice</b>"), "{page}");
     assert!(page.contains(&format!("id=\"approve-{id}\"")), "{page}");
     assert!(page.contains("connect 127.10.3.6"), "{page}");
@@ -486,13 +477,15 @@ fn approval_page_and_metrics_on_the_admin_port() {
         "303"
     );
     assert_eq!(l.answer(), "ok");
-    assert!(curl(&["-b", jar, &format!("{base}/approvals")]).contains("Nothing is waiting"));
+    assert!(curl(&["-b", jar, &format!("{base}/approvals")])
+        .1
+        .contains("Nothing is waiting"));
     assert!(
         !agent.log().contains(token),
         "the token must never be logged"
     );
 
-    let m = curl(&[&format!("{base}/metrics")]);
+    let m = curl(&[&format!("{base}/metrics")]).1;
     assert!(
         m.contains("loopgate_sessions_total{protocol=\"tcp\",workload=\"ops\"} 1"),
         "{m}"

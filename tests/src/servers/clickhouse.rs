@@ -1,10 +1,9 @@
 //! [`ClickHouse`]: a real ClickHouse server (Debian's 18.16) for the audit,
-//! queried over HTTP with curl; the chdb python for the modern dialect.
+//! queried over HTTP with [`curl`]; the chdb python for the modern dialect.
 
 use std::{
-    io::Write,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -12,6 +11,7 @@ use std::{
 use super::free_port;
 use crate::{
     agent::spec::AgentSpec,
+    curl::curl,
     util::{in_dev_cache, must_exist},
 };
 
@@ -119,42 +119,26 @@ impl ClickHouse {
         }
     }
 
-    /// POSTs `sql` with curl; `out` receives the raw answer when given.
-    fn curl(&self, sql: &str, out: Option<&Path>) -> Output {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--fail-with-body", "--data-binary", "@-"]);
-        if let Some(p) = out {
-            cmd.arg("-o").arg(p);
+    /// POSTs `sql` with [`curl`]; `out` receives the raw answer when given.
+    /// Returns the HTTP status (0: no answer) and the answer.
+    fn post(&self, sql: &str, out: Option<&Path>) -> (u16, String) {
+        assert!(!sql.starts_with('@'), "curl would read {sql} as a file");
+        let url = format!("{}/?output_format_json_quote_64bit_integers=0", self.url());
+        let out = out.map(|p| p.display().to_string());
+        // No time limit of its own before (a slow query is not a failure).
+        let mut args = vec!["-m", "600", "--data-binary", sql];
+        if let Some(p) = &out {
+            args.extend(["-o", p.as_str()]);
         }
-        let mut child = cmd
-            .arg(format!(
-                "{}/?output_format_json_quote_64bit_integers=0",
-                self.url()
-            ))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("curl");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(sql.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        args.push(&url);
+        curl(&args)
     }
 
     pub fn try_query(&self, sql: &str) -> Result<String, String> {
-        let out = self.curl(sql, None);
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
+        match self.post(sql, None) {
+            (200..=399, body) => Ok(body),
+            (0, _) => Err(format!("no answer from {}", self.url())),
+            (code, body) => Err(format!("HTTP {code}: {body}")),
         }
     }
 
@@ -189,11 +173,10 @@ impl ClickHouse {
 
     /// Runs a query and writes its raw output to `path`.
     pub fn query_to_file(&self, sql: &str, path: &Path) {
-        let out = self.curl(sql, Some(path));
+        let (code, body) = self.post(sql, Some(path));
         assert!(
-            out.status.success(),
-            "export failed: {sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            (200..=399).contains(&code),
+            "export failed: {sql}: HTTP {code} {body}"
         );
     }
 }
