@@ -12,7 +12,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`agent`] | [`Agent`] (start, CLI, sessions, tagged loops), [`AgentSpec`] (the config it writes), cgroups |
+//! | [`agent`] | [`Agent`] (start, CLI, sessions, approvals, tagged loops), [`AgentSpec`] (the config it writes), [`Loop`], cgroups |
 //! | [`servers`] | one module each: [`EchoServer`], [`HttpServer`]/[`RawHttpServer`], [`PgServer`], [`ClickHouse`] |
 //! | [`idp`] | [`Idp`]: the JWT/JWKS test issuer |
 //! | [`curl`] | [`curl()`] and [`Agent::curl`]: the one curl runner |
@@ -27,7 +27,9 @@ pub mod util;
 pub use agent::{
     agent_files_contain,
     cgroup::{cgroup2_mount, remove_cgroup_tree},
-    loopgate_bin, require_root,
+    loopgate_bin,
+    loops::Loop,
+    require_root,
     spec::{free_privileged_port, AgentSpec},
     Agent,
 };

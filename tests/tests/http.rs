@@ -14,23 +14,6 @@ fn spawn_curl(agent: &Agent, urls: &[&str]) -> std::process::Child {
     agent.spawn_exec("stock-bot", &args)
 }
 
-/// The first request held for approval, once there is one.
-fn wait_held(agent: &Agent) -> Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let out = agent.cli(&["approvals", "list", "--json"]);
-        if let Some(l) = stdout(&out).lines().next() {
-            return serde_json::from_str(l).unwrap();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nothing held for approval:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 fn secrets_dir() -> tempfile::TempDir {
     let d = tempfile::Builder::new()
         .prefix("lgt-http-secrets-")
@@ -262,7 +245,7 @@ grant = "session"
 
     // Held for approval, then approved by alice: the request completes.
     let child = spawn_curl(&agent, &[&format!("{base}/admin/reindex")]);
-    let held = wait_held(&agent);
+    let held = agent.wait_approval();
     assert_eq!(held["rule_id"], "admin-needs-a-human");
     assert_eq!(held["request"], "GET /admin/reindex");
     let id = held["approval_id"].as_str().unwrap().to_owned();
@@ -284,7 +267,7 @@ grant = "session"
         &agent,
         &[&format!("{base}/reports/q1"), &format!("{base}/reports/q2")],
     );
-    let held = wait_held(&agent);
+    let held = agent.wait_approval();
     assert_eq!(held["request"], "GET /reports/q1");
     let id = held["approval_id"].as_str().unwrap().to_owned();
     assert!(agent.cli(&["approvals", "approve", &id]).status.success());
@@ -294,7 +277,7 @@ grant = "session"
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 4);
     // A new connection needs a new approval.
     let child = spawn_curl(&agent, &[&format!("{base}/reports/q3")]);
-    let held = wait_held(&agent);
+    let held = agent.wait_approval();
     assert_eq!(held["request"], "GET /reports/q3");
     let id = held["approval_id"].as_str().unwrap().to_owned();
     assert!(agent

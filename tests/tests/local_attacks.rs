@@ -3,102 +3,12 @@
 //! webhooks. Each test makes the attack and checks it fails.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use loopgate_e2e::*;
-
-/// A long-lived loop: one connect + round trip per line on stdin.
-const PERSISTENT: &str = r#"
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-for line in sys.stdin:
-    try:
-        s = socket.create_connection((host, port), timeout=30)
-        s.settimeout(30)
-        s.sendall(b"ping")
-        data = s.recv(4)
-        s.close()
-        print("ok" if data == b"ping" else "closed %r" % data, flush=True)
-    except OSError as e:
-        print("error", e.errno, flush=True)
-"#;
-
-/// A tagged loop run as `user` that connects to `addr` once per `go()`.
-struct Loop {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Loop {
-    fn start(agent: &Agent, workload: &str, user: &str, addr: SocketAddr) -> Loop {
-        let script = agent.path("persistent.py");
-        std::fs::write(&script, PERSISTENT).unwrap();
-        let mut child = Command::new(loopgate_bin())
-            .arg("--config")
-            .arg(&agent.config)
-            .args(["exec", "--workload", workload, "--user", user, "--"])
-            .arg("/usr/bin/python3")
-            .arg(&script)
-            .arg(addr.ip().to_string())
-            .arg(addr.port().to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tagged loop");
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Loop { child, out }
-    }
-
-    fn go(&mut self) {
-        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
-    }
-
-    fn answer(&mut self) -> String {
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        line.trim().to_owned()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Held requests, as root sees them.
-fn pending(agent: &Agent) -> Vec<Value> {
-    let out = agent.cli(&["approvals", "list", "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Waits for the first held request and returns its id.
-fn wait_pending_id(agent: &Agent) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(p) = pending(agent).into_iter().next() {
-            return p["approval_id"].as_str().unwrap().to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing held for approval:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Approvers for the admin-socket attacks: `nobody` (the attacking loops'
 /// user) and `daemon` are approvers named by the rule and members of the
@@ -153,9 +63,9 @@ fn a_loop_that_forks_a_child_to_connect_to_the_admin_socket_is_refused() {
     let echo = EchoServer::start("127.10.9.1");
     let agent = Agent::start(admin_spec("l-admfork", &echo));
     // Another workload's request, made by uid daemon, is held.
-    let mut victim = Loop::start(&agent, "l-victim", "daemon", echo.addr);
+    let mut victim = Loop::start_as(&agent, "l-victim", "daemon", echo.addr);
     victim.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
 
     let sock = agent.path("admin.sock");
     let out = agent.python(
@@ -186,7 +96,7 @@ fn a_loop_that_forks_a_child_to_connect_to_the_admin_socket_is_refused() {
                 || l.contains("cannot establish that the caller is not a tagged loop")),
         "{text}"
     );
-    assert_eq!(pending(&agent).len(), 1, "the request must still be held");
+    assert_eq!(agent.approvals().len(), 1, "the request must still be held");
     assert_eq!(echo.accepted(), 0, "nothing was approved");
 }
 
@@ -226,9 +136,9 @@ fn a_loop_in_a_named_workload_cgroup_is_refused_on_the_admin_socket() {
         named.rel
     )));
     // A loop in the cgroup root, as nobody, is held.
-    let mut victim = Loop::start(&agent, "l-victim", "nobody", echo.addr);
+    let mut victim = Loop::start_as(&agent, "l-victim", "nobody", echo.addr);
     victim.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
 
     // A process of the named workload, as daemon (an approver, in the admin
     // group): it moves itself into the cgroup, then drops to daemon.
@@ -258,7 +168,7 @@ fn a_loop_in_a_named_workload_cgroup_is_refused_on_the_admin_socket() {
         );
         assert!(!stdout(&out).contains(&id), "{args}: {}", stdout(&out));
     }
-    assert_eq!(pending(&agent).len(), 1, "the request must still be held");
+    assert_eq!(agent.approvals().len(), 1, "the request must still be held");
     assert_eq!(echo.accepted(), 0, "nothing was approved");
     // The same user outside the cgroup may decide (it is an approver).
     let out = agent.cli_as("daemon", "nogroup", &["approvals", "approve", &id]);
@@ -552,9 +462,9 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
     );
     let base = format!("http://{http}");
     let port = http.rsplit(':').next().unwrap();
-    let mut l = Loop::start(&agent, "l-ops", "nobody", echo.addr);
+    let mut l = Loop::start_as(&agent, "l-ops", "nobody", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let jar = dir.path().join("cookies");
     let jar = jar.to_str().unwrap();
     let (code, _) = curl(&["-c", jar, &format!("{base}/approvals?token={token}")]);
@@ -619,7 +529,7 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         &approve,
     ]);
     assert_eq!(code, 403, "wrong CSRF token");
-    assert_eq!(pending(&agent).len(), 1, "nothing may have been decided");
+    assert_eq!(agent.approvals().len(), 1, "nothing may have been decided");
     assert_eq!(echo.accepted(), 0);
 
     // DNS rebinding: a name of the attacker's resolving to 127.0.0.1.
@@ -727,7 +637,7 @@ reason = "orders-db needs a human"
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let deadline = Instant::now() + Duration::from_secs(15);
     while bodies.lock().unwrap().is_empty() {
         assert!(Instant::now() < deadline, "no webhook:\n{}", agent.log());

@@ -2,105 +2,15 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    process::Child,
     time::{Duration, Instant},
 };
 
 use loopgate_e2e::*;
 
-/// A long-lived loop: one connect + round trip per line on stdin.
-const PERSISTENT: &str = r#"
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-for line in sys.stdin:
-    try:
-        s = socket.create_connection((host, port), timeout=30)
-        s.settimeout(30)
-        s.sendall(b"ping")
-        data = s.recv(4)
-        s.close()
-        print("ok" if data == b"ping" else "closed %r" % data, flush=True)
-    except OSError as e:
-        print("error", e.errno, flush=True)
-"#;
-
-struct Loop {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Loop {
-    fn start(agent: &Agent, workload: &str, addr: std::net::SocketAddr) -> Loop {
-        let script = agent.path("persistent.py");
-        std::fs::write(&script, PERSISTENT).unwrap();
-        let mut child = agent.spawn_exec(
-            workload,
-            &[
-                "/usr/bin/python3",
-                script.to_str().unwrap(),
-                &addr.ip().to_string(),
-                &addr.port().to_string(),
-            ],
-        );
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Loop { child, out }
-    }
-
-    fn go(&mut self) {
-        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
-    }
-
-    fn answer(&mut self) -> String {
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        line.trim().to_owned()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Refused connections are reset by the proxy: the loop sees ECONNRESET
 /// (or, if the reset races its first read, a closed connection).
 fn refused(answer: &str) -> bool {
     answer == "error 104" || answer.starts_with("closed")
-}
-
-fn pending(agent: &Agent, who: &str) -> Vec<Value> {
-    let out = agent.cli(&["approvals", "list", "--json"]);
-    assert!(out.status.success(), "{}: {}", who, stderr(&out));
-    stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn wait_pending(agent: &Agent) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(p) = pending(agent, "list").into_iter().next() {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing held for approval:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The id of the (first) held request.
-fn wait_pending_id(agent: &Agent) -> String {
-    wait_pending(agent)["approval_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[test]
@@ -164,7 +74,7 @@ approval_timeout = "2s"
 
     // 1. Held, then approved by alice (uid `daemon`) → the connection goes through.
     l.go();
-    let held = wait_pending(&agent);
+    let held = agent.wait_approval();
     assert_eq!(held["rule_id"], "etl-db-needs-approval");
     assert_eq!(held["workload"], "etl-nightly");
     assert_eq!(echo.accepted(), 0, "nothing reaches the server while held");
@@ -224,7 +134,7 @@ approval_timeout = "2s"
 
     // 2. Held, then denied → the connection is reset.
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let out = agent.cli_as(
         "daemon",
         "nogroup",
@@ -292,14 +202,14 @@ fn a_timed_grant_lets_later_connections_through() {
     );
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     assert!(agent.cli(&["approvals", "approve", &id]).status.success());
     assert_eq!(l.answer(), "ok");
     for _ in 0..3 {
         l.go();
         assert_eq!(l.answer(), "ok", "within the grant no approval is asked");
     }
-    assert!(pending(&agent, "after").is_empty());
+    assert!(agent.approvals().is_empty());
     assert_eq!(echo.accepted(), 4);
 }
 
@@ -437,7 +347,7 @@ fn approval_page_and_metrics_on_the_admin_port() {
     let base = format!("http://{http}");
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
 
     // No token, a wrong token: refused.
     let code = |args: &[&str]| curl(args).0.to_string();
@@ -522,7 +432,7 @@ fn held_requests_are_announced_to_webhooks_with_retries() {
     );
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let deadline = Instant::now() + Duration::from_secs(10);
     while bodies.lock().unwrap().len() < 2 {
         assert!(
@@ -578,7 +488,7 @@ fn approval_page_approves_with_a_real_click_in_headless_chromium() {
     );
     let mut l = Loop::start(&agent, "etl", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let shot = dir.path().join("approvals.png");
     let out = std::process::Command::new("node")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/approval_page.js"))
@@ -712,10 +622,10 @@ s.close()
             &port,
         ],
     );
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     assert!(child.wait().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !pending(&agent, "after hang-up").is_empty() {
+    while !agent.approvals().is_empty() {
         assert!(
             Instant::now() < deadline,
             "held request still listed after the loop hung up"
@@ -740,5 +650,5 @@ s.close()
     // No grant was created: the next connection is held again.
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    wait_pending(&agent);
+    agent.wait_approval();
 }

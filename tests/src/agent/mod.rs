@@ -3,6 +3,7 @@
 //! `loopgate exec`.
 
 pub mod cgroup;
+pub mod loops;
 pub mod spec;
 
 use std::{
@@ -130,6 +131,13 @@ impl Agent {
         self.dir.path().join(name)
     }
 
+    /// `loopgate --config <ours>`, to add a subcommand and its arguments to.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(loopgate_bin());
+        c.arg("--config").arg(&self.config);
+        c
+    }
+
     /// `loopgate --config <ours> ARGS...` as another user (setpriv).
     pub fn cli_as(&self, user: &str, group: &str, args: &[&str]) -> Output {
         Command::new("setpriv")
@@ -147,9 +155,7 @@ impl Agent {
 
     /// `loopgate --config <ours> ARGS...`
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(loopgate_bin())
-            .arg("--config")
-            .arg(&self.config)
+        self.command()
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -230,6 +236,45 @@ impl Agent {
         }
     }
 
+    /// The requests held for approval (`loopgate approvals list --json`, as
+    /// root), one object each.
+    pub fn approvals(&self) -> Vec<Value> {
+        let out = self.cli(&["approvals", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "approvals list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("approval JSON line"))
+            .collect()
+    }
+
+    /// The first request held for approval, once there is one (15 s at most).
+    pub fn wait_approval(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(p) = self.approvals().into_iter().next() {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing held for approval:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The id of the first request held for approval, once there is one.
+    pub fn wait_approval_id(&self) -> String {
+        self.wait_approval()["approval_id"]
+            .as_str()
+            .expect("approval_id")
+            .to_owned()
+    }
+
     /// `loopgate exec --workload W -- ARGS...` (as nobody).
     pub fn exec(&self, workload: &str, args: &[&str]) -> Output {
         let mut a = vec!["exec", "--workload", workload, "--"];
@@ -248,12 +293,17 @@ impl Agent {
         self.exec(workload, &a)
     }
 
-    /// Spawns a long-running tagged process (for restart tests).
+    /// Spawns a long-running tagged process (stdin and stdout piped).
     pub fn spawn_exec(&self, workload: &str, args: &[&str]) -> Child {
-        Command::new(loopgate_bin())
-            .arg("--config")
-            .arg(&self.config)
-            .args(["exec", "--workload", workload, "--"])
+        self.spawn_exec_with(workload, &[], args)
+    }
+
+    /// [`Agent::spawn_exec`] with more `loopgate exec` flags (`--user U`).
+    pub fn spawn_exec_with(&self, workload: &str, exec_flags: &[&str], args: &[&str]) -> Child {
+        self.command()
+            .args(["exec", "--workload", workload])
+            .args(exec_flags)
+            .arg("--")
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
