@@ -3,7 +3,6 @@
 //! webhooks. Each test makes the attack and checks it fails.
 
 use std::{
-    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -100,37 +99,10 @@ fn a_loop_that_forks_a_child_to_connect_to_the_admin_socket_is_refused() {
     assert_eq!(echo.accepted(), 0, "nothing was approved");
 }
 
-/// An SRE-named workload cgroup (`[[workloads]] cgroup = ...`) outside the
-/// agent's root, removed when dropped.
-struct NamedCgroup {
-    top: PathBuf,
-    rel: String,
-}
-
-impl NamedCgroup {
-    fn create(top: &str) -> NamedCgroup {
-        let rel = format!("{top}/etl.service");
-        let top = cgroup2_mount().join(top);
-        remove_cgroup_tree(&top);
-        std::fs::create_dir_all(cgroup2_mount().join(&rel)).expect("create named cgroup");
-        NamedCgroup { top, rel }
-    }
-
-    fn procs(&self) -> PathBuf {
-        cgroup2_mount().join(&self.rel).join("cgroup.procs")
-    }
-}
-
-impl Drop for NamedCgroup {
-    fn drop(&mut self) {
-        remove_cgroup_tree(&self.top);
-    }
-}
-
 #[test]
 fn a_loop_in_a_named_workload_cgroup_is_refused_on_the_admin_socket() {
     let echo = EchoServer::start("127.10.9.2");
-    let named = NamedCgroup::create("lgt-l-admnamed-sre");
+    let named = NamedCgroup::create("lgt-l-admnamed-sre/etl.service");
     let agent = Agent::start(admin_spec("l-admnamed", &echo).raw(&format!(
         "\n[[workloads]]\nname = \"sre-etl\"\ncgroup = \"{}\"\n",
         named.rel

@@ -452,15 +452,7 @@ fn connection_to_the_proxy_without_a_record_is_closed_and_others_continue() {
 #[test]
 fn sre_named_cgroup_is_a_workload() {
     let echo = EchoServer::start("127.10.1.11");
-    let cg = cgroup2_mount().join("lgt-named.slice");
-    std::fs::create_dir_all(&cg).unwrap();
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            remove_cgroup_tree(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(cg.clone());
+    let cg = NamedCgroup::create("lgt-named.slice");
     let agent = Agent::start(
         AgentSpec::new("named")
             .target("echo", &echo.addr.to_string(), "tcp")
@@ -473,7 +465,7 @@ fn sre_named_cgroup_is_a_workload() {
         .arg("-c")
         .arg(format!(
             "echo $$ > {}/cgroup.procs && exec setpriv --reuid=nobody --regid=nogroup --clear-groups /usr/bin/python3 {} 127.10.1.11 {}",
-            cg.display(),
+            cg.path().display(),
             script.display(),
             echo.addr.port()
         ))

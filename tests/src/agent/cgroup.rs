@@ -1,4 +1,5 @@
-//! cgroup v2 helpers: where the hierarchy is mounted, removing a tree.
+//! cgroup v2 helpers: where the hierarchy is mounted, removing a tree, and
+//! workload cgroups an SRE names outside any agent's root.
 
 use std::{
     path::{Path, PathBuf},
@@ -33,5 +34,44 @@ pub fn remove_cgroup_tree(dir: &Path) {
             return;
         }
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An SRE-named workload cgroup (`[[workloads]] cgroup = ...`) outside any
+/// agent's root, as systemd would make for a unit: `rel` below the cgroup2
+/// mount. Its top-level directory (the first component of `rel`) is removed
+/// first (leftovers) and again on drop.
+pub struct NamedCgroup {
+    top: PathBuf,
+    /// The path relative to the cgroup2 mount, as the config names it.
+    pub rel: String,
+}
+
+impl NamedCgroup {
+    pub fn create(rel: &str) -> NamedCgroup {
+        let first = rel.split('/').next().expect("a cgroup path");
+        let top = cgroup2_mount().join(first);
+        remove_cgroup_tree(&top);
+        std::fs::create_dir_all(cgroup2_mount().join(rel)).expect("create named cgroup");
+        NamedCgroup {
+            top,
+            rel: rel.to_owned(),
+        }
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> PathBuf {
+        cgroup2_mount().join(&self.rel)
+    }
+
+    /// Its `cgroup.procs`: a pid written here moves that process in.
+    pub fn procs(&self) -> PathBuf {
+        self.path().join("cgroup.procs")
+    }
+}
+
+impl Drop for NamedCgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.top);
     }
 }
