@@ -150,9 +150,8 @@ fn a_loop_in_a_named_workload_cgroup_is_refused_on_the_admin_socket() {
 
 /// `loopgate exec` run by the test with `env` set in its environment.
 fn exec_with_env(agent: &Agent, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
-    Command::new(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
+    agent
+        .command()
         .arg("exec")
         .args(args)
         .envs(env.iter().copied())
@@ -596,9 +595,8 @@ reason = "orders-db needs a human"
     set_mode(&script, 0o644);
     let jwt = idp.token("etl@example", "orders-db", 300);
     let evil = "<!channel> <https://evil.example|click here> & co";
-    let mut child = Command::new(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
+    let mut child = agent
+        .command()
         .args(["exec", "--workload", "signed-etl", "--env", "LG_JWT", "--"])
         .arg("/usr/bin/python3")
         .arg(&script)

@@ -480,14 +480,7 @@ fn sre_named_cgroup_is_a_workload() {
 #[test]
 fn admin_socket_refuses_unprivileged_callers() {
     let agent = Agent::start(AgentSpec::new("adminauth"));
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = agent.cli_as("nobody", "nogroup", &["status"]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("Permission denied"),
@@ -511,14 +504,7 @@ fn admin_group_members_are_served() {
     let mut agent = agent;
     assert!(agent.terminate());
     agent.spawn();
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
+    let out = agent.cli_as("nobody", "nogroup", &["status", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["programs"].as_array().unwrap().len(), PROGRAMS);
