@@ -397,12 +397,7 @@ fn stored_credentials_never_reach_the_audit_or_the_logs() {
     );
     // A missing credential file stops the agent with the key, not the value.
     std::fs::remove_file(&pw).unwrap();
-    let out = std::process::Command::new(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
-        .arg("agent")
-        .output()
-        .unwrap();
+    let out = agent.command().arg("agent").output().unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("targets[0].credential.password_file"), "{err}");

@@ -6,40 +6,12 @@ use loopgate_e2e::*;
 const BODY: &str = "orders: 3\n";
 const STORED: &str = "stored-api-token-7f3a9c";
 
-/// A tagged curl: returns (HTTP status, body). `-w` puts the status last.
-fn curl(agent: &Agent, workload: &str, url: &str, extra: &[&str]) -> (u16, String) {
-    let mut args = vec!["curl", "-sS", "-m", "20", "-w", "\n%{http_code}"];
-    args.extend_from_slice(extra);
-    args.push(url);
-    let out = agent.exec(workload, &args);
-    let text = stdout(&out);
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
-
 /// A tagged curl left running (its requests may be held): every URL on one
 /// connection, each followed by a line with its HTTP status.
 fn spawn_curl(agent: &Agent, urls: &[&str]) -> std::process::Child {
     let mut args = vec!["curl", "-sS", "-m", "30", "-w", "\n%{http_code}"];
     args.extend_from_slice(urls);
     agent.spawn_exec("stock-bot", &args)
-}
-
-/// The first request held for approval, once there is one.
-fn wait_held(agent: &Agent) -> Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let out = agent.cli(&["approvals", "list", "--json"]);
-        if let Some(l) = stdout(&out).lines().next() {
-            return serde_json::from_str(l).unwrap();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nothing held for approval:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 fn secrets_dir() -> tempfile::TempDir {
@@ -73,7 +45,7 @@ fn jwt_second_factor_is_verified_stripped_and_replaced_by_the_stored_credential(
     // A good token: the request goes through with the stored credential only.
     let good = idp.token("etl-bot@example", "loopgate", 300);
     let auth = format!("Authorization: Bearer {good}");
-    let (code, body) = curl(&agent, "signed-etl", &url, &["-H", &auth]);
+    let (code, body) = agent.curl("signed-etl", &["-H", &auth, &url]);
     assert_eq!((code, body.as_str()), (200, BODY), "{}", agent.log());
     let heads = http.heads.lock().unwrap().clone();
     assert_eq!(heads.len(), 1);
@@ -93,11 +65,9 @@ fn jwt_second_factor_is_verified_stripped_and_replaced_by_the_stored_credential(
     assert_eq!(head.matches("authorization:").count(), 1, "{head}");
 
     // The stored credential only goes to the target's own host name.
-    let (code, body) = curl(
-        &agent,
+    let (code, body) = agent.curl(
         "signed-etl",
-        &url,
-        &["-H", &auth, "-H", "Host: attacker.example"],
+        &["-H", &auth, "-H", "Host: attacker.example", &url],
     );
     assert_eq!(code, 421, "{body}");
     assert!(
@@ -107,29 +77,25 @@ fn jwt_second_factor_is_verified_stripped_and_replaced_by_the_stored_credential(
 
     // Expired, wrong audience, missing: 401 with the reason; nothing upstream.
     let expired = idp.token("etl-bot@example", "loopgate", -3600);
-    let (code, body) = curl(
-        &agent,
+    let (code, body) = agent.curl(
         "signed-etl",
-        &url,
-        &["-H", &format!("Authorization: Bearer {expired}")],
+        &["-H", &format!("Authorization: Bearer {expired}"), &url],
     );
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("the token has expired"), "{body}");
     let wrong = idp.token("etl-bot@example", "another-service", 300);
-    let (code, body) = curl(
-        &agent,
+    let (code, body) = agent.curl(
         "signed-etl",
-        &url,
-        &["-H", &format!("Authorization: Bearer {wrong}")],
+        &["-H", &format!("Authorization: Bearer {wrong}"), &url],
     );
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("audience is not loopgate"), "{body}");
-    let (code, body) = curl(&agent, "signed-etl", &url, &[]);
+    let (code, body) = agent.curl("signed-etl", &[&url]);
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("requires a JWT"), "{body}");
     // A workload that needs no token is refused at connect by the target
     // default: curl sees the connection reset.
-    let (code, _) = curl(&agent, "unsigned", &url, &["-H", &auth]);
+    let (code, _) = agent.curl("unsigned", &["-H", &auth, &url]);
     assert_eq!(code, 0, "an unsigned workload got an HTTP answer");
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
 
@@ -246,15 +212,10 @@ grant = "session"
     );
     let base = format!("http://{}", http.addr);
 
-    let (code, body) = curl(&agent, "stock-bot", &format!("{base}/items/7"), &[]);
+    let (code, body) = agent.curl("stock-bot", &[&format!("{base}/items/7")]);
     assert_eq!((code, body.as_str()), (200, BODY));
     // Denied in the protocol: a 403 JSON body naming the rule.
-    let (code, body) = curl(
-        &agent,
-        "stock-bot",
-        &format!("{base}/items/7"),
-        &["-X", "DELETE"],
-    );
+    let (code, body) = agent.curl("stock-bot", &["-X", "DELETE", &format!("{base}/items/7")]);
     assert_eq!(code, 403, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["rule"], "no-deletes");
@@ -269,34 +230,22 @@ grant = "session"
         "//internal",
         "/internal",
     ] {
-        let (code, body) = curl(
-            &agent,
-            "stock-bot",
-            &format!("{base}{p}"),
-            &["--path-as-is"],
-        );
+        let (code, body) = agent.curl("stock-bot", &["--path-as-is", &format!("{base}{p}")]);
         assert_eq!(code, 403, "{p}: {body}");
         assert!(body.contains("no-internal"), "{p}: {body}");
     }
-    let (code, _) = curl(
-        &agent,
+    let (code, _) = agent.curl(
         "stock-bot",
-        &format!("{base}/%2e%2e/internal"),
-        &["--path-as-is"],
+        &["--path-as-is", &format!("{base}/%2e%2e/internal")],
     );
     assert_eq!(code, 400, "an ambiguous encoding is refused");
-    let (code, _) = curl(
-        &agent,
-        "stock-bot",
-        &format!("{base}/items"),
-        &["-X", "TRACE"],
-    );
+    let (code, _) = agent.curl("stock-bot", &["-X", "TRACE", &format!("{base}/items")]);
     assert_eq!(code, 405, "TRACE would echo the stored credential");
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
 
     // Held for approval, then approved by alice: the request completes.
     let child = spawn_curl(&agent, &[&format!("{base}/admin/reindex")]);
-    let held = wait_held(&agent);
+    let held = agent.wait_approval();
     assert_eq!(held["rule_id"], "admin-needs-a-human");
     assert_eq!(held["request"], "GET /admin/reindex");
     let id = held["approval_id"].as_str().unwrap().to_owned();
@@ -318,7 +267,7 @@ grant = "session"
         &agent,
         &[&format!("{base}/reports/q1"), &format!("{base}/reports/q2")],
     );
-    let held = wait_held(&agent);
+    let held = agent.wait_approval();
     assert_eq!(held["request"], "GET /reports/q1");
     let id = held["approval_id"].as_str().unwrap().to_owned();
     assert!(agent.cli(&["approvals", "approve", &id]).status.success());
@@ -328,7 +277,7 @@ grant = "session"
     assert_eq!(http.requests.load(std::sync::atomic::Ordering::SeqCst), 4);
     // A new connection needs a new approval.
     let child = spawn_curl(&agent, &[&format!("{base}/reports/q3")]);
-    let held = wait_held(&agent);
+    let held = agent.wait_approval();
     assert_eq!(held["request"], "GET /reports/q3");
     let id = held["approval_id"].as_str().unwrap().to_owned();
     assert!(agent
@@ -360,7 +309,7 @@ print(s.recv(200).split(b"\r\n")[0].decode())
         &[&http.addr.ip().to_string(), &http.addr.port().to_string()],
     );
     assert!(stdout(&out).starts_with("HTTP/1.1 400"), "{}", stdout(&out));
-    let (code, body) = curl(&agent, "good-bot", &format!("http://{}/x", http.addr), &[]);
+    let (code, body) = agent.curl("good-bot", &[&format!("http://{}/x", http.addr)]);
     assert_eq!((code, body.as_str()), (200, BODY));
     let s = agent.wait_sessions("two sessions", |s| {
         s.len() == 2 && s.iter().all(|r| r["outcome"] != "open")
@@ -428,7 +377,7 @@ fn a_jwks_url_is_fetched_on_first_use_and_cached() {
     );
     let target = format!("http://{}/a", http.addr);
     for _ in 0..3 {
-        let (code, body) = curl(&agent, "signed-etl", &target, &["-H", &auth]);
+        let (code, body) = agent.curl("signed-etl", &["-H", &auth, &target]);
         assert_eq!((code, body.as_str()), (200, BODY), "{}", agent.log());
     }
     let _ = server.kill();
@@ -537,8 +486,9 @@ fn p_compressed_bodies_reason_phrases_and_trailers_are_masked() {
     // gzip and deflate despite `Accept-Encoding: identity`: decoded and
     // masked, whether curl asked for compression or not.
     for path in ["/gzip", "/deflate"] {
+        let url = format!("{base}{path}");
         for extra in [&["--compressed"][..], &[]] {
-            let (code, body) = curl(&agent, "p-api-bot", &format!("{base}{path}"), extra);
+            let (code, body) = agent.curl("p-api-bot", &[extra, &[url.as_str()]].concat());
             assert!(
                 code == 200 && body == masked,
                 "{path} {extra:?}: {code} {}",
@@ -547,12 +497,7 @@ fn p_compressed_bodies_reason_phrases_and_trailers_are_masked() {
         }
     }
     // Encodings loopgate cannot decode: refused with a 502 naming why.
-    let (code, body) = curl(
-        &agent,
-        "p-api-bot",
-        &format!("{base}/br"),
-        &["--compressed"],
-    );
+    let (code, body) = agent.curl("p-api-bot", &["--compressed", &format!("{base}/br")]);
     assert_eq!(code, 502, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -563,11 +508,11 @@ fn p_compressed_bodies_reason_phrases_and_trailers_are_masked() {
         v["reason"].as_str().unwrap().contains("encoded as br"),
         "{v}"
     );
-    let (code, body) = curl(&agent, "p-api-bot", &format!("{base}/stacked"), &[]);
+    let (code, body) = agent.curl("p-api-bot", &[&format!("{base}/stacked")]);
     assert_eq!(code, 502, "{body}");
     assert!(body.contains("stacked encodings"), "{body}");
     // The reason quotes the upstream's coding, masked.
-    let (code, body) = curl(&agent, "p-api-bot", &format!("{base}/named"), &[]);
+    let (code, body) = agent.curl("p-api-bot", &[&format!("{base}/named")]);
     assert_eq!(code, 502, "{}", shown(&body));
     assert!(body.contains("encoded as ****"), "{}", shown(&body));
     // The reason phrase is the canonical one; trailers are dropped.
@@ -601,7 +546,7 @@ fn p_compressed_bodies_reason_phrases_and_trailers_are_masked() {
         ],
     );
     assert!(!out.status.success(), "the bomb was delivered whole");
-    let (code, body) = curl(&agent, "p-api-bot", &format!("{base}/gzip"), &[]);
+    let (code, body) = agent.curl("p-api-bot", &[&format!("{base}/gzip")]);
     assert!(code == 200 && body == masked, "{code} {}", shown(&body));
 
     let s = agent.wait_sessions("eleven sessions", |s| {
@@ -661,15 +606,13 @@ action = "deny"
             ),
     );
     let url = format!("http://{}/orders/7", upstream.addr);
-    let (code, body) = curl(&agent, "p-bot", &url, &["-X", "DELETE"]);
+    let (code, body) = agent.curl("p-bot", &["-X", "DELETE", &url]);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("p-no-deletes"), "{body}");
     // A POST that asks to be taken for a DELETE: the upstream gets a POST,
     // without the override.
-    let (code, body) = curl(
-        &agent,
+    let (code, body) = agent.curl(
         "p-bot",
-        &url,
         &[
             "-X",
             "POST",
@@ -681,6 +624,7 @@ action = "deny"
             "X-HTTP-Method: DELETE",
             "-H",
             "X-Method-Override: DELETE",
+            &url,
         ],
     );
     assert_eq!((code, body.as_str()), (200, "ok\n"));
@@ -697,20 +641,13 @@ action = "deny"
     }
     // Connection may name hop-by-hop headers only.
     for named in ["host", "keep-alive, Authorization", "Content-Length"] {
-        let (code, body) = curl(
-            &agent,
-            "p-bot",
-            &url,
-            &["-H", &format!("Connection: {named}")],
-        );
+        let (code, body) = agent.curl("p-bot", &["-H", &format!("Connection: {named}"), &url]);
         assert_eq!(code, 400, "Connection: {named}: {body}");
         assert!(body.contains("an end-to-end header"), "{body}");
     }
-    let (code, body) = curl(
-        &agent,
+    let (code, body) = agent.curl(
         "p-bot",
-        &url,
-        &["-H", "Connection: x-trace", "-H", "X-Trace: 1"],
+        &["-H", "Connection: x-trace", "-H", "X-Trace: 1", &url],
     );
     assert_eq!((code, body.as_str()), (200, "ok\n"));
     let heads = upstream.heads.lock().unwrap().clone();

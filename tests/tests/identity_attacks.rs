@@ -136,9 +136,8 @@ fn a_loop_in_its_own_network_namespace_is_refused_and_cannot_hijack() {
     let script = agent.path("netns-loop.py");
     std::fs::write(&script, NETNS_LOOP).unwrap();
     set_mode(&script, 0o644);
-    let attacker = Command::new(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
+    let attacker = agent
+        .command()
         .args(["exec", "--workload", "attacker", "--"])
         .args(["unshare", "-Urn", "sh", "-c"])
         .arg(format!(

@@ -3,102 +3,11 @@
 //! webhooks. Each test makes the attack and checks it fails.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use loopgate_e2e::*;
-
-/// A long-lived loop: one connect + round trip per line on stdin.
-const PERSISTENT: &str = r#"
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-for line in sys.stdin:
-    try:
-        s = socket.create_connection((host, port), timeout=30)
-        s.settimeout(30)
-        s.sendall(b"ping")
-        data = s.recv(4)
-        s.close()
-        print("ok" if data == b"ping" else "closed %r" % data, flush=True)
-    except OSError as e:
-        print("error", e.errno, flush=True)
-"#;
-
-/// A tagged loop run as `user` that connects to `addr` once per `go()`.
-struct Loop {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Loop {
-    fn start(agent: &Agent, workload: &str, user: &str, addr: SocketAddr) -> Loop {
-        let script = agent.path("persistent.py");
-        std::fs::write(&script, PERSISTENT).unwrap();
-        let mut child = Command::new(loopgate_bin())
-            .arg("--config")
-            .arg(&agent.config)
-            .args(["exec", "--workload", workload, "--user", user, "--"])
-            .arg("/usr/bin/python3")
-            .arg(&script)
-            .arg(addr.ip().to_string())
-            .arg(addr.port().to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tagged loop");
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Loop { child, out }
-    }
-
-    fn go(&mut self) {
-        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
-    }
-
-    fn answer(&mut self) -> String {
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        line.trim().to_owned()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Held requests, as root sees them.
-fn pending(agent: &Agent) -> Vec<Value> {
-    let out = agent.cli(&["approvals", "list", "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Waits for the first held request and returns its id.
-fn wait_pending_id(agent: &Agent) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(p) = pending(agent).into_iter().next() {
-            return p["approval_id"].as_str().unwrap().to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing held for approval:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Approvers for the admin-socket attacks: `nobody` (the attacking loops'
 /// user) and `daemon` are approvers named by the rule and members of the
@@ -153,9 +62,9 @@ fn a_loop_that_forks_a_child_to_connect_to_the_admin_socket_is_refused() {
     let echo = EchoServer::start("127.10.9.1");
     let agent = Agent::start(admin_spec("l-admfork", &echo));
     // Another workload's request, made by uid daemon, is held.
-    let mut victim = Loop::start(&agent, "l-victim", "daemon", echo.addr);
+    let mut victim = Loop::start_as(&agent, "l-victim", "daemon", echo.addr);
     victim.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
 
     let sock = agent.path("admin.sock");
     let out = agent.python(
@@ -186,49 +95,22 @@ fn a_loop_that_forks_a_child_to_connect_to_the_admin_socket_is_refused() {
                 || l.contains("cannot establish that the caller is not a tagged loop")),
         "{text}"
     );
-    assert_eq!(pending(&agent).len(), 1, "the request must still be held");
+    assert_eq!(agent.approvals().len(), 1, "the request must still be held");
     assert_eq!(echo.accepted(), 0, "nothing was approved");
-}
-
-/// An SRE-named workload cgroup (`[[workloads]] cgroup = ...`) outside the
-/// agent's root, removed when dropped.
-struct NamedCgroup {
-    top: PathBuf,
-    rel: String,
-}
-
-impl NamedCgroup {
-    fn create(top: &str) -> NamedCgroup {
-        let rel = format!("{top}/etl.service");
-        let top = cgroup2_mount().join(top);
-        remove_cgroup_tree(&top);
-        std::fs::create_dir_all(cgroup2_mount().join(&rel)).expect("create named cgroup");
-        NamedCgroup { top, rel }
-    }
-
-    fn procs(&self) -> PathBuf {
-        cgroup2_mount().join(&self.rel).join("cgroup.procs")
-    }
-}
-
-impl Drop for NamedCgroup {
-    fn drop(&mut self) {
-        remove_cgroup_tree(&self.top);
-    }
 }
 
 #[test]
 fn a_loop_in_a_named_workload_cgroup_is_refused_on_the_admin_socket() {
     let echo = EchoServer::start("127.10.9.2");
-    let named = NamedCgroup::create("lgt-l-admnamed-sre");
+    let named = NamedCgroup::create("lgt-l-admnamed-sre/etl.service");
     let agent = Agent::start(admin_spec("l-admnamed", &echo).raw(&format!(
         "\n[[workloads]]\nname = \"sre-etl\"\ncgroup = \"{}\"\n",
         named.rel
     )));
     // A loop in the cgroup root, as nobody, is held.
-    let mut victim = Loop::start(&agent, "l-victim", "nobody", echo.addr);
+    let mut victim = Loop::start_as(&agent, "l-victim", "nobody", echo.addr);
     victim.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
 
     // A process of the named workload, as daemon (an approver, in the admin
     // group): it moves itself into the cgroup, then drops to daemon.
@@ -258,7 +140,7 @@ fn a_loop_in_a_named_workload_cgroup_is_refused_on_the_admin_socket() {
         );
         assert!(!stdout(&out).contains(&id), "{args}: {}", stdout(&out));
     }
-    assert_eq!(pending(&agent).len(), 1, "the request must still be held");
+    assert_eq!(agent.approvals().len(), 1, "the request must still be held");
     assert_eq!(echo.accepted(), 0, "nothing was approved");
     // The same user outside the cgroup may decide (it is an approver).
     let out = agent.cli_as("daemon", "nogroup", &["approvals", "approve", &id]);
@@ -268,9 +150,8 @@ fn a_loop_in_a_named_workload_cgroup_is_refused_on_the_admin_socket() {
 
 /// `loopgate exec` run by the test with `env` set in its environment.
 fn exec_with_env(agent: &Agent, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
-    Command::new(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
+    agent
+        .command()
         .arg("exec")
         .args(args)
         .envs(env.iter().copied())
@@ -529,18 +410,6 @@ fn exec_from_a_terminal_gives_the_loop_its_own_session_and_pty() {
     assert!(text.contains("CALLER tty restored"), "{text}");
 }
 
-/// curl: (status code, body).
-fn curl(args: &[&str]) -> (String, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("run curl");
-    let text = stdout(&out);
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.to_owned(), body.to_owned())
-}
-
 #[test]
 fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_host() {
     let echo = EchoServer::start("127.10.9.3");
@@ -564,15 +433,15 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
     );
     let base = format!("http://{http}");
     let port = http.rsplit(':').next().unwrap();
-    let mut l = Loop::start(&agent, "l-ops", "nobody", echo.addr);
+    let mut l = Loop::start_as(&agent, "l-ops", "nobody", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let jar = dir.path().join("cookies");
     let jar = jar.to_str().unwrap();
     let (code, _) = curl(&["-c", jar, &format!("{base}/approvals?token={token}")]);
-    assert_eq!(code, "303");
+    assert_eq!(code, 303);
     let (code, page) = curl(&["-b", jar, &format!("{base}/approvals")]);
-    assert_eq!(code, "200");
+    assert_eq!(code, 200);
     // (Before the fix the page had no token: the attacks below then carry none.)
     let csrf = page
         .split("name=\"csrf\" value=\"")
@@ -594,7 +463,7 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         &form,
         &approve,
     ]);
-    assert_eq!(code, "403", "cross-origin decision");
+    assert_eq!(code, 403, "cross-origin decision");
     let (code, _) = curl(&[
         "-b",
         jar,
@@ -604,7 +473,7 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         &form,
         &approve,
     ]);
-    assert_eq!(code, "403", "another local origin");
+    assert_eq!(code, 403, "another local origin");
     let (code, _) = curl(&[
         "-b",
         jar,
@@ -614,13 +483,13 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         &form,
         &approve,
     ]);
-    assert_eq!(code, "403", "cross-origin Referer, no Origin");
+    assert_eq!(code, 403, "cross-origin Referer, no Origin");
     let (code, _) = curl(&["-b", jar, "-d", &form, &approve]);
-    assert_eq!(code, "403", "neither Origin nor Referer");
+    assert_eq!(code, 403, "neither Origin nor Referer");
     // From the page's origin, but without (or with a wrong) token.
     let origin = format!("Origin: {base}");
     let (code, _) = curl(&["-b", jar, "-H", &origin, "-d", "reason=no-token", &approve]);
-    assert_eq!(code, "403", "no CSRF token");
+    assert_eq!(code, 403, "no CSRF token");
     let (code, _) = curl(&[
         "-b",
         jar,
@@ -630,29 +499,29 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         "reason=x&csrf=AAAA",
         &approve,
     ]);
-    assert_eq!(code, "403", "wrong CSRF token");
-    assert_eq!(pending(&agent).len(), 1, "nothing may have been decided");
+    assert_eq!(code, 403, "wrong CSRF token");
+    assert_eq!(agent.approvals().len(), 1, "nothing may have been decided");
     assert_eq!(echo.accepted(), 0);
 
     // DNS rebinding: a name of the attacker's resolving to 127.0.0.1.
     let (code, body) = curl(&["-H", "Host: evil.example", &format!("{base}/metrics")]);
-    assert_eq!(code, "421", "metrics for another Host");
+    assert_eq!(code, 421, "metrics for another Host");
     assert!(!body.contains("loopgate_"), "{body}");
     let (code, _) = curl(&[
         "-H",
         &format!("Host: evil.example:{port}"),
         &format!("{base}/approvals"),
     ]);
-    assert_eq!(code, "421", "the page for another Host");
+    assert_eq!(code, 421, "the page for another Host");
     let (code, body) = curl(&[&format!("{base}/metrics")]);
-    assert_eq!(code, "200");
+    assert_eq!(code, 200);
     assert!(body.contains("loopgate_decisions_total"), "{body}");
     let (code, _) = curl(&[
         "-H",
         &format!("Host: localhost:{port}"),
         &format!("{base}/metrics"),
     ]);
-    assert_eq!(code, "200", "localhost names the listener too");
+    assert_eq!(code, 200, "localhost names the listener too");
 
     // The page itself decides.
     let (code, _) = curl(&[
@@ -664,58 +533,11 @@ fn approval_page_decisions_need_the_pages_origin_and_csrf_token_and_metrics_its_
         &format!("reason=ok&csrf={csrf}"),
         &approve,
     ]);
-    assert_eq!(code, "303");
+    assert_eq!(code, 303);
     assert_eq!(l.answer(), "ok");
     let log = agent.log();
     assert!(log.contains("cross-origin decision refused"), "{log}");
     assert!(!log.contains(token), "the token must never be logged");
-}
-
-/// A webhook receiver on loopback that keeps every body and answers 200.
-fn webhook_receiver(ip: &str) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::Read;
-    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let b = bodies.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let body = loop {
-                let n = s.read(&mut chunk).unwrap_or(0);
-                if n == 0 {
-                    break None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).into_owned();
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let len: usize = text[..end]
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().ok())?
-                        })
-                        .unwrap_or(0);
-                    if buf.len() >= end + 4 + len {
-                        break Some(
-                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
-                        );
-                    }
-                }
-            };
-            if let Some(body) = body {
-                b.lock().unwrap().push(body);
-            }
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-    });
-    (format!("http://{addr}/hooks/l-test"), bodies)
 }
 
 /// A PostgreSQL start-up as a loop writes it: any user name it likes, then
@@ -743,7 +565,7 @@ fn loop_text_in_webhooks_cannot_mention_or_link_in_slack() {
     let idp = Idp::new(dir.path());
     let pw = dir.path().join("db.pw");
     std::fs::write(&pw, "l-stored-pw-never-used\n").unwrap();
-    let (url, bodies) = webhook_receiver("127.10.9.4");
+    let (url, bodies) = webhook_receiver("127.10.9.4", "/hooks/l-test", 0);
     let policy = format!(
         r#"
 [[workloads]]
@@ -773,9 +595,8 @@ reason = "orders-db needs a human"
     set_mode(&script, 0o644);
     let jwt = idp.token("etl@example", "orders-db", 300);
     let evil = "<!channel> <https://evil.example|click here> & co";
-    let mut child = Command::new(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
+    let mut child = agent
+        .command()
         .args(["exec", "--workload", "signed-etl", "--env", "LG_JWT", "--"])
         .arg("/usr/bin/python3")
         .arg(&script)
@@ -786,7 +607,7 @@ reason = "orders-db needs a human"
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let deadline = Instant::now() + Duration::from_secs(15);
     while bodies.lock().unwrap().is_empty() {
         assert!(Instant::now() < deadline, "no webhook:\n{}", agent.log());

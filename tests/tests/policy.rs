@@ -2,105 +2,15 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    process::Child,
     time::{Duration, Instant},
 };
 
 use loopgate_e2e::*;
 
-/// A long-lived loop: one connect + round trip per line on stdin.
-const PERSISTENT: &str = r#"
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-for line in sys.stdin:
-    try:
-        s = socket.create_connection((host, port), timeout=30)
-        s.settimeout(30)
-        s.sendall(b"ping")
-        data = s.recv(4)
-        s.close()
-        print("ok" if data == b"ping" else "closed %r" % data, flush=True)
-    except OSError as e:
-        print("error", e.errno, flush=True)
-"#;
-
-struct Loop {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Loop {
-    fn start(agent: &Agent, workload: &str, addr: std::net::SocketAddr) -> Loop {
-        let script = agent.path("persistent.py");
-        std::fs::write(&script, PERSISTENT).unwrap();
-        let mut child = agent.spawn_exec(
-            workload,
-            &[
-                "/usr/bin/python3",
-                script.to_str().unwrap(),
-                &addr.ip().to_string(),
-                &addr.port().to_string(),
-            ],
-        );
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Loop { child, out }
-    }
-
-    fn go(&mut self) {
-        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
-    }
-
-    fn answer(&mut self) -> String {
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        line.trim().to_owned()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Refused connections are reset by the proxy: the loop sees ECONNRESET
 /// (or, if the reset races its first read, a closed connection).
 fn refused(answer: &str) -> bool {
     answer == "error 104" || answer.starts_with("closed")
-}
-
-fn pending(agent: &Agent, who: &str) -> Vec<Value> {
-    let out = agent.cli(&["approvals", "list", "--json"]);
-    assert!(out.status.success(), "{}: {}", who, stderr(&out));
-    stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn wait_pending(agent: &Agent) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(p) = pending(agent, "list").into_iter().next() {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing held for approval:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The id of the (first) held request.
-fn wait_pending_id(agent: &Agent) -> String {
-    wait_pending(agent)["approval_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[test]
@@ -164,7 +74,7 @@ approval_timeout = "2s"
 
     // 1. Held, then approved by alice (uid `daemon`) → the connection goes through.
     l.go();
-    let held = wait_pending(&agent);
+    let held = agent.wait_approval();
     assert_eq!(held["rule_id"], "etl-db-needs-approval");
     assert_eq!(held["workload"], "etl-nightly");
     assert_eq!(echo.accepted(), 0, "nothing reaches the server while held");
@@ -224,7 +134,7 @@ approval_timeout = "2s"
 
     // 2. Held, then denied → the connection is reset.
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let out = agent.cli_as(
         "daemon",
         "nogroup",
@@ -292,14 +202,14 @@ fn a_timed_grant_lets_later_connections_through() {
     );
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     assert!(agent.cli(&["approvals", "approve", &id]).status.success());
     assert_eq!(l.answer(), "ok");
     for _ in 0..3 {
         l.go();
         assert_eq!(l.answer(), "ok", "within the grant no approval is asked");
     }
-    assert!(pending(&agent, "after").is_empty());
+    assert!(agent.approvals().is_empty());
     assert_eq!(echo.accepted(), 4);
 }
 
@@ -413,15 +323,6 @@ fn policy_check_reports_every_error_with_its_position() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-fn curl(args: &[&str]) -> String {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "-m", "10"])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn approval_page_and_metrics_on_the_admin_port() {
     let echo = EchoServer::start("127.10.3.6");
@@ -446,10 +347,10 @@ fn approval_page_and_metrics_on_the_admin_port() {
     let base = format!("http://{http}");
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
 
     // No token, a wrong token: refused.
-    let code = |args: &[&str]| curl(&[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
+    let code = |args: &[&str]| curl(args).0.to_string();
     assert_eq!(code(&[&format!("{base}/approvals")]), "401");
     assert_eq!(code(&[&format!("{base}/approvals?token=wrong")]), "401");
     assert_eq!(
@@ -463,7 +364,7 @@ fn approval_page_and_metrics_on_the_admin_port() {
         code(&["-c", jar, &format!("{base}/approvals?token={token}")]),
         "303"
     );
-    let page = curl(&["-b", jar, &format!("{base}/approvals")]);
+    let page = curl(&["-b", jar, &format!("{base}/approvals")]).1;
     assert!(page.contains("Signed in as <b>alice</b>"), "{page}");
     assert!(page.contains(&format!("id=\"approve-{id}\"")), "{page}");
     assert!(page.contains("connect 127.10.3.6"), "{page}");
@@ -486,13 +387,15 @@ fn approval_page_and_metrics_on_the_admin_port() {
         "303"
     );
     assert_eq!(l.answer(), "ok");
-    assert!(curl(&["-b", jar, &format!("{base}/approvals")]).contains("Nothing is waiting"));
+    assert!(curl(&["-b", jar, &format!("{base}/approvals")])
+        .1
+        .contains("Nothing is waiting"));
     assert!(
         !agent.log().contains(token),
         "the token must never be logged"
     );
 
-    let m = curl(&[&format!("{base}/metrics")]);
+    let m = curl(&[&format!("{base}/metrics")]).1;
     assert!(
         m.contains("loopgate_sessions_total{protocol=\"tcp\",workload=\"ops\"} 1"),
         "{m}"
@@ -512,67 +415,10 @@ fn approval_page_and_metrics_on_the_admin_port() {
     assert!(m.contains("loopgate_spool_pending_bytes 0"), "{m}");
 }
 
-/// A webhook receiver on loopback: answers 500 to the first POST, 200 after,
-/// and keeps every body.
-fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::Read;
-    let l = std::net::TcpListener::bind("127.10.3.20:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let b = bodies.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // Headers, then Content-Length bytes of body.
-            let body = loop {
-                let n = s.read(&mut chunk).unwrap_or(0);
-                if n == 0 {
-                    break None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).into_owned();
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let len: usize = text[..end]
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().ok())?
-                        })
-                        .unwrap_or(0);
-                    if buf.len() >= end + 4 + len {
-                        break Some(
-                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
-                        );
-                    }
-                }
-            };
-            let Some(body) = body else { continue };
-            let first = {
-                let mut v = b.lock().unwrap();
-                v.push(body);
-                v.len() == 1
-            };
-            let status = if first {
-                "500 Internal Server Error"
-            } else {
-                "200 OK"
-            };
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-    });
-    (format!("http://{addr}/hooks/T000/B000/secret-path"), bodies)
-}
-
 #[test]
 fn held_requests_are_announced_to_webhooks_with_retries() {
     let echo = EchoServer::start("127.10.3.7");
-    let (url, bodies) = webhook_receiver();
+    let (url, bodies) = webhook_receiver("127.10.3.20", "/hooks/T000/B000/secret-path", 1);
     let agent = Agent::start(
         AgentSpec::new("polhook")
             .target("db", &echo.addr.to_string(), "tcp")
@@ -586,7 +432,7 @@ fn held_requests_are_announced_to_webhooks_with_retries() {
     );
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let deadline = Instant::now() + Duration::from_secs(10);
     while bodies.lock().unwrap().len() < 2 {
         assert!(
@@ -642,7 +488,7 @@ fn approval_page_approves_with_a_real_click_in_headless_chromium() {
     );
     let mut l = Loop::start(&agent, "etl", echo.addr);
     l.go();
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     let shot = dir.path().join("approvals.png");
     let out = std::process::Command::new("node")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/approval_page.js"))
@@ -776,10 +622,10 @@ s.close()
             &port,
         ],
     );
-    let id = wait_pending_id(&agent);
+    let id = agent.wait_approval_id();
     assert!(child.wait().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !pending(&agent, "after hang-up").is_empty() {
+    while !agent.approvals().is_empty() {
         assert!(
             Instant::now() < deadline,
             "held request still listed after the loop hung up"
@@ -804,5 +650,5 @@ s.close()
     // No grant was created: the next connection is held again.
     let mut l = Loop::start(&agent, "ops", echo.addr);
     l.go();
-    wait_pending(&agent);
+    agent.wait_approval();
 }

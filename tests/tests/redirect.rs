@@ -301,48 +301,13 @@ fn host_name_targets_are_resolved() {
     assert_eq!(rows[0]["target"], "local");
 }
 
-/// A long-lived loop: one connect per line read from stdin.
-const PERSISTENT: &str = r#"
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-for line in sys.stdin:
-    try:
-        s = socket.create_connection((host, port), timeout=5)
-        s.sendall(b"ping")
-        data = s.recv(4)
-        s.close()
-        print("ok" if data == b"ping" else "bad %r" % data, flush=True)
-    except OSError as e:
-        print("error", e.errno, flush=True)
-"#;
-
-fn ask(child: &mut std::process::Child, out: &mut impl std::io::BufRead) -> String {
-    use std::io::Write;
-    writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    line.trim().to_owned()
-}
-
 #[test]
 fn killed_agent_fails_closed_and_restart_takes_over_without_retagging() {
     let echo = EchoServer::start("127.10.1.8");
     let mut agent =
         Agent::start(AgentSpec::new("failclosed").target("echo", &echo.addr.to_string(), "tcp"));
-    let script = agent.path("persistent.py");
-    std::fs::write(&script, PERSISTENT).unwrap();
-    let port = echo.addr.port().to_string();
-    let mut child = agent.spawn_exec(
-        "survivor",
-        &[
-            "/usr/bin/python3",
-            script.to_str().unwrap(),
-            "127.10.1.8",
-            &port,
-        ],
-    );
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    assert_eq!(ask(&mut child, &mut out), "ok");
+    let mut l = Loop::start(&agent, "survivor", echo.addr);
+    assert_eq!(l.ask(), "ok");
     assert_eq!(echo.accepted(), 1);
     agent.wait_sessions("first session closed", |s| {
         s.len() == 1 && s[0]["outcome"] == "ok"
@@ -351,7 +316,7 @@ fn killed_agent_fails_closed_and_restart_takes_over_without_retagging() {
     agent.kill9();
     let t = std::time::Instant::now();
     assert_eq!(
-        ask(&mut child, &mut out),
+        l.ask(),
         "error 111",
         "tagged loop must be refused (ECONNREFUSED)"
     );
@@ -384,10 +349,10 @@ fn killed_agent_fails_closed_and_restart_takes_over_without_retagging() {
         "pinned links re-used: {st}"
     );
     // Same process, same cgroup: no re-tagging.
-    assert_eq!(ask(&mut child, &mut out), "ok");
+    assert_eq!(l.ask(), "ok");
     assert_eq!(echo.accepted(), 3);
-    drop(child.stdin.take());
-    assert!(child.wait().unwrap().success());
+    drop(l.child.stdin.take());
+    assert!(l.child.wait().unwrap().success());
     let rows = agent.wait_sessions("two sessions", |s| {
         s.iter().filter(|r| r["outcome"] == "ok").count() == 2
     });
@@ -487,15 +452,7 @@ fn connection_to_the_proxy_without_a_record_is_closed_and_others_continue() {
 #[test]
 fn sre_named_cgroup_is_a_workload() {
     let echo = EchoServer::start("127.10.1.11");
-    let cg = cgroup2_mount().join("lgt-named.slice");
-    std::fs::create_dir_all(&cg).unwrap();
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            remove_cgroup_tree(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(cg.clone());
+    let cg = NamedCgroup::create("lgt-named.slice");
     let agent = Agent::start(
         AgentSpec::new("named")
             .target("echo", &echo.addr.to_string(), "tcp")
@@ -508,7 +465,7 @@ fn sre_named_cgroup_is_a_workload() {
         .arg("-c")
         .arg(format!(
             "echo $$ > {}/cgroup.procs && exec setpriv --reuid=nobody --regid=nogroup --clear-groups /usr/bin/python3 {} 127.10.1.11 {}",
-            cg.display(),
+            cg.path().display(),
             script.display(),
             echo.addr.port()
         ))
@@ -523,14 +480,7 @@ fn sre_named_cgroup_is_a_workload() {
 #[test]
 fn admin_socket_refuses_unprivileged_callers() {
     let agent = Agent::start(AgentSpec::new("adminauth"));
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = agent.cli_as("nobody", "nogroup", &["status"]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("Permission denied"),
@@ -554,14 +504,7 @@ fn admin_group_members_are_served() {
     let mut agent = agent;
     assert!(agent.terminate());
     agent.spawn();
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(loopgate_bin())
-        .arg("--config")
-        .arg(&agent.config)
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
+    let out = agent.cli_as("nobody", "nogroup", &["status", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["programs"].as_array().unwrap().len(), PROGRAMS);
