@@ -65,6 +65,12 @@ if ! cargo +nightly fuzz --version 2>/dev/null | grep -q ' 0\.13\.'; then
   log "cargo +nightly install cargo-fuzz@~0.13 --locked (2-3 minutes)"
   cargo +nightly install cargo-fuzz@~0.13 --locked --quiet
 fi
+# cargo-deny checks the dependency policy of deny.toml (licenses, bans,
+# sources) in cargo xtask test; pinned (xtask/src/deny.rs names the same version).
+if ! cargo deny --version 2>/dev/null | grep -qx 'cargo-deny 0\.20\.2'; then
+  log "cargo install cargo-deny@0.20.2 --locked (2-3 minutes)"
+  cargo install cargo-deny@0.20.2 --locked --quiet
+fi
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^clippy'; then
   log "rustup component add clippy --toolchain nightly (lints the eBPF crate)"
   rustup component add clippy --toolchain nightly

@@ -24,8 +24,41 @@
 //! - `lg_sock_release`: drops the per-socket record, and its `FLOWS` entry
 //!   unless the connection is established and waits in the proxy's accept
 //!   queue (the proxy takes that one, and checks it belongs to the peer).
+//!
+//! # Unsafe code
+//!
+//! Every `unsafe` block says why it is sound in a `SAFETY:` comment
+//! (`clippy::undocumented_unsafe_blocks` is denied). The comments rest on what
+//! the kernel checks when it loads the object (a check that fails refuses the
+//! load; it never fails a running program):
+//!
+//! - Context fields (`*ctx.sock_addr`, `*ctx.sock`, `*ctx.ops`): the pointer is
+//!   the context the kernel passes to the program; it is never null and never
+//!   changed here. The verifier checks each load and store through it against
+//!   the program type and attach type (`sock_addr_is_valid_access`,
+//!   `bpf_sock_is_valid_access`, `sock_ops_is_valid_access` in
+//!   net/core/filter.c): an offset inside the UAPI struct, a field this hook
+//!   may read (or write), an allowed size. It then rewrites the access into a
+//!   load or store on the kernel's own socket or socket address.
+//! - Helpers (`aya_ebpf::helpers::generated::*` are `unsafe fn`s that call a
+//!   kernel helper by number): the verifier checks each call against the
+//!   helper's prototype for this program type: the helper must be offered to
+//!   this type, and an argument declared as the context must be the context
+//!   pointer itself, at offset 0. Helpers without pointer arguments only
+//!   return a value.
+//! - `HashMap::get` / `LruHashMap::get` (unsafe in aya): the reference points
+//!   at the entry's value, `size_of::<V>()` bytes the verifier lets the
+//!   program read once the lookup's null check is done; the memory stays
+//!   valid until the program returns (these maps are preallocated and never
+//!   free an element while in use). What is not guaranteed: an entry deleted,
+//!   replaced or evicted (by the agent, a program on another CPU, or the LRU)
+//!   goes back to the free list at once and may be refilled for another key
+//!   while this program reads it. Each block copies what it needs at once,
+//!   and says what a value of another entry would cost there.
 #![no_std]
 #![no_main]
+// Every unsafe block says why it is sound (see "Unsafe code" above).
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use aya_ebpf::{
     bindings::{
@@ -103,7 +136,14 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 #[inline(always)]
 fn count(stat: u32) {
     if let Some(p) = STATS.get_ptr_mut(stat) {
-        // Per-CPU slot: no other writer while this program runs on this CPU.
+        // SAFETY: `p` (checked non-null) is this CPU's u64 at index `stat` of
+        // STATS, an array map: the verifier bounds the access to the 8-byte
+        // value, and array elements are never freed. Programs on other CPUs
+        // have their own slot. A program that interrupts this one on the same
+        // CPU (sockops from softirq, or a task that preempts this one: cgroup
+        // programs run with only migration disabled) can increment the same
+        // slot between this load and store; one increment is then lost, the
+        // access stays in bounds.
         unsafe { *p += 1 };
     }
 }
@@ -128,6 +168,10 @@ fn decide(addr: [u32; 4], port: u16) -> Verdict {
         port,
         _pad: 0,
     };
+    // SAFETY: see "Unsafe code": a value of TARGETS, read at once (one u32).
+    // Only the agent writes TARGETS, when targets change; a connect racing
+    // with such a change could read the id of the target whose entry took
+    // this one's slot.
     if let Some(t) = unsafe { TARGETS.get(key) } {
         return Verdict::Redirect(t.target_id);
     }
@@ -168,6 +212,9 @@ fn in_agent_netns<C: EbpfContext>(ctx: &C) -> bool {
     };
     // Not configured yet (0): nothing is redirected either.
     settings.netns_cookie == 0
+        // SAFETY: bpf_get_netns_cookie takes the context (its sock_addr and
+        // sock variants; callers pass a SockAddrContext); the verifier checks
+        // that `ctx.as_ptr()` is that context, unmodified. It returns a u64.
         || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == settings.netns_cookie
 }
 
@@ -183,6 +230,9 @@ fn make_record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, family: u16) 
     let ptr = ctx.as_ptr();
     let mut ancestors = [0u64; ANCESTOR_LEVELS];
     for (i, a) in ancestors.iter_mut().enumerate() {
+        // SAFETY: no pointer argument: the helper returns the id of the
+        // current task's cgroup ancestor at that level, or 0 past its depth.
+        // Offered to cgroup sock and sock_addr programs (make_record's callers).
         *a = unsafe { bpf_get_current_ancestor_cgroup_id(i as i32 + 1) };
     }
     ConnRecord {
@@ -198,10 +248,17 @@ fn make_record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, family: u16) 
         reason: 0,
         sock_type: SOCK_STREAM,
         protocol: 6,
+        // SAFETY: no argument; returns the current task's cgroup v2 id.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         ancestors,
+        // SAFETY: `ptr` is `ctx.as_ptr()`, the program's context (sock_addr,
+        // or sock for lg_sock_create), which the sock_addr and sock variants
+        // of this helper take; the verifier checks it. Returns a u64.
         netns_cookie: unsafe { bpf_get_netns_cookie(ptr) },
+        // SAFETY: as above: the context, checked by the verifier against the
+        // sock_addr / sock variant of bpf_get_socket_cookie. Returns a u64.
         socket_cookie: unsafe { bpf_get_socket_cookie(ptr) },
+        // SAFETY: no argument; returns CLOCK_MONOTONIC in ns.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
         flow: FlowKey::EMPTY,
@@ -211,6 +268,9 @@ fn make_record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, family: u16) 
 
 #[inline(always)]
 fn current_exe(tgid: u32) -> ExeKey {
+    // SAFETY: see "Unsafe code": a value of CURRENT_EXE, copied at once (16
+    // bytes). A slot refilled meanwhile (the exec/fork tracepoints, LRU) could
+    // name another image: audit data, not a permission.
     match unsafe { CURRENT_EXE.get(tgid) } {
         Some(k) => *k,
         None => ExeKey {
@@ -224,15 +284,19 @@ fn current_exe(tgid: u32) -> ExeKey {
 /// Whether the current task is a tagged loop's (below an attach point).
 #[inline(always)]
 fn current_is_tagged() -> bool {
+    // SAFETY: no argument; returns the current task's cgroup v2 id.
     let own = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: only whether the key is present is used; the value is not read.
     if unsafe { ATTACH_POINTS.get(own) }.is_some() {
         return true;
     }
     for level in 1..=ANCESTOR_LEVELS as i32 {
+        // SAFETY: no pointer argument; 0 past the task's cgroup depth.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
             return false;
         }
+        // SAFETY: only whether the key is present is used; the value is not read.
         if unsafe { ATTACH_POINTS.get(id) }.is_some() {
             return true;
         }
@@ -253,15 +317,32 @@ pub fn lg_exec(ctx: TracePointContext) -> u32 {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // __data_loc: the low 16 bits are the offset of the string in the record.
+    // SAFETY: `read_at` copies 4 bytes from ctx + off with
+    // bpf_probe_read_kernel, which returns an error on a bad address instead
+    // of faulting. The context is the raw sched_process_exec record; `off` is
+    // the offset of its `__data_loc char[] filename` field (4 bytes: a u32),
+    // which the agent reads from the event's tracefs format file.
     let Ok(loc) = (unsafe { ctx.read_at::<u32>(off as usize) }) else {
         return 0;
     };
     let Some(buf) = EXE_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: a per-CPU slot, ours while this program runs.
+    // SAFETY: `buf` (checked non-null) is this CPU's ExePath in EXE_SCRATCH,
+    // an array map value (never freed); lg_exec is its only user. Tracepoint
+    // programs run from trace_call_bpf, which starts no second kprobe or
+    // tracepoint program on a CPU while one runs there (bpf_prog_active), so
+    // nothing else touches this slot until we return: the `&mut` is unique.
     let buf = unsafe { &mut *buf };
+    // SAFETY: the string lies `loc & 0xffff` bytes into the record the
+    // context points at (`__data_loc` offsets count from the record's start,
+    // below 64 KiB). `src` is only handed to bpf_probe_read_kernel_str below,
+    // never dereferenced here.
     let src = unsafe { (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize) };
+    // SAFETY: bpf_probe_read_kernel_str copies at most `buf.path.len()` bytes
+    // (NUL included) into `buf.path` (the verifier checks that this size fits
+    // in the map value) and fails instead of faulting on a bad `src`; aya
+    // checks the returned length against the buffer before making the slice.
     let n = match unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut buf.path) }
     {
         Ok(s) => s.len() as u32,
@@ -271,6 +352,7 @@ pub fn lg_exec(ctx: TracePointContext) -> u32 {
     let key = ExeKey {
         tgid,
         _pad: 0,
+        // SAFETY: no argument; returns CLOCK_MONOTONIC in ns.
         seq: unsafe { bpf_ktime_get_ns() },
     };
     if EXES.insert(key, buf, 0).is_ok() {
@@ -291,9 +373,16 @@ pub fn lg_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: `read_at` copies 4 bytes from ctx + off with
+    // bpf_probe_read_kernel (an error, not a fault, on a bad address). The
+    // context is the raw sched_process_fork record; `off` is the offset of its
+    // `pid_t child_pid` field (4 bytes), read by the agent from tracefs.
     let Ok(child) = (unsafe { ctx.read_at::<u32>(off as usize) }) else {
         return 0;
     };
+    // SAFETY: see "Unsafe code": a value of CURRENT_EXE, copied at once
+    // (`*k`). A slot refilled meanwhile could give the child another image's
+    // key: audit data, not a permission.
     if let Some(k) = unsafe { CURRENT_EXE.get(parent) } {
         let k = *k;
         let _ = CURRENT_EXE.insert(child, k, 0);
@@ -305,6 +394,8 @@ pub fn lg_fork(ctx: TracePointContext) -> u32 {
 /// record of its previous destination.
 #[inline(always)]
 fn forget(ctx: &SockAddrContext) {
+    // SAFETY: the sock_addr variant of bpf_get_socket_cookie takes the
+    // context; the verifier checks `ctx.as_ptr()` is it. Returns a u64.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = BY_COOKIE.remove(cookie);
 }
@@ -352,6 +443,8 @@ fn is_dns(port: u16) -> bool {
 /// address and port number, in UDP), remembering where it was going.
 #[inline(always)]
 fn redirect_dns(ctx: &SockAddrContext, addr: [u32; 4], port: u16, v6: bool) -> i32 {
+    // SAFETY: the sock_addr variant of bpf_get_socket_cookie takes the
+    // context; the verifier checks `ctx.as_ptr()` is it. Returns a u64.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = TargetKey {
         addr,
@@ -444,7 +537,9 @@ fn store_redirect(ctx: &SockAddrContext, rec: &ConnRecord) -> Option<u16> {
 #[cgroup_sock_addr(connect4)]
 pub fn lg_connect4(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: the verifier guarantees `sock_addr` points at a valid context.
+    // SAFETY: `sa` is the program's context. `type` and `protocol` are
+    // read-only u32 fields of every sock_addr hook, read whole (4 bytes, the
+    // only size the verifier accepts for them).
     let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
     let (addr, port) = user_addr4(&ctx);
     let target_id = match connect(&ctx, addr, port, AF_INET, sock_type, protocol) {
@@ -465,6 +560,8 @@ pub fn lg_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn lg_connect6(ctx: SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context. `type` and `protocol` are
+    // read-only u32 fields of every sock_addr hook, read whole (4 bytes).
     let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
     let (addr, port) = user_addr6(&ctx);
     let mapped = is_mapped(&addr);
@@ -487,6 +584,8 @@ pub fn lg_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn sendmsg(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context. `type` and `protocol` are
+    // read-only u32 fields of every sock_addr hook, read whole (4 bytes).
     let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
     if !in_agent_netns(ctx) {
         return deny(
@@ -520,6 +619,11 @@ fn sendmsg(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32
 #[inline(always)]
 fn user_addr4(ctx: &SockAddrContext) -> ([u32; 4], u16) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context. Called only from IPv4 hooks
+    // (connect4, sendmsg4, recvmsg4, bind4), the attach types for which the
+    // verifier lets a program read `user_ip4`; `user_port` is readable from
+    // every sock_addr hook. Both are 4-byte reads of u32 fields; the kernel
+    // loads the 2-byte network-order port into the low 16 bits.
     let (ip4, port_word) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     (v4_mapped(ip4), u16::from_be(port_word as u16))
 }
@@ -529,6 +633,10 @@ fn user_addr4(ctx: &SockAddrContext) -> ([u32; 4], u16) {
 #[inline(always)]
 fn user_addr6(ctx: &SockAddrContext) -> ([u32; 4], u16) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context. Called only from IPv6 hooks
+    // (connect6, sendmsg6, recvmsg6, bind6), the attach types for which the
+    // verifier lets a program read `user_ip6`; each word is one aligned 4-byte
+    // read inside the array, plus the 4-byte `user_port` read as above.
     let (w0, w1, w2, w3, port_word) = unsafe {
         (
             (*sa).user_ip6[0],
@@ -545,6 +653,11 @@ fn user_addr6(ctx: &SockAddrContext) -> ([u32; 4], u16) {
 #[inline(always)]
 fn set_user_addr4(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context. Called only from IPv4 hooks
+    // (connect4, sendmsg4, recvmsg4, getpeername4), attach types for which
+    // the verifier accepts stores to `user_ip4` and `user_port`. Both stores
+    // are 4 bytes, the size it requires for a store; the kernel writes the
+    // low 16 bits of `user_port` as the network-order port.
     unsafe {
         (*sa).user_ip4 = addr[3];
         (*sa).user_port = port.to_be() as u32;
@@ -555,6 +668,10 @@ fn set_user_addr4(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
 #[inline(always)]
 fn set_user_addr6(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context. Called only from IPv6 hooks
+    // (connect6, sendmsg6, recvmsg6, getpeername6), attach types for which
+    // the verifier accepts stores to `user_ip6` and `user_port`. Each store is
+    // one aligned 4-byte word of `user_ip6`, then the 4-byte `user_port`.
     unsafe {
         (*sa).user_ip6[0] = addr[0];
         (*sa).user_ip6[1] = addr[1];
@@ -601,7 +718,12 @@ fn restore_dns_source(ctx: &SockAddrContext, addr: &[u32; 4], port: u16) -> Opti
     if proxy_port == 0 || port != proxy_port || !is_proxy_address(addr) {
         return None;
     }
+    // SAFETY: the sock_addr variant of bpf_get_socket_cookie takes the
+    // context; the verifier checks `ctx.as_ptr()` is it. Returns a u64.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: see "Unsafe code": this socket's DNS_ORIG value, copied at once
+    // (24 bytes). A slot refilled meanwhile (a query from another thread on
+    // this socket, LRU) could show the reply as coming from another address.
     unsafe { DNS_ORIG.get(cookie) }.copied()
 }
 
@@ -632,6 +754,8 @@ fn bind(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32 {
         return ALLOW;
     }
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context. `type` and `protocol` are
+    // read-only u32 fields of every sock_addr hook, read whole (4 bytes).
     let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
     let proxy_port = SETTINGS.get(0).map(|s| s.proxy_port).unwrap_or(0);
     // The proxy port is the agent's in TCP (proxy) and UDP (resolver).
@@ -655,8 +779,10 @@ fn bind(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> i32 {
         _pad: 0,
     };
     let taken = (proxy_port != 0 && port == proxy_port)
+        // SAFETY: only whether the key is present is used; the value is not read.
         || unsafe { TARGETS.get(key) }.is_some()
         || (is_wildcard(&addr)
+            // SAFETY: only whether the key is present is used; the value is not read.
             && unsafe { TARGET_PORTS.get(PortKey { port: port as u32 }) }.is_some());
     if taken {
         return deny(
@@ -689,6 +815,9 @@ pub fn lg_bind6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn lg_sock_create(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
+    // SAFETY: `sk` is the program's context (a cgroup/sock program's
+    // `bpf_sock`). `family`, `type` and `protocol` are u32 fields this program
+    // type may read, each read whole (4 bytes).
     let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
     if egress_mode() != EGRESS_DENY {
         return ALLOW;
@@ -717,7 +846,14 @@ pub fn lg_sockops(ctx: SockOpsContext) -> u32 {
         // connect failed, it was reset, or it is done) can never be accepted
         // by the proxy again: its flow record goes.
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            // SAFETY: the sock_ops variant of bpf_get_socket_cookie takes the
+            // context; the verifier checks `ctx.as_ptr()` is it. Returns a u64.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: see "Unsafe code": this socket's BY_COOKIE value; only
+            // `rec.flow` is read, copied at once. If sock_release on another
+            // CPU removed it and the slot was refilled meanwhile, another
+            // connection's flow could be removed: its proxy lookup then fails
+            // closed.
             if let Some(rec) = unsafe { BY_COOKIE.get(cookie) } {
                 if FLOWS.remove(rec.flow).is_ok() {
                     count(STAT_FLOW_DROPPED);
@@ -731,6 +867,8 @@ pub fn lg_sockops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn rekey(ctx: &SockOpsContext) {
+    // SAFETY: the sock_ops variant of bpf_get_socket_cookie takes the
+    // context; the verifier checks `ctx.as_ptr()` is it. Returns a u64.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(rec) = BY_COOKIE.get_ptr_mut(cookie) else {
         return;
@@ -740,6 +878,11 @@ fn rekey(ctx: &SockOpsContext) {
     // compiler cannot fold the IPv4/IPv6 choice into one load at a computed
     // context offset (the verifier rejects that as "dereference of modified
     // ctx ptr").
+    // SAFETY: `ops` is the program's context (`bpf_sock_ops`). The local
+    // address and port fields are u32s any sock_ops program may read, each
+    // read whole (4 bytes, the size the verifier requires), at a constant
+    // offset. The kernel reads them from the socket's `sock_common`, present
+    // whatever the family (for an IPv4 socket the IPv6 words are unused).
     let (l4, l0, l1, l2, l3, lport) = unsafe {
         (
             core::ptr::read_volatile(&(*ops).local_ip4),
@@ -750,6 +893,7 @@ fn rekey(ctx: &SockOpsContext) {
             core::ptr::read_volatile(&(*ops).local_port),
         )
     };
+    // SAFETY: as above, for the remote address and port fields.
     let (r4, r0, r1, r2, r3, rport) = unsafe {
         (
             core::ptr::read_volatile(&(*ops).remote_ip4),
@@ -760,7 +904,14 @@ fn rekey(ctx: &SockOpsContext) {
             core::ptr::read_volatile(&(*ops).remote_port),
         )
     };
-    // SAFETY: a pointer into the map value, valid while this program runs.
+    // SAFETY: `rec` (checked non-null) is this socket's BY_COOKIE value, a
+    // whole ConnRecord that stays valid until we return. Its other writers run
+    // for this socket: connect4/6 stored it earlier in this same connect()
+    // (the connect hook runs before tcp_connect), and sock_release cannot run
+    // while connect() holds the socket. A getpeername() from another thread
+    // may read `orig_addr`/`orig_port` meanwhile; this block writes only
+    // `flow`. An LRU eviction refilling the slot meanwhile could only misfile
+    // records, which the proxy's peer check refuses.
     let rec = unsafe { &mut *rec };
     let v4 = rec.via_v4 != 0;
     rec.flow = FlowKey {
@@ -785,7 +936,14 @@ fn rekey(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn original_peer(ctx: &SockAddrContext) -> Option<&'static ConnRecord> {
+    // SAFETY: the sock_addr variant of bpf_get_socket_cookie takes the
+    // context; the verifier checks `ctx.as_ptr()` is it. Returns a u64.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: see "Unsafe code": this socket's BY_COOKIE value. The
+    // `'static` is wider than the truth (valid until the program returns):
+    // both callers copy `orig_addr`/`orig_port` into the context at once and
+    // return. A slot refilled meanwhile (the socket connecting again from
+    // another thread, LRU) could show another connection's original peer.
     unsafe { BY_COOKIE.get(cookie) }
 }
 
@@ -807,9 +965,17 @@ pub fn lg_getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock(sock_release)]
 pub fn lg_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the cgroup/sock variant of bpf_get_socket_cookie takes the
+    // context; the verifier checks `ctx.as_ptr()` is it. Returns a u64.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = DNS_ORIG.remove(cookie);
+    // SAFETY: `ctx.sock` is the program's context (`bpf_sock`); `state` is a
+    // u32 field this program type may read, read whole (4 bytes).
     let state = unsafe { (*ctx.sock).state };
+    // SAFETY: see "Unsafe code": this socket's BY_COOKIE value; only
+    // `rec.flow` is read, copied at once. A slot refilled meanwhile (a
+    // TCP_CLOSE callback on another CPU, then a new insert) could remove
+    // another connection's flow: its proxy lookup then fails closed.
     if let Some(rec) = unsafe { BY_COOKIE.get(cookie) } {
         // A connection still being set up (or already closed) never reaches
         // the proxy: its flow record goes with the socket. An established one

@@ -1,7 +1,7 @@
-//! `cargo xtask setup | test | demo | bench | fuzz`: prerequisites, the test
-//! suite, the demo environment, the benchmarks and the fuzz targets. Every
-//! command that needs the prerequisites installs what is missing first
-//! (vagrant/provision.sh).
+//! `cargo xtask setup | test | demo | bench | fuzz | deny`: prerequisites, the
+//! test suite, the demo environment, the benchmarks, the fuzz targets and the
+//! dependency policy. Every command that needs the prerequisites installs what
+//! is missing first (vagrant/provision.sh).
 
 use std::{
     path::{Path, PathBuf},
@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod deny;
 mod env;
 mod fuzz;
 
@@ -25,10 +26,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker 0.10).
+    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker 0.10,
+    /// cargo-fuzz, cargo-deny).
     Setup,
-    /// Format check, clippy -D warnings, unit tests, the privileged end-to-end
-    /// tests, and (without a filter) a short run of every fuzz target.
+    /// Format check, the dependency policy (cargo-deny), clippy -D warnings,
+    /// unit tests, the privileged end-to-end tests, and (without a filter) a
+    /// short run of every fuzz target.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -65,6 +68,9 @@ enum Cmd {
         #[arg(long, conflicts_with = "cmin")]
         scratch: bool,
     },
+    /// The dependency policy of deny.toml: `cargo deny check licenses bans
+    /// sources` (cargo-deny installed when missing).
+    Deny,
     /// The benchmark client (run by `bench`, tagged and untagged).
     #[command(hide = true)]
     BenchClient { args: Vec<String> },
@@ -116,6 +122,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             };
             fuzz::fuzz(&name, secs, corpus)
         }
+        Cmd::Deny => deny::check(),
         Cmd::BenchClient { args } => bench::client(&args),
     }
 }
@@ -158,6 +165,7 @@ fn test(filter: Option<String>) -> Result<()> {
         bail!("the end-to-end tests attach eBPF programs and create cgroups: run `cargo xtask test` as root");
     }
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    deny::check()?;
     // The kernel crate is checked for its own target: on the host, feature
     // unification would give it aya's std.
     run(cargo().args([
