@@ -105,6 +105,20 @@ write("policy", "http-rules", (
     'action = "allow"\n[[rules]]\nid = "mask-orders"\ntargets = ["*"]\nprotocols = ["http"]\n'
     'paths = ["/orders/*"]\naction = "mask"\nmask = ["card_number"]\n'))
 
+# CEL conditions, well-formed and broken (0.9.1's parser panicked on odd
+# byte-string escapes: such a policy must be an error, never a crash).
+for i, when in enumerate([
+    "http.method == 'DELETE' && http.path.startsWith('/admin/')",
+    "http.headers['x-env'] == 'prod' && !('ops' in jwt.claims.groups)",
+    "workload.matches('^etl-[0-9]+$') || uid == 0",
+    "http.path.matches('(a+)+$') && size(http.headers) > 3",
+    "b'{||\\\\b',1",
+    "http.method == ",
+    "[1, 2, 3].exists(x, x > uid)",
+]):
+    write("policy", f"when-{i}",
+          f'[[rules]]\nid = "w{i}"\ntargets = ["*"]\nwhen = "{when}"\naction = "deny"\n')
+
 # Agent configs: the shipped example and the tests' snippets.
 write("config", "dist", (ROOT / "dist/agent.toml").read_bytes())
 config = (ROOT / "agent/src/config.rs").read_text()
