@@ -220,12 +220,23 @@ pub struct PortKey {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
+    // Each type below is `#[repr(C)]` with integer and integer-array fields
+    // only, and every padding byte is an explicit field (the maps' ABI):
+    // any bit pattern is a valid value, and none is left uninitialised.
+    // SAFETY: as above.
     unsafe impl aya::Pod for TargetKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for TargetValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Settings {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ConnRecord {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for PortKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ExeKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ExePath {}
 }

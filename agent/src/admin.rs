@@ -87,15 +87,13 @@ pub struct Server {
     tagged: Arc<[String]>,
 }
 
-/// Looks a group up by name.
+/// Looks a group up by name (thread-safe: `getgrnam_r`).
 pub fn group_id(name: &str) -> Result<u32, AdminError> {
-    let c = std::ffi::CString::new(name).map_err(|_| AdminError::UnknownGroup(name.into()))?;
-    // SAFETY: getgrnam returns a pointer into static storage or null; we only read gr_gid.
-    let g = unsafe { libc::getgrnam(c.as_ptr()) };
-    if g.is_null() {
-        return Err(AdminError::UnknownGroup(name.into()));
-    }
-    Ok(unsafe { (*g).gr_gid })
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| AdminError::UnknownGroup(name.into()))
 }
 
 impl Server {
@@ -122,18 +120,16 @@ impl Server {
             std::fs::remove_file(path).map_err(io)?;
         }
         // Create the socket with no access for anyone, then open it up as configured.
-        // SAFETY: umask is process-wide but we restore it right after bind.
-        let old = unsafe { libc::umask(0o177) };
+        // (The umask is process-wide: it is restored right after the bind.)
+        use nix::sys::stat::{umask, Mode};
+        let old = umask(Mode::from_bits_truncate(0o177));
         let listener = UnixListener::bind(path);
-        unsafe { libc::umask(old) };
+        umask(old);
         let listener = listener.map_err(io)?;
         let mode = if let Some(gid) = gid {
-            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-                .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-            // SAFETY: chown on a path we just created; -1 keeps the owner.
-            if unsafe { libc::chown(c.as_ptr(), u32::MAX, gid) } != 0 {
-                return Err(io(std::io::Error::last_os_error()));
-            }
+            // The owner stays; the group is the admin group.
+            nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+                .map_err(|e| io(e.into()))?;
             0o660
         } else {
             0o600
@@ -204,8 +200,7 @@ fn peer_groups(fd: i32, gid: u32) -> Vec<u32> {
 }
 
 fn authorised(uid: u32, groups: &[u32], group: Option<u32>) -> bool {
-    // SAFETY: geteuid has no failure mode.
-    if uid == 0 || uid == unsafe { libc::geteuid() } {
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
         return true;
     }
     group.is_some_and(|g| groups.contains(&g))

@@ -124,48 +124,30 @@ fn loop_env(
     env
 }
 
+/// The account `name` (thread-safe lookups: `getpwnam_r`, `getgrouplist`).
 fn lookup_user(name: &str) -> Result<Account, ExecError> {
-    let c = CString::new(name).map_err(|_| ExecError::NoUser(name.into()))?;
-    // SAFETY: getpwnam returns static storage or null; fields are copied out at once.
-    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
-    if pw.is_null() {
-        return Err(ExecError::NoUser(name.into()));
-    }
-    let (uid, gid, home, shell) = unsafe {
-        let text = |p: *const libc::c_char| {
-            if p.is_null() {
-                String::new()
-            } else {
-                std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-            }
-        };
-        (
-            (*pw).pw_uid,
-            (*pw).pw_gid,
-            text((*pw).pw_dir),
-            text((*pw).pw_shell),
-        )
-    };
-    let shell = if shell.is_empty() {
-        "/bin/sh".to_owned()
-    } else {
-        shell
-    };
-    let mut n: libc::c_int = 64;
-    let mut groups = vec![0 as libc::gid_t; n as usize];
-    // SAFETY: buffer of n entries; getgrouplist updates n.
-    let r = unsafe { libc::getgrouplist(c.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
-    if r < 0 {
-        groups.resize(n.max(0) as usize, 0);
-        unsafe { libc::getgrouplist(c.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
-    }
-    groups.truncate(n.max(0) as usize);
+    let no_user = || ExecError::NoUser(name.into());
+    let user = nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .ok_or_else(no_user)?;
+    let c = CString::new(name).map_err(|_| no_user())?;
+    let groups = nix::unistd::getgrouplist(&c, user.gid)
+        .map_err(|_| no_user())?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    let shell = user.shell.to_string_lossy().into_owned();
     Ok(Account {
         name: name.to_owned(),
-        uid,
-        gid,
-        home,
-        shell,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        home: user.dir.to_string_lossy().into_owned(),
+        shell: if shell.is_empty() {
+            "/bin/sh".to_owned()
+        } else {
+            shell
+        },
         groups,
     })
 }
@@ -175,8 +157,10 @@ static CHILD: AtomicI32 = AtomicI32::new(0);
 extern "C" fn forward(sig: libc::c_int) {
     let pid = CHILD.load(Ordering::SeqCst);
     if pid > 0 {
-        // SAFETY: kill is async-signal-safe.
-        unsafe { libc::kill(pid, sig) };
+        // kill(2) is async-signal-safe; a signal number we were given.
+        if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
     }
 }
 
@@ -186,8 +170,7 @@ pub fn run(cfg: &Config, args: ExecArgs) -> Result<i32, ExecError> {
     if let Some(bad) = args.env.iter().find(|n| !valid_env_name(n)) {
         return Err(ExecError::BadEnv(bad.clone()));
     }
-    // SAFETY: geteuid has no failure mode.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Err(ExecError::NotRoot);
     }
     let user = args
@@ -249,7 +232,15 @@ pub fn run(cfg: &Config, args: ExecArgs) -> Result<i32, ExecError> {
         }
     }
     let with_tty = pty.is_some();
-    let (uid, gid, groups) = (account.uid, account.gid, account.groups.clone());
+    let (uid, gid) = (
+        nix::unistd::Uid::from_raw(account.uid),
+        nix::unistd::Gid::from_raw(account.gid),
+    );
+    let groups: Vec<nix::unistd::Gid> = account
+        .groups
+        .iter()
+        .map(|&g| nix::unistd::Gid::from_raw(g))
+        .collect();
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe system calls on memory prepared before the fork.
     unsafe {
@@ -269,16 +260,11 @@ pub fn run(cfg: &Config, args: ExecArgs) -> Result<i32, ExecError> {
             if libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::unistd::setgroups(&groups)?;
+            nix::unistd::setgid(gid)?;
+            nix::unistd::setuid(uid)?;
             // No setuid binary can bring root back (root could leave the cgroup).
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::sys::prctl::set_no_new_privs()?;
             Ok(())
         });
     }
@@ -334,10 +320,9 @@ fn remove_instance(dir: &Path) {
 }
 
 fn rand_u32() -> u32 {
+    use ring::rand::SecureRandom;
     let mut b = [0u8; 4];
-    // SAFETY: getrandom into a 4-byte buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
-    if n == 4 {
+    if ring::rand::SystemRandom::new().fill(&mut b).is_ok() {
         u32::from_ne_bytes(b)
     } else {
         std::time::SystemTime::now()

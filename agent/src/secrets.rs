@@ -4,6 +4,8 @@
 
 use std::{fmt, path::PathBuf};
 
+use secrecy::{ExposeSecret, SecretString};
+
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,18 +40,23 @@ pub enum SecretError {
     },
 }
 
-/// A secret value. `Debug` and `Display` print `[redacted]`.
+/// A secret value (`secrecy`: zeroized when dropped). `Debug` and
+/// `Display` print `[redacted]`.
 #[derive(Clone)]
-pub struct Secret(String);
+pub struct Secret(SecretString);
 
 impl Secret {
+    fn new(v: String) -> Self {
+        Secret(SecretString::from(v))
+    }
+
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 
     #[cfg(test)]
     pub fn for_tests(v: &str) -> Self {
-        Secret(v.to_owned())
+        Secret::new(v.to_owned())
     }
 }
 
@@ -81,12 +88,12 @@ pub fn read_file(cfg: &Config, key: &str, path: &std::path::Path) -> Result<Secr
             path: path.to_owned(),
         });
     }
-    Ok(Secret(v))
+    Ok(Secret::new(v))
 }
 
 fn read_env(cfg: &Config, key: &str, var: &str) -> Result<Secret, SecretError> {
     match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Ok(Secret(v)),
+        Ok(v) if !v.is_empty() => Ok(Secret::new(v)),
         _ => Err(SecretError::Env {
             file: cfg.source.clone(),
             key: key.to_owned(),
@@ -176,15 +183,19 @@ pub fn target_credentials(
         };
         let authorization = match (&token, &c.username, &password) {
             _ if t.protocol != crate::config::Protocol::Http => None,
-            (Some(t), _, _) => Some(Secret(format!("Bearer {}", t.0))),
-            (None, Some(u), Some(p)) => Some(Secret(format!(
+            (Some(t), _, _) => Some(Secret::new(format!("Bearer {}", t.expose()))),
+            (None, Some(u), Some(p)) => Some(Secret::new(format!(
                 "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{}", p.0))
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{}", p.expose()))
             ))),
             _ => None,
         };
         if let Some(a) = &authorization {
-            if !a.0.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+            if !a
+                .expose()
+                .bytes()
+                .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+            {
                 return Err(SecretError::NotAHeader {
                     file: cfg.source.clone(),
                     key: key(if token.is_some() {
@@ -248,8 +259,8 @@ impl SecretMasker {
         let mut secrets: Vec<Vec<u8>> = secrets
             .iter()
             // Very short values would mask ordinary bytes everywhere.
-            .filter(|s| s.0.len() >= 4)
-            .map(|s| s.0.as_bytes().to_vec())
+            .filter(|s| s.expose().len() >= 4)
+            .map(|s| s.expose().as_bytes().to_vec())
             .collect();
         secrets.sort();
         secrets.dedup();
@@ -302,7 +313,7 @@ mod tests {
 
     #[test]
     fn secrets_are_masked_and_never_printed() {
-        let s = Secret("hunter2-db-pass".into());
+        let s = Secret::for_tests("hunter2-db-pass");
         assert_eq!(format!("{s} {s:?}"), "[redacted] [redacted]");
         let m = SecretMasker::new(&[s]);
         let mut data = b"user=app password=hunter2-db-pass; again hunter2-db-pass".to_vec();

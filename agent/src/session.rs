@@ -145,7 +145,7 @@ pub struct Session {
     claims: Arc<Mutex<Option<Arc<Claims>>>>,
     /// Why the session decision refused the session, once it did.
     denied: Mutex<Option<String>>,
-    credential: Option<StoredCredential>,
+    credential: Option<Arc<StoredCredential>>,
     capture: Option<Capture>,
     counters: Arc<Counters>,
     /// The loop's socket, watched for hang-ups while a request is held.
@@ -163,7 +163,7 @@ pub struct Opening {
     pub upstream: SocketAddr,
     pub jwt: Option<(String, Arc<JwtVerifier>)>,
     pub claims: Arc<Mutex<Option<Arc<Claims>>>>,
-    pub credential: Option<StoredCredential>,
+    pub credential: Option<Arc<StoredCredential>>,
     pub capture: Option<Capture>,
     pub counters: Arc<Counters>,
     pub client_fd: RawFd,
@@ -226,7 +226,12 @@ impl Session {
 
     /// The target's stored credential, if it has one.
     pub fn credential(&self) -> Option<&StoredCredential> {
-        self.credential.as_ref()
+        self.credential.as_deref()
+    }
+
+    /// The same, shared (no copy of the secrets).
+    pub fn shared_credential(&self) -> Option<Arc<StoredCredential>> {
+        self.credential.clone()
     }
 
     pub fn masker(&self) -> &Arc<dyn Masker> {

@@ -62,7 +62,7 @@ pub struct Proxy {
     /// take records.
     pub audit_refuse: bool,
     /// Stored credentials, by target name.
-    pub credentials: HashMap<String, crate::secrets::StoredCredential>,
+    pub credentials: HashMap<String, Arc<crate::secrets::StoredCredential>>,
     /// This host's name, in every audit row.
     pub host: String,
     pub sessions: SessionTable,
@@ -100,22 +100,7 @@ pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
 }
 
 fn socket2_v6only(s: &tokio::net::TcpSocket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt on a valid socket with an int option.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    socket2::SockRef::from(s).set_only_v6(true)
 }
 
 impl Proxy {

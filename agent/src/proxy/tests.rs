@@ -204,7 +204,7 @@ fn harness_with(
         capture_budget: crate::limits::CaptureBudget::new(0, Duration::from_secs(3600)),
         limits: crate::limits::SessionLimits::new(64, 16),
         audit_refuse: true,
-        credentials: HashMap::from([("api".to_owned(), credential)]),
+        credentials: HashMap::from([("api".to_owned(), Arc::new(credential))]),
         host: "test-host".into(),
         sessions: SessionTable::default(),
         netns_cookie: 1,

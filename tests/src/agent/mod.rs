@@ -37,9 +37,10 @@ pub fn loopgate_bin() -> PathBuf {
 }
 
 pub fn require_root() {
-    // SAFETY: geteuid has no failure mode.
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
+        euid,
         0,
         "end-to-end tests attach eBPF programs and create cgroups: run them as root (`cargo xtask test`)"
     );

@@ -110,7 +110,7 @@ impl ProtocolHandler for Postgres {
 
     async fn serve(&self, session: Arc<Session>, client: TcpStream) -> Outcome {
         let conn = Conn {
-            credential: session.credential().cloned().unwrap_or_default(),
+            credential: session.shared_credential().unwrap_or_default(),
             s: session,
         };
         serve(conn, client).await
@@ -120,7 +120,7 @@ impl ProtocolHandler for Postgres {
 /// One loop connection to a PostgreSQL target.
 struct Conn {
     s: Arc<Session>,
-    credential: StoredCredential,
+    credential: Arc<StoredCredential>,
 }
 
 async fn serve(s: Conn, mut client: TcpStream) -> Outcome {

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use tokio::{io::Interest, net::TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ use crate::{
 
 /// Most bytes moved per splice call, and the pipe size asked for.
 const BUF: usize = 1 << 20;
-const PIPE_SIZE: libc::c_int = 1 << 20;
+const PIPE_SIZE: i32 = 1 << 20;
 /// Bytes per direction copied through user space before switching to splice.
 const COPY_LIMIT: usize = 256 * 1024;
 const COPY_BUF: usize = 32 * 1024;
@@ -244,37 +244,25 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> std::io::Result<Self> {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills two fds on success.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: both fds are new and ours.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // A larger pipe moves more per splice; failure only costs speed.
-        // SAFETY: fcntl on our own fd.
-        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         Ok(Self { r, w })
     }
 }
 
-fn splice(from: i32, to: i32, len: usize) -> std::io::Result<usize> {
-    // SAFETY: plain splice(2) between fds we hold, no offsets.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+/// splice(2) between two descriptors, no offsets, non-blocking.
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> std::io::Result<usize> {
+    use nix::fcntl::SpliceFFlags;
+    Ok(nix::fcntl::splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+    )?)
 }
 
 /// Moves one direction. The first `COPY_LIMIT` bytes are copied through a
@@ -342,9 +330,7 @@ async fn pump(
             from.readable()
                 .await
                 .map_err(|e| fail(side, "reading from", e))?;
-            match from.try_io(Interest::READABLE, || {
-                splice(from.as_raw_fd(), pipe.w.as_raw_fd(), BUF)
-            }) {
+            match from.try_io(Interest::READABLE, || splice(from, &pipe.w, BUF)) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(fail(side, "reading from", e)),
@@ -359,9 +345,7 @@ async fn pump(
             to.writable()
                 .await
                 .map_err(|e| fail(other, "writing to", e))?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.r.as_raw_fd(), to.as_raw_fd(), left)
-            }) {
+            match to.try_io(Interest::WRITABLE, || splice(&pipe.r, to, left)) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(fail(other, "writing to", e)),
@@ -375,8 +359,7 @@ async fn pump(
 
 /// Propagates a half-close; the peer may already be gone, which is fine.
 fn half_close(to: &TcpStream) {
-    // SAFETY: shutdown(2) on a socket we hold.
-    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
 }
 
 #[cfg(test)]
