@@ -450,3 +450,202 @@ impl Approvals {
 pub fn describe_timeout(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditSink, SinkStats};
+    use tokio_util::sync::CancellationToken;
+
+    #[derive(Default)]
+    struct Rows(Mutex<Vec<ApprovalRow>>);
+
+    impl AuditSink for Rows {
+        fn record(&self, rec: Record) {
+            if let Record::Approval(a) = rec {
+                self.0.lock().unwrap().push(a);
+            }
+        }
+        fn stats(&self) -> SinkStats {
+            SinkStats::default()
+        }
+    }
+
+    fn approvals(rows: Arc<Rows>) -> Arc<Approvals> {
+        Arc::new(
+            Approvals::new(
+                HashMap::from([(0, "root-operator".into()), (1001, "alice".into())]),
+                rows,
+                "h".into(),
+                Arc::new(crate::metrics::Metrics::new()),
+            )
+            .with_max_pending_per_workload(2),
+        )
+    }
+
+    fn held(session: Uuid) -> Held {
+        Held {
+            approval_id: Uuid::now_v7(),
+            session_id: session,
+            workload: "etl".into(),
+            target: "db".into(),
+            rule_id: "hold".into(),
+            reason: "needs a human".into(),
+            request: "connect 10.0.0.5:5432".into(),
+            pid: 42,
+            uid: 1001,
+            requested_at: String::new(),
+            expires_at: String::new(),
+            approvers: Vec::new(),
+            jwt_subject: None,
+        }
+    }
+
+    fn spec(grant: Grant, timeout_ms: u64) -> ApprovalSpec {
+        ApprovalSpec {
+            approvers: Vec::new(),
+            timeout: Duration::from_millis(timeout_ms),
+            grant,
+        }
+    }
+
+    /// Waits until `n` requests are held.
+    async fn held_now(a: &Approvals, n: usize) -> Vec<Held> {
+        for _ in 0..500 {
+            let l = a.list();
+            if l.len() == n {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{} held, want {n}", a.list().len());
+    }
+
+    #[tokio::test]
+    async fn approvers_decide_and_grants_last_as_long_as_they_say() {
+        let rows = Arc::new(Rows::default());
+        let a = approvals(rows.clone());
+        let cancel = CancellationToken::new();
+        let session = Uuid::now_v7();
+        // Once: approved, and the next identical request is held again.
+        let once = spec(Grant::Once, 10_000);
+        let (a2, c2) = (a.clone(), cancel.clone());
+        let t = tokio::spawn(async move { a2.request(held(session), &once, &c2).await });
+        let h = held_now(&a, 1).await;
+        // The loop's own user may not approve its request (uid 1001 is alice).
+        assert!(matches!(
+            a.decide(h[0].approval_id, 1001, true, "mine".into()),
+            Err(ApprovalError::OwnRequest(_))
+        ));
+        // Someone who is no approver at all may not either.
+        assert!(matches!(
+            a.decide(h[0].approval_id, 4242, true, "".into()),
+            Err(ApprovalError::NotApprover(4242))
+        ));
+        a.decide(h[0].approval_id, 0, true, "ok".into()).unwrap();
+        assert_eq!(
+            t.await.unwrap(),
+            Outcome::Approved {
+                approver: "root-operator".into(),
+                reason: "ok".into()
+            }
+        );
+        let t = {
+            let (a2, c2) = (a.clone(), cancel.clone());
+            let s = spec(Grant::For(Duration::from_secs(600)), 10_000);
+            tokio::spawn(async move { a2.request(held(session), &s, &c2).await })
+        };
+        let h = held_now(&a, 1).await;
+        a.decide(h[0].approval_id, 0, true, "for ten minutes".into())
+            .unwrap();
+        t.await.unwrap();
+        // Within the grant: no hold, whatever the session.
+        let within = a
+            .request(held(Uuid::now_v7()), &spec(Grant::Once, 10_000), &cancel)
+            .await;
+        assert_eq!(
+            within,
+            Outcome::Approved {
+                approver: "root-operator".into(),
+                reason: "within a grant by root-operator".into()
+            }
+        );
+        // The rows: pending then approved, twice (the grant's use is no row).
+        let decisions: Vec<String> = rows
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.decision.clone())
+            .collect();
+        assert_eq!(decisions, ["pending", "approved", "pending", "approved"]);
+    }
+
+    #[tokio::test]
+    async fn session_grants_end_with_the_session() {
+        let a = approvals(Arc::new(Rows::default()));
+        let cancel = CancellationToken::new();
+        let session = Uuid::now_v7();
+        let (a2, c2) = (a.clone(), cancel.clone());
+        let t = tokio::spawn(async move {
+            a2.request(held(session), &spec(Grant::Session, 10_000), &c2)
+                .await
+        });
+        let h = held_now(&a, 1).await;
+        a.decide(h[0].approval_id, 0, true, "this session".into())
+            .unwrap();
+        t.await.unwrap();
+        let again = a
+            .request(held(session), &spec(Grant::Once, 10_000), &cancel)
+            .await;
+        assert!(matches!(again, Outcome::Approved { .. }));
+        // Another session of the same workload is held.
+        let other = a
+            .request(held(Uuid::now_v7()), &spec(Grant::Once, 20), &cancel)
+            .await;
+        assert_eq!(other, Outcome::TimedOut);
+        a.end_session(session);
+        let after = a
+            .request(held(session), &spec(Grant::Once, 20), &cancel)
+            .await;
+        assert_eq!(after, Outcome::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn named_approvers_timeouts_caps_and_cancellation() {
+        let a = approvals(Arc::new(Rows::default()));
+        let cancel = CancellationToken::new();
+        // Only the rule's approvers may decide.
+        let mut only_bob = spec(Grant::Once, 10_000);
+        only_bob.approvers = vec!["bob".into()];
+        let (a2, c2) = (a.clone(), cancel.clone());
+        let t = tokio::spawn(async move { a2.request(held(Uuid::now_v7()), &only_bob, &c2).await });
+        let h = held_now(&a, 1).await;
+        assert!(matches!(
+            a.decide(h[0].approval_id, 0, true, "".into()),
+            Err(ApprovalError::NotAllowed { .. })
+        ));
+        // A second request fills the workload's cap of 2; a third is refused.
+        let (a3, c3) = (a.clone(), cancel.clone());
+        let t2 = tokio::spawn(async move {
+            a3.request(held(Uuid::now_v7()), &spec(Grant::Once, 10_000), &c3)
+                .await
+        });
+        held_now(&a, 2).await;
+        let third = a
+            .request(held(Uuid::now_v7()), &spec(Grant::Once, 10_000), &cancel)
+            .await;
+        assert_eq!(third, Outcome::TooManyPending { held: 2 });
+        // The agent shuts down: both held requests end as cancelled.
+        cancel.cancel();
+        assert_eq!(t.await.unwrap(), Outcome::Cancelled);
+        assert_eq!(t2.await.unwrap(), Outcome::Cancelled);
+        assert_eq!(a.pending_count(), 0);
+        // No decision in time.
+        let fresh = CancellationToken::new();
+        let out = a
+            .request(held(Uuid::now_v7()), &spec(Grant::Once, 30), &fresh)
+            .await;
+        assert_eq!(out, Outcome::TimedOut);
+    }
+}
