@@ -257,10 +257,10 @@ mod tests {
     use hyper::StatusCode;
     use jsonwebtoken::{encode, EncodingKey, Header};
 
-    use super::*;
     use super::jwks::{JWKS_MAX_AGE, JWKS_MIN_REFETCH};
-    use std::time::Duration;
+    use super::*;
     use crate::http_client::test_support::{pki, serve, Server};
+    use std::time::Duration;
 
     struct Issuer {
         kid: String,
