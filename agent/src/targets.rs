@@ -33,6 +33,9 @@ struct Entry {
 #[derive(Default, Clone)]
 struct Resolved {
     addrs: Vec<SocketAddr>,
+    /// The addresses before the last change (connects made just before a
+    /// re-resolution still carry them).
+    previous: Vec<SocketAddr>,
     error: Option<String>,
 }
 
@@ -101,8 +104,15 @@ impl TargetTable {
                 Ok(addrs) if !addrs.is_empty() => {
                     if st.addrs != addrs {
                         tracing::info!(target_name = %e.name, addresses = ?addrs, "target resolved");
+                        let previous = std::mem::take(&mut st.addrs);
+                        *st = Resolved {
+                            addrs,
+                            previous,
+                            error: None,
+                        };
+                    } else {
+                        st.error = None;
                     }
-                    *st = Resolved { addrs, error: None };
                 }
                 Ok(_) => st.error = Some("resolved to no address".into()),
                 Err(err) => {
@@ -124,6 +134,26 @@ impl TargetTable {
             }
         }
         map
+    }
+
+    /// Whether `destination` is an address of target `id` (as resolved now
+    /// or before the last change). The kernel's record names the target by
+    /// id, looked up in a map the agent rewrites on re-resolution: a record
+    /// whose destination is not the target's is not trusted with the
+    /// target's credential.
+    pub fn owns(&self, id: u32, destination: SocketAddr) -> bool {
+        let Some(e) = id.checked_sub(1).and_then(|i| self.entries.get(i as usize)) else {
+            return false;
+        };
+        let want = canonical(destination);
+        let st = match e.state.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        st.addrs
+            .iter()
+            .chain(st.previous.iter())
+            .any(|a| canonical(*a) == want)
     }
 
     pub fn status(&self) -> Vec<TargetStatus> {
@@ -189,4 +219,9 @@ mod tests {
         assert_eq!(t.get(0), None);
         assert_eq!(t.get(3), None);
     }
+}
+
+/// A v4-mapped IPv6 address as IPv4 (the kernel keys both forms the same).
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(crate::ebpf::canonical_ip(a.ip()), a.port())
 }

@@ -269,7 +269,18 @@ impl Proxy {
             && credential
                 .as_ref()
                 .is_some_and(|c| c.password.is_some() || c.authorization.is_some());
-        let early = if exe_unknown {
+        // A record names its target by id; its destination must be that
+        // target's (a map entry recycled while it was read would pair one
+        // target's id with another's address).
+        let foreign = !matches!(protocol, Protocol::Dns)
+            && rec.target_id != loopgate_common::TARGET_ID_EGRESS
+            && !self.targets.owns(rec.target_id, destination);
+        let early = if foreign {
+            Some(Refusal::new(
+                "identity:target",
+                format!("the redirect record names target {} and its destination {destination} is not one of that target's addresses", row.target),
+            ))
+        } else if exe_unknown {
             Some(Refusal::new("identity:exe", "policies select workloads by executable, and the kernel did not see this process's exec (it started before the agent first attached, or its path is longer than 255 bytes)"))
         } else if let Some(r) = over_limit {
             Some(Refusal::new("limit:sessions", r))

@@ -145,8 +145,10 @@ fn harness_with(
     flows.loop_cgroup = cgroup_id;
     if let Some(r) = flows.record.as_mut() {
         r.cgroup_id = cgroup_id;
-        r.orig_addr = crate::ebpf::to_words(upstream.ip());
-        r.orig_port = upstream.port();
+        if r.orig_port == 0 {
+            r.orig_addr = crate::ebpf::to_words(upstream.ip());
+            r.orig_port = upstream.port();
+        }
     }
     let audit = Arc::new(Memory::default());
     let metrics = Arc::new(Metrics::new());
@@ -165,6 +167,7 @@ fn harness_with(
         credential: None,
         auth_methods: None,
     }]));
+    targets.resolve();
     let stored = Secret::for_tests(STORED_TOKEN);
     let credential = StoredCredential {
         authorization: Some(Secret::for_tests(&format!("Bearer {STORED_TOKEN}"))),
@@ -626,4 +629,31 @@ fn a_handler_that_panics_still_closes_its_session() {
         assert_eq!(closed[n - 1].outcome, "agent_error");
         assert_eq!(h.proxy.sessions.len(), 0);
     }
+}
+
+#[test]
+fn a_record_whose_destination_is_not_its_targets_is_refused() {
+    // The record names target 1 (`api`) but points elsewhere: a map entry
+    // recycled while it was read. The credential must not go there.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let elsewhere = http_upstream(seen.clone());
+    let mut rec = record();
+    rec.orig_addr = crate::ebpf::to_words(elsewhere.ip());
+    rec.orig_port = elsewhere.port();
+    let flows = FakeFlows {
+        record: Some(rec),
+        ..known_loop()
+    };
+    let h = harness(ALLOW_ALL, Protocol::Http, echo_server(), flows);
+    let mut c = connect(&h);
+    let _ = c.write_all(format!("GET / HTTP/1.1\r\nHost: {elsewhere}\r\n\r\n").as_bytes());
+    let (got, _) = read_all(&mut c);
+    assert!(got.is_empty());
+    let closed = h.audit.wait_closed(1);
+    assert_eq!(closed[0].outcome, "denied");
+    assert_eq!(h.audit.events()[0].rule_id, "identity:target");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "nothing reached the other address"
+    );
 }
