@@ -179,6 +179,11 @@ impl TargetTable {
     }
 }
 
+/// A v4-mapped IPv6 address as IPv4 (the kernel keys both forms the same).
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(crate::ebpf::canonical_ip(a.ip()), a.port())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,9 +224,4 @@ mod tests {
         assert_eq!(t.get(0), None);
         assert_eq!(t.get(3), None);
     }
-}
-
-/// A v4-mapped IPv6 address as IPv4 (the kernel keys both forms the same).
-fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(crate::ebpf::canonical_ip(a.ip()), a.port())
 }
