@@ -310,6 +310,19 @@ const POLICY_TARGETS: &[&str] = &["orders-db", "api", "billing"];
 /// Policy files, separated by NUL bytes (up to four): compiled as a set
 /// against a config's target names and without one, then evaluated.
 pub fn policy(data: &[u8]) {
+    // libFuzzer's panic hook aborts on every panic, including the CEL
+    // parser's, which compile() catches and turns into a policy error (the
+    // property under test is that no panic escapes). Only those are let
+    // through to their catch_unwind.
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let abort = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !crate::policy::cel::in_guarded_call() {
+                abort(info);
+            }
+        }));
+    });
     let Ok(text) = std::str::from_utf8(data) else {
         return; // load_dir reads files as UTF-8
     };

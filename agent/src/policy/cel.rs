@@ -24,6 +24,7 @@
 //! | `http.headers` | map | lower-case names; repeated headers joined by `, ` |
 
 use std::{
+    cell::Cell,
     collections::HashMap,
     panic::{catch_unwind, AssertUnwindSafe},
     sync::Arc,
@@ -33,6 +34,27 @@ use cel_interpreter::{objects::Key, Context, ExecutionError, Program, Value};
 
 use super::{Operation, Request};
 use crate::kinds::OpKind;
+
+thread_local! {
+    /// How deep this thread is in guarded calls into the CEL crate.
+    static GUARDED: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Calls into the CEL crate with its panics caught (see the module docs).
+fn guarded<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(g.get().saturating_sub(1)));
+    r
+}
+
+/// Whether this thread is inside a guarded CEL call: a panic there is
+/// caught and becomes a policy error or a refusal. A panic hook can tell
+/// such panics from real ones (the fuzz targets' hook aborts only on the
+/// latter).
+pub fn in_guarded_call() -> bool {
+    GUARDED.with(|g| g.get() > 0)
+}
 
 /// The top-level names a condition may use, and the operation kind whose
 /// attributes each namespace holds.
@@ -95,7 +117,7 @@ impl Condition {
         if source.trim().is_empty() {
             return Err(at0("the condition is empty".into()));
         }
-        let program = match catch_unwind(|| Program::compile(source)) {
+        let program = match guarded(|| Program::compile(source)) {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 let start = e.span.start.clone();
@@ -116,12 +138,12 @@ impl Condition {
                 )))
             }
         };
-        let refs = catch_unwind(AssertUnwindSafe(|| {
+        let refs = guarded(|| {
             let r = program.references();
             let mut v: Vec<String> = r.variables().into_iter().map(str::to_owned).collect();
             v.sort();
             v
-        }))
+        })
         .map_err(|p| {
             at0(format!(
                 "the CEL program cannot be inspected ({})",
@@ -202,7 +224,7 @@ impl Condition {
     }
 
     fn run(&self, vars: &Vars<'_>) -> Result<Value, Failure> {
-        match catch_unwind(AssertUnwindSafe(|| self.program.execute(&vars.ctx))) {
+        match guarded(|| self.program.execute(&vars.ctx)) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(Failure::Error(e)),
             Err(p) => Err(Failure::Panic(panic_text(p.as_ref()))),
