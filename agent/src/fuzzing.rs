@@ -11,6 +11,7 @@
 //! | `policy` | policy files (NUL-separated) | `policy::compile`, then `Policy::evaluate` |
 //! | `config` | `agent.toml` | `Config::parse` |
 //! | `dns_query` | a loop's DNS message to the agent's resolver | `dns::parse_query`, `dns::refused`, `dns::Policy::judge` |
+//! | `pg_sql` | a loop's query string | `protocol::postgres::sql::classify` (each statement's text is a piece of the input, in order; tables are schema-qualified; classifying twice gives the same) |
 
 use std::{
     collections::HashSet,
@@ -511,9 +512,51 @@ pub fn dns_query(data: &[u8]) {
     }
 }
 
+/// A loop's query string through the statement classifier (PostgreSQL's
+/// own parser).
+pub fn pg_sql(data: &[u8]) {
+    use crate::protocol::postgres::sql::{classify, SqlError};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return; // the server refuses non-UTF-8 text in a UTF-8 database too
+    };
+    let path = ["app".to_owned(), "public".to_owned()];
+    let first = classify(text, &path);
+    assert_eq!(
+        first,
+        classify(text, &path),
+        "classification is deterministic"
+    );
+    match first {
+        Ok(statements) => {
+            let mut from = 0;
+            for s in &statements {
+                // Each statement is a piece of the input, in order.
+                let at = text[from..]
+                    .find(s.text.as_str())
+                    .unwrap_or_else(|| panic!("{:?} is not in {text:?} after {from}", s.text));
+                from += at + s.text.len();
+                for t in s.tables.iter().chain(&s.writes) {
+                    assert!(t.contains('.'), "{t} is not schema-qualified");
+                }
+                for w in &s.writes {
+                    assert!(s.tables.contains(w), "written {w} is not among the tables");
+                }
+                assert!(!s.kind.is_empty());
+            }
+        }
+        Err(SqlError::Syntax(m)) => assert!(!m.is_empty()),
+        Err(SqlError::TooLong(n)) => assert!(n > crate::protocol::postgres::sql::MAX_SQL),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pg_sql_corpus() {
+        replay("pg_sql", pg_sql);
+    }
 
     #[test]
     fn dns_query_corpus() {

@@ -25,6 +25,7 @@ pub const NAMES: &[&str] = &[
     "policy",
     "config",
     "dns_query",
+    "pg_sql",
 ];
 const TARGETS: &[&str] = NAMES.split_at(1).1;
 

@@ -42,6 +42,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 mod login;
+pub mod sql;
 mod wire;
 
 use wire::{

