@@ -115,7 +115,7 @@ impl Proxy {
                 Ok((sock, peer)) => {
                     let this = self.clone();
                     self.tracker
-                        .spawn(async move { this.handle(sock, peer).await });
+                        .spawn(async move { this.handle(sock, peer, local).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -127,8 +127,16 @@ impl Proxy {
         tracing::debug!(listener = ?local, "stopped accepting");
     }
 
-    async fn handle(self: Arc<Self>, sock: TcpStream, peer: SocketAddr) {
-        let local = match sock.local_addr() {
+    /// `listener`: the listener's own address, which every socket it
+    /// accepts shares (it is bound to one address, not a wildcard), so no
+    /// `getsockname` per connection.
+    async fn handle(
+        self: Arc<Self>,
+        sock: TcpStream,
+        peer: SocketAddr,
+        listener: Option<SocketAddr>,
+    ) {
+        let local = match listener.map_or_else(|| sock.local_addr(), Ok) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "accepted socket without a local address; closing");
