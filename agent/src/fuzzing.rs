@@ -392,7 +392,27 @@ fn evaluate(p: &policy::Policy) {
     );
     let mut headers = hyper::HeaderMap::new();
     headers.insert("x-env", hyper::header::HeaderValue::from_static("prod"));
+    let tables = ["pii.users".to_owned(), "public.orders".to_owned()];
+    let functions = ["pg_read_file".to_owned()];
     let requests = [
+        Request {
+            workload: "etl",
+            cgroup: "loopgate/etl/1",
+            uid: 1000,
+            target: "orders-db",
+            protocol: Protocol::Postgres,
+            jwt: Some(&claims),
+            op: Operation::Sql(policy::SqlOp {
+                kind: "delete",
+                tables: &tables,
+                writes: &tables[1..],
+                unbounded: true,
+                functions: &functions,
+                text: "delete from orders",
+                params: &[],
+            }),
+            ..Default::default()
+        },
         Request {
             workload: "etl",
             cgroup: "loopgate/etl/1",

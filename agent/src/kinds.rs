@@ -60,7 +60,8 @@ impl Protocol {
     pub fn operations(self) -> &'static [OpKind] {
         match self {
             Protocol::Http | Protocol::Https | Protocol::Kubernetes => &[OpKind::Http],
-            Protocol::Postgres | Protocol::Ssh | Protocol::Tcp | Protocol::Dns => &[],
+            Protocol::Postgres => &[OpKind::Sql],
+            Protocol::Ssh | Protocol::Tcp | Protocol::Dns => &[],
         }
     }
 }
@@ -80,16 +81,19 @@ pub enum OpKind {
     Connect,
     /// One HTTP request.
     Http,
+    /// One SQL statement.
+    Sql,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 2] = [OpKind::Connect, OpKind::Http];
+    pub const ALL: [OpKind; 3] = [OpKind::Connect, OpKind::Http, OpKind::Sql];
 
     /// The name `kinds` globs match and audit events carry.
     pub fn as_str(self) -> &'static str {
         match self {
             OpKind::Connect => "connect",
             OpKind::Http => "request",
+            OpKind::Sql => "statement",
         }
     }
 
@@ -99,6 +103,7 @@ impl OpKind {
         match self {
             OpKind::Connect => None,
             OpKind::Http => Some("http"),
+            OpKind::Sql => Some("sql"),
         }
     }
 }

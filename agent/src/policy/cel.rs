@@ -22,6 +22,9 @@
 //! | `jwt.claims` | map | every claim of the verified JWT (`{}` without one) |
 //! | `http.method`, `http.path`, `http.host` | string | HTTP requests only |
 //! | `http.headers` | map | lower-case names; repeated headers joined by `, ` |
+//! | `sql.kind`, `sql.text` | string | SQL statements only: `select`, `drop`, `alter_role`, ... |
+//! | `sql.tables`, `sql.writes`, `sql.functions`, `sql.params` | list of strings | tables schema-qualified |
+//! | `sql.unbounded` | bool | an UPDATE or DELETE without WHERE |
 
 use std::{
     cell::Cell,
@@ -182,6 +185,15 @@ impl Condition {
                 path: "/",
                 host: Some("sample.invalid"),
                 headers: None,
+            }),
+            Some(OpKind::Sql) => Operation::Sql(super::SqlOp {
+                kind: "select",
+                tables: &[],
+                writes: &[],
+                unbounded: false,
+                functions: &[],
+                text: "select 1",
+                params: &[],
             }),
             _ => Operation::Connect,
         };
@@ -348,6 +360,33 @@ impl<'f> Vars<'f> {
                 .into(),
             ),
         );
+        if let Operation::Sql(q) = r.op {
+            let list = |v: &[String]| {
+                Value::List(Arc::new(
+                    v.iter()
+                        .map(|s| Value::String(Arc::new(s.clone())))
+                        .collect(),
+                ))
+            };
+            ctx.add_variable_from_value(
+                "sql",
+                Value::Map(
+                    HashMap::from([
+                        (Key::String(Arc::new("kind".into())), s(q.kind)),
+                        (Key::String(Arc::new("tables".into())), list(q.tables)),
+                        (Key::String(Arc::new("writes".into())), list(q.writes)),
+                        (
+                            Key::String(Arc::new("unbounded".into())),
+                            Value::Bool(q.unbounded),
+                        ),
+                        (Key::String(Arc::new("functions".into())), list(q.functions)),
+                        (Key::String(Arc::new("text".into())), s(q.text)),
+                        (Key::String(Arc::new("params".into())), list(q.params)),
+                    ])
+                    .into(),
+                ),
+            );
+        }
         if let Operation::Http(h) = r.op {
             let headers = match h.headers {
                 Some(hm) => {

@@ -131,6 +131,23 @@ pub struct HttpOp<'a> {
     pub headers: Option<&'a hyper::HeaderMap>,
 }
 
+/// One SQL statement, as PostgreSQL's parser classified it
+/// (`protocol::postgres::sql`).
+#[derive(Debug, Clone, Copy)]
+pub struct SqlOp<'a> {
+    /// `select`, `drop`, `alter_role`, ...
+    pub kind: &'a str,
+    /// Schema-qualified tables named (read or written).
+    pub tables: &'a [String],
+    pub writes: &'a [String],
+    /// An UPDATE or DELETE without WHERE.
+    pub unbounded: bool,
+    pub functions: &'a [String],
+    pub text: &'a str,
+    /// Bound parameters in text form (extended protocol), if any.
+    pub params: &'a [String],
+}
+
 /// What a decision is about: the session, or one operation inside it. Each
 /// protocol that inspects its sessions adds its variant (and an
 /// [`OpKind`]).
@@ -139,6 +156,7 @@ pub enum Operation<'a> {
     /// Opening the session (once per connection).
     Connect,
     Http(HttpOp<'a>),
+    Sql(SqlOp<'a>),
 }
 
 impl Operation<'_> {
@@ -146,6 +164,7 @@ impl Operation<'_> {
         match self {
             Operation::Connect => OpKind::Connect,
             Operation::Http(_) => OpKind::Http,
+            Operation::Sql(_) => OpKind::Sql,
         }
     }
 }

@@ -50,8 +50,10 @@
 //! `when` conditions are [CEL](https://cel.dev) over the operation's
 //! attributes (see [`super::cel`] for the table): `workload`, `cgroup`,
 //! `uid`, `exe`, `target`, `protocol`, `jwt.sub`, `jwt.iss`, `jwt.claims`,
-//! and for HTTP requests `http.method`, `http.path`, `http.host`,
-//! `http.headers` (lower-case names). For example:
+//! for HTTP requests `http.method`, `http.path`, `http.host`,
+//! `http.headers` (lower-case names), and for SQL statements `sql.kind`,
+//! `sql.tables`, `sql.writes`, `sql.unbounded`, `sql.functions`, `sql.text`,
+//! `sql.params`. For example:
 //!
 //! ```toml
 //! when = "http.method in ['PUT', 'DELETE'] && http.headers['x-env'] == 'prod'"

@@ -33,6 +33,22 @@ fn req<'a>(workload: &'a str, target: &'a str) -> Request<'a> {
     }
 }
 
+/// An SQL statement of `r`'s identity.
+fn sql<'a>(r: &Request<'a>, kind: &'a str, tables: &'a [String], unbounded: bool) -> Request<'a> {
+    Request {
+        op: Operation::Sql(SqlOp {
+            kind,
+            tables,
+            writes: tables,
+            unbounded,
+            functions: &[],
+            text: "",
+            params: &[],
+        }),
+        ..r.clone()
+    }
+}
+
 /// An HTTP request of `r`'s identity.
 fn http<'a>(r: &Request<'a>, method: &'a str, path: &'a str) -> Request<'a> {
     Request {
@@ -615,4 +631,53 @@ fn broken_when_conditions_are_policy_errors_at_their_place() {
     // A `connect` kind has no request attributes.
     let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"db\"]\nkinds = [\"connect\"]\naction = \"deny\"\nwhen = \"http.method == 'GET'\"\n");
     assert!(e[0].contains("a `connect` kind has none"), "{e:?}");
+}
+
+#[test]
+fn sql_conditions_decide_statements_and_refuse_sessions_until_statements_are_seen() {
+    let p = policy(
+        r#"
+[[rules]]
+id = "no-drops"
+targets = ["db"]
+when = "sql.kind in ['drop', 'truncate'] || sql.unbounded"
+action = "deny"
+
+[[rules]]
+id = "pii-held"
+targets = ["db"]
+when = "sql.tables.exists(t, t.startsWith('pii.')) && !(workload in ['analytics'])"
+action = "approve"
+"#,
+    );
+    let mut r = req("w", "db");
+    r.protocol = Protocol::Postgres;
+    // Not a session rule: the session itself opens.
+    assert_eq!(p.evaluate(&r, None).verdict, Verdict::Allow);
+    // The handler does not see statements yet: the session is refused
+    // rather than let through unchecked.
+    assert_eq!(p.request_rule(&r).as_deref(), Some("no-drops"));
+    let orders = ["public.orders".to_owned()];
+    let pii = ["pii.users".to_owned()];
+    let stmt = |kind, tables, unbounded| sql(&r, kind, tables, unbounded);
+    assert_eq!(
+        p.evaluate(&stmt("drop", &orders, false), None).rule_id,
+        "no-drops"
+    );
+    assert_eq!(
+        p.evaluate(&stmt("delete", &orders, true), None).rule_id,
+        "no-drops"
+    );
+    assert_eq!(
+        p.evaluate(&stmt("delete", &orders, false), None).verdict,
+        Verdict::Allow
+    );
+    let d = p.evaluate(&stmt("select", &pii, false), None);
+    assert_eq!(
+        (d.verdict, d.rule_id.as_str()),
+        (Verdict::Approve, "pii-held")
+    );
+    // SQL attributes on an HTTP target's rule are a policy error.
+    let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"web\"]\nprotocols = [\"http\"]\naction = \"deny\"\nwhen = \"sql.kind == 'drop'\"\n");
+    assert!(e[0].contains("when applies to postgres requests"), "{e:?}");
 }
