@@ -132,7 +132,8 @@ pub struct ExeKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExePath {
-    /// Bytes of `path` used, including the terminating NUL.
+    /// Bytes of `path` used, not counting the terminating NUL (at most
+    /// `EXE_PATH_LEN - 1`: a longer path is cut there).
     pub len: u32,
     pub _pad: u32,
     pub path: [u8; EXE_PATH_LEN],

@@ -342,15 +342,7 @@ impl Kernel {
         if key.seq == 0 {
             return None;
         }
-        let p = self.exes.get(key, 0).ok()?;
-        let n = (p.len as usize).min(p.path.len());
-        let bytes = &p.path[..n];
-        let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
-        // A path cut at the buffer's end is not the executable's path.
-        if n == p.path.len() && !p.path.ends_with(&[0]) {
-            return None;
-        }
-        String::from_utf8(bytes.to_vec()).ok()
+        exe_path_of(&self.exes.get(key, 0).ok()?)
     }
 
     /// Kernel counters, summed over CPUs.
@@ -888,8 +880,44 @@ pub async fn pump_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> st
     }
 }
 
+/// The path an `EXES` value holds, or `None` when it may have been cut: the
+/// kernel copies at most `EXE_PATH_LEN - 1` bytes and a NUL, and records the
+/// length without the NUL, so a path of exactly 255 bytes cannot be told
+/// from a longer one cut there (neither is trusted: an exe glob must not
+/// match a prefix of the real path).
+pub fn exe_path_of(p: &loopgate_common::ExePath) -> Option<String> {
+    let n = p.len as usize;
+    if n == 0 || n >= p.path.len() - 1 {
+        return None;
+    }
+    String::from_utf8(p.path[..n].to_vec()).ok()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exe_paths_the_kernel_may_have_cut_are_not_trusted() {
+        let mk = |p: &[u8]| {
+            let mut path = [0u8; loopgate_common::EXE_PATH_LEN];
+            path[..p.len()].copy_from_slice(p);
+            loopgate_common::ExePath {
+                len: p.len() as u32,
+                _pad: 0,
+                path,
+            }
+        };
+        assert_eq!(
+            super::exe_path_of(&mk(b"/usr/bin/psql")).as_deref(),
+            Some("/usr/bin/psql")
+        );
+        // 254 bytes: whole. 255: the most the kernel copies, maybe cut.
+        let long = format!("/{}", "a".repeat(253));
+        assert_eq!(super::exe_path_of(&mk(long.as_bytes())), Some(long));
+        let cut = format!("/{}", "a".repeat(254));
+        assert_eq!(super::exe_path_of(&mk(cut.as_bytes())), None);
+        assert_eq!(super::exe_path_of(&mk(b"")), None);
+    }
+
     use super::*;
 
     #[test]
