@@ -26,7 +26,7 @@ pub mod util;
 
 pub use agent::{
     agent_files_contain,
-    cgroup::{cgroup2_mount, remove_cgroup_tree, NamedCgroup},
+    cgroup::{cgroup2_mount, find_cgroup2_mount, remove_cgroup_tree, NamedCgroup},
     loopgate_bin,
     loops::Loop,
     require_root,

@@ -4,38 +4,13 @@
 //! below the cgroup2 mount).
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        (right.split_whitespace().next() == Some("cgroup2"))
-            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
-    })
-}
-
-/// Kills every process in a cgroup subtree and removes it, deepest first.
-pub fn remove_cgroup_tree(dir: &Path) {
-    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    for _ in 0..100 {
-        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
+// The e2e harness's: one reading of mountinfo, one tree removal.
+pub use loopgate_e2e::{find_cgroup2_mount as cgroup2_mount, remove_cgroup_tree};
 
 pub fn clean_leftovers() {
     if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf/loopgate") {

@@ -7,16 +7,21 @@ use std::{
     time::Duration,
 };
 
+/// Where the cgroup2 hierarchy is mounted (from `/proc/self/mountinfo`),
+/// if it is.
+pub fn find_cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next() == Some("cgroup2"))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// Where the cgroup2 hierarchy is mounted (tests need one).
 pub fn cgroup2_mount() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    info.lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next() == Some("cgroup2"))
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })
-        .expect("a cgroup2 mount")
+    find_cgroup2_mount().expect("a cgroup2 mount")
 }
 
 /// Kills every process in the tree under `dir` and removes it.
