@@ -141,8 +141,8 @@ pub struct Session {
     /// The workload that requires a JWT, and its verifier.
     jwt: Option<(String, Arc<JwtVerifier>)>,
     /// The verified claims, once the session decision was made with them
-    /// (shared with the session table, for re-checks on reload).
-    claims: Arc<Mutex<Option<Arc<Claims>>>>,
+    /// (reload re-checks read them through the session table).
+    claims: Mutex<Option<Arc<Claims>>>,
     /// Why the session decision refused the session, once it did.
     denied: Mutex<Option<String>>,
     credential: Option<Arc<StoredCredential>>,
@@ -162,7 +162,6 @@ pub struct Opening {
     pub address: Option<TargetAddress>,
     pub upstream: SocketAddr,
     pub jwt: Option<(String, Arc<JwtVerifier>)>,
-    pub claims: Arc<Mutex<Option<Arc<Claims>>>>,
     pub credential: Option<Arc<StoredCredential>>,
     pub capture: Option<Capture>,
     pub counters: Arc<Counters>,
@@ -180,7 +179,7 @@ impl Session {
             address: o.address,
             upstream: o.upstream,
             jwt: o.jwt,
-            claims: o.claims,
+            claims: Mutex::new(None),
             denied: Mutex::new(None),
             credential: o.credential,
             capture: o.capture,

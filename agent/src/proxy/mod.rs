@@ -9,12 +9,7 @@
 //! - [`table`]: sessions in flight (`loopgate status`, reload re-checks);
 //! - `guard`: the session's closing row, however it ends.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use std::os::fd::AsRawFd;
 
@@ -24,7 +19,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    audit::{micros, timestamp, Record, SessionRow},
+    audit::{micros, Record, SessionRow},
     cgroup::WorkloadResolver,
     ebpf::{comm, original_destination},
     kinds::{EventKind, OpKind, Outcome, Protocol, Refusal},
@@ -248,23 +243,20 @@ impl Proxy {
             limit: closing.per_direction,
             masker: self.services.masker.clone(),
         });
-        let claims = Arc::new(Mutex::new(None));
-        let revoke = self.services.abort.child_token();
         let session = Arc::new(Session::new(
             self.services.clone(),
             Opening {
                 row: row.clone(),
                 protocol,
-                exe: exe.clone(),
+                exe,
                 address: self.targets.address(rec.target_id).cloned(),
                 upstream: destination,
                 jwt: jwt.clone(),
-                claims: claims.clone(),
                 credential: credential.clone(),
                 capture,
                 counters: counters.clone(),
                 client_fd: sock.as_raw_fd(),
-                closed: revoke.clone(),
+                closed: self.services.abort.child_token(),
             },
         ));
 
@@ -362,18 +354,7 @@ impl Proxy {
         self.sessions.insert(
             session_id,
             table::ActiveSession {
-                workload: row.workload.clone(),
-                cgroup: row.cgroup.clone(),
-                uid: rec.uid,
-                exe,
-                target: row.target.clone(),
-                protocol,
-                claims,
-                awaiting_jwt: jwt.is_some(),
-                pid: rec.tgid,
-                started_at: timestamp(started_at),
-                counters,
-                revoke,
+                session: session.clone(),
                 revoked: closing.revoked.clone(),
             },
         );

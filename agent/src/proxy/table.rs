@@ -7,14 +7,12 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    identity::Claims,
-    kinds::Protocol,
-    policy::{Operation, Request, Verdict},
-    session::Counters,
+    audit::timestamp,
+    policy::{Operation, Verdict},
+    session::Session,
 };
 
 #[derive(Default)]
@@ -23,23 +21,10 @@ pub struct SessionTable {
 }
 
 pub(super) struct ActiveSession {
-    pub workload: String,
-    pub cgroup: String,
-    pub uid: u32,
-    pub exe: Option<String>,
-    pub target: String,
-    pub protocol: Protocol,
-    /// The verified JWT claims, once a handler made the session decision
-    /// with them.
-    pub claims: Arc<Mutex<Option<Arc<Claims>>>>,
-    /// The session decision waits for the first JWT (a token-carrying
-    /// handler, a workload that requires one).
-    pub awaiting_jwt: bool,
-    pub pid: u32,
-    pub started_at: String,
-    pub counters: Arc<Counters>,
-    /// Cancelled when a policy reload withdraws the permission.
-    pub revoke: CancellationToken,
+    /// Who, where to, the verified claims, the counters and the close
+    /// token: all read from the session itself.
+    pub session: Arc<Session>,
+    /// A reload's reason for closing it (read by the closing row's guard).
     pub revoked: Arc<Mutex<Option<String>>>,
 }
 
@@ -70,15 +55,19 @@ impl SessionTable {
         };
         let mut v: Vec<_> = m
             .iter()
-            .map(|(id, s)| ActiveSessionStatus {
-                session_id: *id,
-                workload: s.workload.clone(),
-                target: s.target.clone(),
-                protocol: s.protocol.as_str().to_owned(),
-                pid: s.pid,
-                started_at: s.started_at.clone(),
-                bytes_up: s.counters.up.load(Ordering::Relaxed),
-                bytes_down: s.counters.down.load(Ordering::Relaxed),
+            .map(|(id, a)| {
+                let row = a.session.row();
+                let counters = a.session.counters();
+                ActiveSessionStatus {
+                    session_id: *id,
+                    workload: row.workload.clone(),
+                    target: row.target.clone(),
+                    protocol: row.protocol.clone(),
+                    pid: row.tgid,
+                    started_at: timestamp(row.started_at),
+                    bytes_up: counters.up.load(Ordering::Relaxed),
+                    bytes_down: counters.down.load(Ordering::Relaxed),
+                }
             })
             .collect();
         v.sort_by(|a, b| a.started_at.cmp(&b.started_at));
@@ -90,21 +79,13 @@ impl SessionTable {
     pub fn recheck(&self, policy: &crate::policy::Policy) -> usize {
         let Ok(m) = self.inner.lock() else { return 0 };
         let mut n = 0;
-        for (id, s) in m.iter() {
-            let claims = s.claims.lock().ok().and_then(|g| g.clone());
-            let r = Request {
-                workload: &s.workload,
-                cgroup: &s.cgroup,
-                uid: s.uid,
-                exe: s.exe.as_deref(),
-                target: &s.target,
-                protocol: s.protocol,
-                jwt: claims.as_deref(),
-                op: Operation::Connect,
-            };
+        for (id, a) in m.iter() {
+            let s = &a.session;
+            let claims = s.claims();
+            let r = s.request(claims.as_deref(), Operation::Connect);
             let withdrawn = match (&claims, policy.jwt_required(&r)) {
                 // No session decision yet: the first token makes it.
-                (None, _) if s.awaiting_jwt => continue,
+                (None, _) if s.requires_second_factor() => continue,
                 // Opened without a token, and one is required now.
                 (None, Some((wl, _))) => Some((
                     format!("jwt-required:{wl}"),
@@ -116,13 +97,13 @@ impl SessionTable {
                 }
             };
             if let Some((rule_id, reason)) = withdrawn {
-                if let Ok(mut r) = s.revoked.lock() {
+                if let Ok(mut r) = a.revoked.lock() {
                     *r = Some(format!(
                         "permission withdrawn by a policy reload: rule {rule_id}: {reason}"
                     ));
                 }
-                tracing::warn!(session_id = %id, workload = %s.workload, target = %s.target, rule = %rule_id, "closing a session whose permission was withdrawn");
-                s.revoke.cancel();
+                tracing::warn!(session_id = %id, workload = %s.workload(), target = %s.target(), rule = %rule_id, "closing a session whose permission was withdrawn");
+                s.closed().cancel();
                 n += 1;
             }
         }

@@ -7,6 +7,7 @@ use std::{
     io::{Read, Write},
     net::{TcpListener as StdListener, TcpStream as StdStream},
     os::unix::fs::MetadataExt,
+    sync::Mutex,
     time::Instant,
 };
 
