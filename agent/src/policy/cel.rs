@@ -299,15 +299,17 @@ pub struct Vars<'f> {
     ctx: Context<'f>,
 }
 
-fn string_map<'a>(pairs: impl Iterator<Item = (&'a str, String)>) -> Value {
-    let mut m: HashMap<Key, Value> = HashMap::new();
-    for (k, v) in pairs {
-        m.insert(
-            Key::String(Arc::new(k.to_owned())),
-            Value::String(Arc::new(v)),
-        );
-    }
+/// A CEL map with string keys.
+fn map<'a>(pairs: impl IntoIterator<Item = (&'a str, Value)>) -> Value {
+    let m: HashMap<Key, Value> = pairs
+        .into_iter()
+        .map(|(k, v)| (Key::String(Arc::new(k.to_owned())), v))
+        .collect();
     Value::Map(m.into())
+}
+
+fn string_map<'a>(pairs: impl Iterator<Item = (&'a str, String)>) -> Value {
+    map(pairs.map(|(k, v)| (k, Value::String(Arc::new(v)))))
 }
 
 fn json(v: &serde_json::Value) -> Value {
@@ -347,18 +349,11 @@ impl<'f> Vars<'f> {
                 c.iss.as_str(),
                 json(&serde_json::Value::Object(c.all.clone())),
             ),
-            None => ("", "", Value::Map(HashMap::<Key, Value>::new().into())),
+            None => ("", "", map([])),
         };
         ctx.add_variable_from_value(
             "jwt",
-            Value::Map(
-                HashMap::from([
-                    (Key::String(Arc::new("sub".into())), s(sub)),
-                    (Key::String(Arc::new("iss".into())), s(iss)),
-                    (Key::String(Arc::new("claims".into())), claims),
-                ])
-                .into(),
-            ),
+            map([("sub", s(sub)), ("iss", s(iss)), ("claims", claims)]),
         );
         if let Operation::Sql(q) = r.op {
             let list = |v: &[String]| {
@@ -370,21 +365,15 @@ impl<'f> Vars<'f> {
             };
             ctx.add_variable_from_value(
                 "sql",
-                Value::Map(
-                    HashMap::from([
-                        (Key::String(Arc::new("kind".into())), s(q.kind)),
-                        (Key::String(Arc::new("tables".into())), list(q.tables)),
-                        (Key::String(Arc::new("writes".into())), list(q.writes)),
-                        (
-                            Key::String(Arc::new("unbounded".into())),
-                            Value::Bool(q.unbounded),
-                        ),
-                        (Key::String(Arc::new("functions".into())), list(q.functions)),
-                        (Key::String(Arc::new("text".into())), s(q.text)),
-                        (Key::String(Arc::new("params".into())), list(q.params)),
-                    ])
-                    .into(),
-                ),
+                map([
+                    ("kind", s(q.kind)),
+                    ("tables", list(q.tables)),
+                    ("writes", list(q.writes)),
+                    ("unbounded", Value::Bool(q.unbounded)),
+                    ("functions", list(q.functions)),
+                    ("text", s(q.text)),
+                    ("params", list(q.params)),
+                ]),
             );
         }
         if let Operation::Http(h) = r.op {
@@ -407,18 +396,12 @@ impl<'f> Vars<'f> {
             };
             ctx.add_variable_from_value(
                 "http",
-                Value::Map(
-                    HashMap::from([
-                        (Key::String(Arc::new("method".into())), s(h.method)),
-                        (Key::String(Arc::new("path".into())), s(h.path)),
-                        (
-                            Key::String(Arc::new("host".into())),
-                            s(h.host.unwrap_or("")),
-                        ),
-                        (Key::String(Arc::new("headers".into())), headers),
-                    ])
-                    .into(),
-                ),
+                map([
+                    ("method", s(h.method)),
+                    ("path", s(h.path)),
+                    ("host", s(h.host.unwrap_or(""))),
+                    ("headers", headers),
+                ]),
             );
         }
         Vars { ctx }
