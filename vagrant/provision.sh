@@ -85,6 +85,16 @@ if ! "$VENV/bin/python" -c 'import chdb' 2>/dev/null; then
   /usr/bin/python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check chdb-core
 fi
+# Loops from PyPI that Debian does not package (asyncpg: PostgreSQL's binary
+# format everywhere). World-readable: tests run the loops as nobody.
+LOOPS="${LOOPGATE_DEV_CACHE:-/var/cache/loopgate-dev}/loops-venv"
+if ! "$LOOPS/bin/python" -c 'import asyncpg' 2>/dev/null; then
+  log "python venv with asyncpg at $LOOPS"
+  mkdir -p "$(dirname "$LOOPS")"
+  /usr/bin/python3 -m venv "$LOOPS"
+  "$LOOPS/bin/pip" install --quiet --disable-pip-version-check 'asyncpg>=0.29,<1'
+  chmod -R a+rX "$LOOPS"
+fi
 PW="${LOOPGATE_DEV_CACHE:-/var/cache/loopgate-dev}/playwright"
 if [[ ! -d "$PW/node_modules/playwright-core" ]]; then
   log "npm install playwright-core into $PW (drives Debian's chromium; no browser download)"

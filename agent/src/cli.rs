@@ -372,7 +372,7 @@ fn print_replay(r: &query::Replay, json: bool) -> anyhow::Result<()> {
             writeln!(
                 out,
                 "{}",
-                serde_json::json!({"kind": "event", "ts": audit::timestamp(e.ts), "event_kind": e.kind, "request": e.request, "verdict": e.verdict, "rule_id": e.rule_id, "reason": e.reason})
+                serde_json::json!({"kind": "event", "ts": audit::timestamp(e.ts), "event_kind": e.kind, "request": e.request, "verdict": e.verdict, "rule_id": e.rule_id, "reason": e.reason, "attrs": e.attr_keys.iter().zip(&e.attr_values).collect::<std::collections::BTreeMap<_, _>>()})
             )?;
         }
         for c in &r.chunks {

@@ -408,6 +408,8 @@ fn evaluate(p: &policy::Policy) {
                 writes: &tables[1..],
                 unbounded: true,
                 functions: &functions,
+                program: false,
+                settings: &[],
                 text: "delete from orders",
                 params: &[],
             }),

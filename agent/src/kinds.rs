@@ -93,7 +93,7 @@ impl OpKind {
         match self {
             OpKind::Connect => "connect",
             OpKind::Http => "request",
-            OpKind::Sql => "statement",
+            OpKind::Sql => "sql",
         }
     }
 

@@ -101,6 +101,33 @@ impl Event {
     }
 }
 
+/// A decision made by [`Session::judge`], not yet recorded.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    pub decision: Decision,
+    /// Denied, or held and not approved.
+    pub refused: Option<Refusal>,
+}
+
+impl Judged {
+    /// The operation's event: the verdict (`deny` when refused, whatever
+    /// the rule's action), the rule, and the reason.
+    pub fn event(&self, kind: EventKind, text: String, attrs: Vec<(String, String)>) -> Event {
+        let (verdict, reason) = match &self.refused {
+            Some(r) => (Verdict::Deny, r.reason.clone()),
+            None => (self.decision.verdict, self.decision.reason.clone()),
+        };
+        Event {
+            kind,
+            text,
+            verdict,
+            rule_id: self.decision.rule_id.clone(),
+            reason,
+            attrs,
+        }
+    }
+}
+
 /// What the loop was doing when its second factor was checked (the event
 /// recorded when the token is refused).
 #[derive(Debug, Clone)]
@@ -390,13 +417,9 @@ impl Session {
         attrs: Vec<(String, String)>,
     ) -> Result<Decision, Refusal> {
         let req = self.request(claims, op);
-        let s = &self.services;
-        let decision = s.policy.current().evaluate(&req, None);
-        s.metrics
-            .decision(decision.verdict.as_str(), &decision.rule_id);
-        let kind = EventKind::Op(op.kind());
+        let decision = self.evaluate(&req);
         self.record(Event {
-            kind,
+            kind: EventKind::Op(op.kind()),
             text: text.to_owned(),
             verdict: decision.verdict,
             rule_id: decision.rule_id.clone(),
@@ -415,6 +438,34 @@ impl Session {
                 reason,
             }),
         }
+    }
+
+    fn evaluate(&self, req: &Request<'_>) -> Decision {
+        let s = &self.services;
+        let decision = s.policy.current().evaluate(req, None);
+        s.metrics
+            .decision(decision.verdict.as_str(), &decision.rule_id);
+        decision
+    }
+
+    /// Like [`Session::decide`], holding an `approve` verdict the same way,
+    /// but records no event: the handler records the operation's one event
+    /// when its result is known ([`Judged::event`]; a SQL statement's rows,
+    /// duration and SQLSTATE).
+    pub async fn judge(&self, op: Operation<'_>, text: &str, attrs: &[(String, String)]) -> Judged {
+        let claims = self.claims();
+        let req = self.request(claims.as_deref(), op);
+        let decision = self.evaluate(&req);
+        let refused = match decision.verdict {
+            Verdict::Allow | Verdict::Mask => None,
+            Verdict::Deny => Some(decision.reason.clone()),
+            Verdict::Approve => self.hold(&req, &decision, text, attrs.to_vec()).await,
+        }
+        .map(|reason| Refusal {
+            rule_id: decision.rule_id.clone(),
+            reason,
+        });
+        Judged { decision, refused }
     }
 
     /// Holds an `approve` decision: `None` when approved.

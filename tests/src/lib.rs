@@ -43,4 +43,4 @@ pub use servers::{
     http::{gzip, webhook_receiver, zlib, HttpServer, RawHttpServer},
     postgres::PgServer,
 };
-pub use util::{playwright_core, set_mode, stderr, stdout};
+pub use util::{loops_python, playwright_core, set_mode, stderr, stdout};

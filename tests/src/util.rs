@@ -42,3 +42,11 @@ pub(crate) fn must_exist(p: PathBuf) -> PathBuf {
 pub fn playwright_core() -> PathBuf {
     must_exist(in_dev_cache("playwright/node_modules/playwright-core"))
 }
+
+/// The Python of the PyPI loops' venv (asyncpg; `cargo xtask setup`
+/// installs it).
+pub fn loops_python() -> String {
+    must_exist(in_dev_cache("loops-venv/bin/python"))
+        .display()
+        .to_string()
+}

@@ -25,6 +25,8 @@
 //! | `sql.kind`, `sql.text` | string | SQL statements only: `select`, `drop`, `alter_role`, ... |
 //! | `sql.tables`, `sql.writes`, `sql.functions`, `sql.params` | list of strings | tables schema-qualified |
 //! | `sql.unbounded` | bool | an UPDATE or DELETE without WHERE |
+//! | `sql.program` | bool | `COPY ... PROGRAM` (a shell command on the server) |
+//! | `sql.settings` | list of strings | settings it changes: `SET`/`RESET` names, `set_config` names (`?` when computed) |
 
 use std::{
     cell::Cell,
@@ -192,6 +194,8 @@ impl Condition {
                 writes: &[],
                 unbounded: false,
                 functions: &[],
+                program: false,
+                settings: &[],
                 text: "select 1",
                 params: &[],
             }),
@@ -371,6 +375,8 @@ impl<'f> Vars<'f> {
                     ("writes", list(q.writes)),
                     ("unbounded", Value::Bool(q.unbounded)),
                     ("functions", list(q.functions)),
+                    ("program", Value::Bool(q.program)),
+                    ("settings", list(q.settings)),
                     ("text", s(q.text)),
                     ("params", list(q.params)),
                 ]),

@@ -143,6 +143,10 @@ pub struct SqlOp<'a> {
     /// An UPDATE or DELETE without WHERE.
     pub unbounded: bool,
     pub functions: &'a [String],
+    /// `COPY ... PROGRAM`.
+    pub program: bool,
+    /// Settings it changes (`role`, `search_path`, `?`: a computed name).
+    pub settings: &'a [String],
     pub text: &'a str,
     /// Bound parameters in text form (extended protocol), if any.
     pub params: &'a [String],

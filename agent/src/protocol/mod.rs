@@ -87,7 +87,7 @@ impl Registry {
         };
         r.add(raw);
         r.add(Arc::new(http::Http));
-        r.add(Arc::new(postgres::Postgres));
+        r.add(Arc::new(postgres::Postgres::new()));
         if let Some(resolver) = settings.dns {
             r.add(Arc::new(dns::Dns { resolver }));
         }

@@ -285,11 +285,17 @@ impl Agent {
 
     /// A tagged Python loop (`/usr/bin/python3 -c SCRIPT ARGS...`).
     pub fn python(&self, workload: &str, script: &str, args: &[&str]) -> Output {
+        self.python_with("/usr/bin/python3", workload, script, args)
+    }
+
+    /// A tagged Python loop run by the interpreter `python` (the PyPI loops'
+    /// venv: [`crate::loops_python`]).
+    pub fn python_with(&self, python: &str, workload: &str, script: &str, args: &[&str]) -> Output {
         let path = self.dir.path().join(format!("loop-{}.py", rand_suffix()));
         std::fs::write(&path, script).expect("write script");
         set_mode(&path, 0o644);
         let p = path.to_string_lossy().into_owned();
-        let mut a = vec!["/usr/bin/python3", p.as_str()];
+        let mut a = vec![python, p.as_str()];
         a.extend_from_slice(args);
         self.exec(workload, &a)
     }

@@ -182,6 +182,12 @@ impl PgServer {
         self.admin("SELECT pg_reload_conf()");
     }
 
+    /// The directory of the server's unix socket (`-h` for tools run as
+    /// the `postgres` superuser).
+    pub fn socket_dir(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
     /// Runs SQL as the `postgres` superuser over the unix socket.
     pub fn admin(&self, sql: &str) -> String {
         let out = Command::new("runuser")

@@ -29,7 +29,7 @@ use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use super::{tcp, ProtocolHandler};
+use super::ProtocolHandler;
 use crate::{
     kinds::{EventKind, OpKind, Outcome, Protocol, Refusal},
     secrets::StoredCredential,
@@ -42,6 +42,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 mod login;
+pub mod messages;
+mod relay;
 pub mod sql;
 mod wire;
 
@@ -92,13 +94,36 @@ enum ServerConn {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+/// Distinct query texts kept classified (shared by every session).
+const CLASSIFIER_CAPACITY: usize = 4096;
+
 /// The PostgreSQL handler.
-pub struct Postgres;
+pub struct Postgres {
+    classifier: Arc<sql::Classifier>,
+}
+
+impl Postgres {
+    pub fn new() -> Self {
+        Postgres {
+            classifier: Arc::new(sql::Classifier::new(CLASSIFIER_CAPACITY)),
+        }
+    }
+}
+
+impl Default for Postgres {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 #[async_trait::async_trait]
 impl ProtocolHandler for Postgres {
     fn protocol(&self) -> Protocol {
         Protocol::Postgres
+    }
+
+    fn sees_requests(&self) -> bool {
+        true
     }
 
     fn carries_second_factor(&self) -> bool {
@@ -113,6 +138,7 @@ impl ProtocolHandler for Postgres {
         let conn = Conn {
             credential: session.shared_credential().unwrap_or_default(),
             s: session,
+            classifier: self.classifier.clone(),
         };
         serve(conn, client).await
     }
@@ -122,6 +148,7 @@ impl ProtocolHandler for Postgres {
 struct Conn {
     s: Arc<Session>,
     credential: Arc<StoredCredential>,
+    classifier: Arc<sql::Classifier>,
 }
 
 async fn serve(s: Conn, mut client: TcpStream) -> Outcome {
@@ -132,7 +159,7 @@ async fn serve(s: Conn, mut client: TcpStream) -> Outcome {
         r = s.start(&mut client, &counters) => r,
         _ = abort.cancelled() => return Outcome::Shutdown,
     };
-    let server = match started {
+    let (server, start) = match started {
         Ok(Some(server)) => server,
         // A cancel request, relayed.
         Ok(None) => return Outcome::Ok(Some("cancel request relayed".into())),
@@ -164,12 +191,10 @@ async fn serve(s: Conn, mut client: TcpStream) -> Outcome {
             return out;
         }
     };
-    let capture = s.s.capture();
+    let classifier = s.classifier.clone();
     match server {
-        ServerConn::Plain(server) => {
-            tcp::relay_streams(client, server, counters, capture, abort).await
-        }
-        ServerConn::Tls(server) => tcp::relay_io(client, *server, counters, capture, abort).await,
+        ServerConn::Plain(server) => relay::relay(s.s, classifier, client, server, start).await,
+        ServerConn::Tls(server) => relay::relay(s.s, classifier, client, *server, start).await,
     }
 }
 
@@ -179,7 +204,7 @@ impl Conn {
         &self,
         client: &mut TcpStream,
         counters: &Counters,
-    ) -> Result<Option<ServerConn>, StartupError> {
+    ) -> Result<Option<(ServerConn, relay::Start)>, StartupError> {
         let params = loop {
             let body = loop_read(read_startup(client)).await?;
             let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
@@ -276,6 +301,11 @@ impl Conn {
                 outcome: Outcome::ClientError,
             });
         }
+        let search_path = params.get("search_path").cloned().or_else(|| {
+            params
+                .get("options")
+                .and_then(|o| startup_option(o, "search_path"))
+        });
         let database = params
             .get("database")
             .cloned()
@@ -367,7 +397,7 @@ impl Conn {
             )
             .with_attrs(vec![
                 ("database".into(), database),
-                ("user".into(), user),
+                ("user".into(), user.clone()),
                 ("loop_user".into(), loop_user),
             ]),
         );
@@ -380,8 +410,28 @@ impl Conn {
         counters
             .down
             .fetch_add(ok.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(Some(server))
+        Ok(Some((server, relay::Start { user, search_path })))
     }
+}
+
+/// A setting from the `options` start-up parameter (`-c name=value` or
+/// `--name=value`; the last one wins, as on the server).
+fn startup_option(options: &str, name: &str) -> Option<String> {
+    let mut found = None;
+    let mut words = options.split_ascii_whitespace();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next()
+        } else {
+            w.strip_prefix("-c").or_else(|| w.strip_prefix("--"))
+        };
+        if let Some((k, v)) = setting.and_then(|s| s.split_once('=')) {
+            if k.replace('-', "_").eq_ignore_ascii_case(name) {
+                found = Some(v.replace("\\ ", " "));
+            }
+        }
+    }
+    found
 }
 
 /// The upstream could not be reached.

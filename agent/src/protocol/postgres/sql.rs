@@ -52,6 +52,25 @@ pub struct Statement {
     pub functions: Vec<String>,
     /// `COPY ... PROGRAM` (runs a shell command on the server).
     pub program: bool,
+    /// Run-time settings it changes: `SET`/`RESET` names (`role`,
+    /// `session_authorization`, `search_path`, ...; `all` for `RESET ALL`)
+    /// and `set_config(name, ...)` calls (`?` when the name is not a
+    /// constant).
+    pub settings: Vec<String>,
+    /// The schemas of a `SET search_path` (and of a constant
+    /// `set_config('search_path', ...)`), for the names of later statements.
+    pub search_path: Option<Vec<String>>,
+    /// SQL-level `PREPARE name AS ...`: the name. The statement's kind,
+    /// tables, writes and functions are those of the statement it prepares.
+    pub prepares: Option<String>,
+    /// SQL-level `EXECUTE name`: the name (judged as the prepared statement).
+    pub executes: Option<String>,
+    /// `DEALLOCATE name` (`Some(None)`: `DEALLOCATE ALL`).
+    pub deallocates: Option<Option<String>>,
+    /// The text with its constants replaced by `$n` (pg_query's
+    /// normalisation): what the audit records, so literals (e-mail
+    /// addresses, tokens) in the text are not stored.
+    pub normalized: String,
     /// What the server would run the same way whatever the constants
     /// (pg_query's fingerprint, hex).
     pub fingerprint: String,
@@ -118,8 +137,39 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
         if let Some((false, _)) = copy {
             found.written.clear();
         }
+        // `PREPARE p AS <statement>` is judged as the statement it prepares.
+        let (kind_node, stmt_body) = if kind_node == "PrepareStmt" {
+            match body.get("query").and_then(node_of) {
+                Some((k, b)) => (k, b),
+                None => (kind_node, body),
+            }
+        } else {
+            (kind_node, body)
+        };
         let unbounded = matches!(kind_node, "UpdateStmt" | "DeleteStmt")
-            && body.get("where_clause").is_none_or(Value::is_null);
+            && stmt_body.get("where_clause").is_none_or(Value::is_null);
+        let name = || body.get("name").and_then(Value::as_str).map(str::to_owned);
+        let prepares = (!std::ptr::eq(stmt_body, body)).then(name).flatten();
+        let executes = if kind_node == "ExecuteStmt" {
+            name()
+        } else {
+            None
+        };
+        let deallocates = (kind_node == "DeallocateStmt").then(|| {
+            name().filter(|_| !body.get("isall").and_then(Value::as_bool).unwrap_or(false))
+        });
+        if kind_node == "VariableSetStmt" {
+            let setting = name()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "all".into())
+                .to_ascii_lowercase();
+            if setting == "search_path" {
+                let mut values = Vec::new();
+                strings(body.get("args").unwrap_or(&Value::Null), &mut values);
+                found.search_path = Some(values);
+            }
+            found.settings.insert(setting);
+        }
         let qualify = |names: &BTreeSet<Vec<String>>| -> Vec<String> {
             let mut v: BTreeSet<String> = BTreeSet::new();
             for n in names {
@@ -141,6 +191,12 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
             unbounded,
             functions: found.functions.into_iter().collect(),
             program: copy.is_some_and(|(_, p)| p),
+            settings: found.settings.into_iter().collect(),
+            search_path: found.search_path,
+            prepares,
+            executes,
+            deallocates,
+            normalized: pg_query::normalize(&text).unwrap_or_else(|_| text.clone()),
             fingerprint,
             text,
         });
@@ -202,6 +258,8 @@ struct Found {
     all: BTreeSet<Vec<String>>,
     written: BTreeSet<Vec<String>>,
     functions: BTreeSet<String>,
+    settings: BTreeSet<String>,
+    search_path: Option<Vec<String>>,
 }
 
 /// Keys under which a statement names the relation it writes.
@@ -223,6 +281,33 @@ fn walk(v: &Value, key: Option<&str>, found: &mut Found) {
                 if m.contains_key("args") || m.contains_key("agg_order") {
                     let name: Vec<&str> = parts.iter().filter_map(string_node).collect();
                     if !name.is_empty() {
+                        if name.last() == Some(&"set_config") {
+                            // set_config('role', ...) is SET ROLE.
+                            let first = m
+                                .get("args")
+                                .and_then(Value::as_array)
+                                .and_then(|a| a.first())
+                                .and_then(|a| a.pointer("/node/AConst/val/Sval/sval"))
+                                .and_then(Value::as_str);
+                            let setting = first.map_or("?".to_owned(), str::to_ascii_lowercase);
+                            if setting == "search_path" {
+                                let value = m
+                                    .get("args")
+                                    .and_then(Value::as_array)
+                                    .and_then(|a| a.get(1))
+                                    .and_then(|a| a.pointer("/node/AConst/val/Sval/sval"))
+                                    .and_then(Value::as_str);
+                                found.search_path = Some(match value {
+                                    Some(v) => v
+                                        .split(',')
+                                        .map(|s| s.trim().trim_matches('"').to_owned())
+                                        .filter(|s| !s.is_empty())
+                                        .collect(),
+                                    None => vec!["?".into()],
+                                });
+                            }
+                            found.settings.insert(setting);
+                        }
                         found.functions.insert(name.join("."));
                     }
                 }
@@ -297,6 +382,31 @@ fn range_var(m: &serde_json::Map<String, Value>) -> Option<Vec<String>> {
     }
     parts.push(rel.to_owned());
     Some(parts)
+}
+
+/// A `{"node": {"Kind": body}}` value's kind and body.
+fn node_of(v: &Value) -> Option<(&str, &Value)> {
+    v.get("node")?
+        .as_object()?
+        .iter()
+        .next()
+        .map(|(k, b)| (k.as_str(), b))
+}
+
+/// Every string constant under `v`, in order (`SET search_path = a, "B"`).
+fn strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, child) in m {
+                match (k.as_str(), child) {
+                    ("sval", Value::String(s)) => out.push(s.clone()),
+                    _ => strings(child, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| strings(i, out)),
+        _ => {}
+    }
 }
 
 /// The value of a `String` node (`{"node": {"String": {"sval": ...}}}`).
@@ -413,7 +523,54 @@ mod tests {
         let s = one("ALTER ROLE app PASSWORD 'x'");
         assert_eq!(s.kind, "alter_role");
         let s = one("SET ROLE admin");
-        assert_eq!(s.kind, "set");
+        assert_eq!(
+            (s.kind.as_str(), s.settings.as_slice()),
+            ("set", &["role".to_owned()][..])
+        );
+        assert_eq!(
+            one("SET SESSION AUTHORIZATION admin").settings,
+            ["session_authorization"]
+        );
+        assert_eq!(one("RESET ALL").settings, ["all"]);
+        let s = one("SELECT set_config('ROLE', 'admin', false)");
+        assert_eq!(s.settings, ["role"]);
+        assert_eq!(
+            one("SELECT set_config(current_user, 'x', false)").settings,
+            ["?"]
+        );
+    }
+
+    #[test]
+    fn search_paths_prepare_and_execute() {
+        let s = one("SET search_path TO app, \"$user\", public");
+        assert_eq!(
+            s.search_path.as_deref(),
+            Some(&["app".to_owned(), "$user".into(), "public".into()][..])
+        );
+        assert_eq!(
+            one("RESET search_path").search_path.as_deref(),
+            Some(&[][..])
+        );
+        let s = one("SELECT set_config('search_path', 'secret, public', true)");
+        assert_eq!(
+            s.search_path.as_deref(),
+            Some(&["secret".to_owned(), "public".into()][..])
+        );
+        // PREPARE is judged as what it prepares.
+        let s = one("PREPARE wipe (int) AS DELETE FROM orders");
+        assert_eq!((s.kind.as_str(), s.unbounded), ("delete", true));
+        assert_eq!(s.prepares.as_deref(), Some("wipe"));
+        assert_eq!(s.writes, ["public.orders"]);
+        let s = one("EXECUTE wipe(1)");
+        assert_eq!(
+            (s.kind.as_str(), s.executes.as_deref()),
+            ("execute", Some("wipe"))
+        );
+        assert_eq!(
+            one("DEALLOCATE wipe").deallocates,
+            Some(Some("wipe".into()))
+        );
+        assert_eq!(one("DEALLOCATE ALL").deallocates, Some(None));
     }
 
     #[test]
@@ -504,6 +661,10 @@ mod tests {
         let c = one("SELECT * FROM orders WHERE id > 1");
         assert_eq!(a.fingerprint, b.fingerprint);
         assert_ne!(a.fingerprint, c.fingerprint);
+        assert_eq!(
+            one("select * from users where email = 'a@b.example'").normalized,
+            "select * from users where email = $1"
+        );
     }
 
     #[test]

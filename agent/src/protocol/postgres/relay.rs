@@ -1,0 +1,933 @@
+//! After the login: the v3 protocol message by message, every statement
+//! judged before it reaches the server and recorded when its result is
+//! known.
+//!
+//! Two halves run side by side. The loop's half reads the loop's messages,
+//! classifies each statement with PostgreSQL's parser ([`super::sql`]),
+//! judges it, and forwards what is allowed (coalesced: one write per read).
+//! For every message that gets an answer it queues what the server owes
+//! ([`Expect`]), in order. The server's half reads the server's messages,
+//! matches them against that queue to close each statement's record (rows,
+//! duration, SQLSTATE), and relays them. A refusal is a message the agent
+//! answers itself: it waits in the same queue, so the loop reads it exactly
+//! where the server's own error would have been.
+//!
+//! - Simple `Query`: every statement of the string is judged before any is
+//!   sent; if one is refused, none runs: an `ErrorResponse` and a
+//!   `ReadyForQuery` with the transaction status unchanged (a refused
+//!   statement did not run, so an open transaction stays usable).
+//! - Extended protocol: `Parse` is judged (its statement text); a refused
+//!   `Parse` gets an `ErrorResponse` and the loop's messages up to its next
+//!   `Sync` are discarded, as the server does after an error; the `Sync`
+//!   itself is forwarded, so the server's `ReadyForQuery` ends the batch.
+//!   `Bind`/`Execute` are recorded against the statement they run.
+//! - SQL-level `PREPARE` is judged as what it prepares, and `EXECUTE name`
+//!   as the statement prepared under that name.
+//! - `FunctionCall` (libpq's large-object calls): the function is looked up
+//!   by OID (a catalogue query the agent sends on the same connection, in
+//!   the loop's transaction) and judged as a `SELECT` of it.
+//! - COPY data, notices, notifications and parameter changes are relayed.
+//! - A malformed message from the loop ends the session with a FATAL
+//!   `ErrorResponse` (08P01); a malformed one from the server ends it too.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+    sync::{oneshot, Notify},
+};
+
+use super::{
+    messages::{self, decode, next_frame, Front, MAX_LOOP_MESSAGE, MAX_SERVER_MESSAGE},
+    sql::{Classifier, SqlError, Statement},
+};
+use crate::{
+    audit::capture::{CaptureStream, Side},
+    kinds::{EventKind, OpKind, Outcome},
+    policy::{Operation, SqlOp, Verdict},
+    session::{Event, Judged, Session},
+};
+
+/// What the session knows at the start of the relay.
+pub(super) struct Start {
+    /// The role the agent logged in as (`$user` in a search path).
+    pub user: String,
+    /// `search_path` from the start-up parameters, if the loop set one.
+    pub search_path: Option<String>,
+}
+
+/// Relays a logged-in session until either side ends it.
+pub(super) async fn relay<S>(
+    s: Arc<Session>,
+    classifier: Arc<Classifier>,
+    client: TcpStream,
+    server: S,
+    start: Start,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = tokio::io::split(server);
+    let shared = Arc::new(Shared::default());
+    let mut schemas = vec![start.user.clone(), "public".to_owned()];
+    if let Some(p) = start.search_path {
+        add_schemas(&mut schemas, &split_path(&p), &start.user);
+    }
+    let up = Up {
+        s: s.clone(),
+        classifier,
+        shared: shared.clone(),
+        user: start.user,
+        schemas,
+        prepared: HashMap::new(),
+        portals: HashMap::new(),
+        sql_prepared: HashMap::new(),
+        functions: HashMap::new(),
+        discarding: false,
+        out: Vec::with_capacity(8192),
+        capture: s.capture().map(|c| Captured::new(c, Side::Client)),
+    };
+    let up = up.run(cr, sw);
+    let down = down(s.clone(), shared.clone(), sr, cw);
+    tokio::pin!(up, down);
+    let abort = s.closed().clone();
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(o) => {
+                    // The FATAL for the loop is written by the server half.
+                    if !down_done {
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut down).await;
+                    }
+                    return o;
+                }
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(o) => return o,
+            },
+            _ = abort.cancelled() => return Outcome::Shutdown,
+        }
+    }
+    Outcome::ok()
+}
+
+/// The queue of answers the server owes, shared by both halves.
+#[derive(Default)]
+struct Shared {
+    track: Mutex<Track>,
+    /// The loop's half queued a message of the agent's own.
+    wake: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Track> {
+        self.track.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct Track {
+    pending: VecDeque<Expect>,
+    /// The transaction status of the last `ReadyForQuery`.
+    status: Option<u8>,
+    /// The server sent an error in an extended-protocol batch: it ignores
+    /// everything up to the next `Sync`.
+    skipping: bool,
+    /// A FATAL error for the loop; the session ends once it is written.
+    fatal: Option<Vec<u8>>,
+}
+
+/// What the server owes for one message, or an answer of the agent's own.
+enum Expect {
+    Parse,
+    Bind,
+    Describe,
+    Close,
+    Execute(Option<Rec>),
+    Sync,
+    /// A simple query: one record per statement, in order.
+    Query(VecDeque<Rec>),
+    Function(Rec),
+    /// The agent's own catalogue query (a function's name by OID).
+    Lookup {
+        name: Option<String>,
+        reply: Option<oneshot::Sender<Option<String>>>,
+    },
+    /// The agent's own answer; `ready`: followed by `ReadyForQuery`.
+    Local {
+        msg: Vec<u8>,
+        ready: bool,
+    },
+}
+
+impl Expect {
+    /// Ends at the server's `ReadyForQuery`.
+    fn is_sync_point(&self) -> bool {
+        matches!(
+            self,
+            Expect::Sync | Expect::Query(_) | Expect::Function(_) | Expect::Lookup { .. }
+        )
+    }
+}
+
+/// A statement's event, completed when its result arrives.
+struct Rec {
+    event: Event,
+    started: Instant,
+    rows: u64,
+}
+
+impl Rec {
+    fn new(event: Event) -> Self {
+        Rec {
+            event,
+            started: Instant::now(),
+            rows: 0,
+        }
+    }
+
+    /// The event with the result: `ok`, `error`, `suspended` or `not_run`.
+    fn finish(mut self, result: &str, tag: Option<&str>, sqlstate: Option<&str>) -> Event {
+        let rows = tag.and_then(messages::tag_rows).unwrap_or(self.rows);
+        let a = &mut self.event.attrs;
+        a.push(("result".into(), result.into()));
+        if result != "not_run" {
+            a.push(("rows".into(), rows.to_string()));
+            a.push((
+                "duration_us".into(),
+                self.started.elapsed().as_micros().to_string(),
+            ));
+        }
+        if let Some(t) = tag {
+            a.push(("tag".into(), t.into()));
+        }
+        if let Some(c) = sqlstate {
+            a.push(("sqlstate".into(), c.into()));
+        }
+        self.event
+    }
+}
+
+/// The first bytes of one direction, for replay.
+struct Captured {
+    stream: CaptureStream,
+    left: u64,
+}
+
+impl Captured {
+    fn new(c: crate::audit::capture::Capture, side: Side) -> Self {
+        let left = c.limit;
+        Captured {
+            stream: CaptureStream::new(c, side),
+            left,
+        }
+    }
+
+    fn push(&mut self, b: &[u8]) {
+        if self.left > 0 {
+            let n = b
+                .len()
+                .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+            self.stream.push(&b[..n]);
+            self.left -= n as u64;
+        }
+    }
+}
+
+/// A statement prepared with `Parse`, for the records of its executions.
+struct Prepared {
+    /// The event of its (first) statement, judged at `Parse`.
+    event: Option<Event>,
+}
+
+/// A portal: its statement and parameters.
+struct Portal {
+    prepared: Option<Arc<Prepared>>,
+    params: Vec<Option<String>>,
+}
+
+/// The loop's half.
+struct Up {
+    s: Arc<Session>,
+    classifier: Arc<Classifier>,
+    shared: Arc<Shared>,
+    user: String,
+    /// Every schema a search path of this session has named: an
+    /// unqualified table is each of them (a `SET` rolled back, or one that
+    /// failed, still counts; the rules see more tables, never fewer).
+    schemas: Vec<String>,
+    prepared: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, Portal>,
+    /// SQL-level `PREPARE`d statements, by name.
+    sql_prepared: HashMap<String, Statement>,
+    /// Function names by OID (FunctionCall).
+    functions: HashMap<u32, String>,
+    /// A message was refused: the loop's messages up to `Sync` are dropped.
+    discarding: bool,
+    /// Bytes for the server, written once per read.
+    out: Vec<u8>,
+    capture: Option<Captured>,
+}
+
+/// What the loop's half does after a message.
+enum Flow {
+    Continue,
+    Terminate,
+}
+
+impl Up {
+    async fn run<R, W>(mut self, mut cr: R, mut sw: W) -> Result<(), Outcome>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            let n = cr
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| Outcome::ClientError(format!("reading from the loop: {e}")))?;
+            if n == 0 {
+                self.flush(&mut sw).await?;
+                let _ = sw.shutdown().await;
+                return Ok(());
+            }
+            loop {
+                let frame = match next_frame(&mut buf, MAX_LOOP_MESSAGE) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return Err(self.fatal("08P01", &format!("loopgate: {e}"))),
+                };
+                match self.message(frame, &mut sw).await? {
+                    Flow::Continue => {}
+                    Flow::Terminate => {
+                        self.flush(&mut sw).await?;
+                        let _ = sw.shutdown().await;
+                        return Ok(());
+                    }
+                }
+            }
+            self.flush(&mut sw).await?;
+        }
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, sw: &mut W) -> Result<(), Outcome> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        sw.write_all(&self.out)
+            .await
+            .map_err(|e| Outcome::UpstreamError(format!("writing to the server: {e}")))?;
+        self.s
+            .counters()
+            .up
+            .fetch_add(self.out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(c) = &mut self.capture {
+            c.push(&self.out);
+        }
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Ends the session: a FATAL error for the loop (written by the
+    /// server's half, after what is already on its way).
+    fn fatal(&self, sqlstate: &str, message: &str) -> Outcome {
+        let mut t = self.shared.lock();
+        t.fatal = Some(super::wire::error_response(sqlstate, message));
+        drop(t);
+        self.shared.wake.notify_one();
+        Outcome::ClientError(message.to_owned())
+    }
+
+    /// Queues what the server owes for a message and forwards it.
+    fn forward(&mut self, frame: &[u8], expect: Option<Expect>) {
+        if let Some(e) = expect {
+            self.shared.lock().pending.push_back(e);
+        }
+        self.out.extend_from_slice(frame);
+    }
+
+    /// Queues an answer of the agent's own.
+    fn answer(&mut self, msg: Vec<u8>, ready: bool) {
+        let mut t = self.shared.lock();
+        let owed = t.pending.iter().any(|e| !matches!(e, Expect::Local { .. }));
+        t.pending.push_back(Expect::Local { msg, ready });
+        drop(t);
+        if owed && !ready {
+            // The server answers what came before only when asked to.
+            self.out.extend_from_slice(&messages::FLUSH);
+        }
+        self.shared.wake.notify_one();
+    }
+
+    async fn message<W: AsyncWrite + Unpin>(
+        &mut self,
+        frame: BytesMut,
+        sw: &mut W,
+    ) -> Result<Flow, Outcome> {
+        if self.discarding {
+            match frame[0] {
+                b'S' => {
+                    self.discarding = false;
+                    self.forward(&frame, Some(Expect::Sync));
+                }
+                b'X' => return Ok(Flow::Terminate),
+                _ => {}
+            }
+            return Ok(Flow::Continue);
+        }
+        let msg = match decode(&frame) {
+            Ok(m) => m,
+            Err(e) => return Err(self.fatal(e.sqlstate(), &format!("loopgate: {e}"))),
+        };
+        match msg {
+            Front::Query(sql) => self.query(sql, &frame).await,
+            Front::Parse { name, query } => self.parse(name, query, &frame).await,
+            Front::Bind {
+                portal,
+                statement,
+                params,
+            } => {
+                let prepared = self.prepared.get(statement).cloned();
+                self.portals
+                    .insert(portal.to_owned(), Portal { prepared, params });
+                self.forward(&frame, Some(Expect::Bind));
+            }
+            Front::Describe => self.forward(&frame, Some(Expect::Describe)),
+            Front::Execute { portal } => {
+                let rec = self.portals.get(portal).and_then(|p| {
+                    let mut event = p.prepared.as_ref()?.event.clone()?;
+                    if !p.params.is_empty() {
+                        event.attrs.push(("params".into(), self.params(&p.params)));
+                    }
+                    Some(Rec::new(event))
+                });
+                self.forward(&frame, Some(Expect::Execute(rec)));
+            }
+            Front::Close { what, name } => {
+                if what == b'S' {
+                    self.prepared.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                self.forward(&frame, Some(Expect::Close));
+            }
+            Front::Sync => self.forward(&frame, Some(Expect::Sync)),
+            Front::Flush | Front::Copy => self.forward(&frame, None),
+            Front::Terminate => {
+                self.forward(&frame, None);
+                return Ok(Flow::Terminate);
+            }
+            Front::FunctionCall { oid } => self.function_call(oid, &frame, sw).await?,
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Parameters for the record: masked, as a JSON list.
+    fn params(&self, params: &[Option<String>]) -> String {
+        let masker = self.s.masker();
+        let v: Vec<serde_json::Value> = params
+            .iter()
+            .map(|p| match p {
+                None => serde_json::Value::Null,
+                Some(p) => {
+                    let mut b = p.clone().into_bytes();
+                    masker.mask(&mut b);
+                    serde_json::Value::String(String::from_utf8_lossy(&b).into_owned())
+                }
+            })
+            .collect();
+        serde_json::Value::Array(v).to_string()
+    }
+
+    /// Classifies a query string with the session's search path; a string
+    /// that changes the search path is classified with the new schemas too.
+    fn classify(&mut self, sql: &str) -> super::sql::Classified {
+        let c = self.classifier.classify(sql, &self.schemas);
+        if let Ok(stmts) = &*c {
+            let before = self.schemas.len();
+            for st in stmts {
+                if let Some(p) = &st.search_path {
+                    add_schemas(&mut self.schemas, p, &self.user);
+                }
+            }
+            if self.schemas.len() != before {
+                return self.classifier.classify(sql, &self.schemas);
+            }
+        }
+        c
+    }
+
+    /// The statement a rule judges: `EXECUTE name` is the statement
+    /// prepared under that name.
+    fn effective<'a>(&'a self, st: &'a Statement) -> &'a Statement {
+        st.executes
+            .as_ref()
+            .and_then(|n| self.sql_prepared.get(n))
+            .unwrap_or(st)
+    }
+
+    async fn judge(&self, st: &Statement) -> (Judged, Event) {
+        let eff = self.effective(st);
+        let op = Operation::Sql(SqlOp {
+            kind: &eff.kind,
+            tables: &eff.tables,
+            writes: &eff.writes,
+            unbounded: eff.unbounded,
+            functions: &eff.functions,
+            program: eff.program,
+            settings: &eff.settings,
+            text: &st.text,
+            params: &[],
+        });
+        // The approver and the audit see the text with its constants
+        // replaced (and the session's secrets masked).
+        let mut shown = st.normalized.clone().into_bytes();
+        self.s.masker().mask(&mut shown);
+        let shown = String::from_utf8_lossy(&shown).into_owned();
+        let attrs = vec![
+            ("statement_kind".to_owned(), eff.kind.clone()),
+            ("fingerprint".to_owned(), st.fingerprint.clone()),
+        ];
+        let judged = self.s.judge(op, &shown, &attrs).await;
+        let event = judged.event(EventKind::Op(OpKind::Sql), shown, attrs);
+        (judged, event)
+    }
+
+    /// What an allowed statement changes in the agent's view of the session.
+    fn apply(&mut self, st: &Statement) {
+        if let Some(name) = &st.prepares {
+            self.sql_prepared.insert(name.clone(), st.clone());
+        }
+        match &st.deallocates {
+            Some(Some(name)) => {
+                self.sql_prepared.remove(name);
+            }
+            Some(None) => self.sql_prepared.clear(),
+            None => {}
+        }
+        if st.kind == "discard" {
+            self.sql_prepared.clear();
+            self.prepared.clear();
+            self.portals.clear();
+        }
+    }
+
+    /// Records a statement that never reached the parser's approval.
+    fn not_classified(&self, text: &str, e: &SqlError) -> (&'static str, String) {
+        let (sqlstate, message) = match e {
+            SqlError::Syntax(m) => ("42601", m.clone()),
+            SqlError::TooLong(_) => ("54000", format!("loopgate: {e}")),
+        };
+        let mut shown = text.chars().take(200).collect::<String>().into_bytes();
+        self.s.masker().mask(&mut shown);
+        self.s.record(
+            Event {
+                kind: EventKind::Op(OpKind::Sql),
+                text: String::from_utf8_lossy(&shown).into_owned(),
+                verdict: Verdict::Deny,
+                rule_id: "sql:parse".into(),
+                reason: message.clone(),
+                attrs: Vec::new(),
+            }
+            .with_attrs(vec![
+                ("result".into(), "refused".into()),
+                ("sqlstate".into(), sqlstate.into()),
+            ]),
+        );
+        (sqlstate, message)
+    }
+
+    async fn query(&mut self, sql: &str, frame: &[u8]) {
+        let classified = self.classify(sql);
+        let stmts = match &*classified {
+            Ok(v) => v,
+            Err(e) => {
+                let (code, message) = self.not_classified(sql, e);
+                self.answer(messages::error(code, &message), true);
+                return;
+            }
+        };
+        let mut recs = VecDeque::with_capacity(stmts.len());
+        for (i, st) in stmts.iter().enumerate() {
+            let (judged, mut event) = self.judge(st).await;
+            if let Some(r) = &judged.refused {
+                event.attrs.push(("result".into(), "refused".into()));
+                event.attrs.push(("sqlstate".into(), "42501".into()));
+                self.s.record(event);
+                // None of the string runs.
+                for rec in recs {
+                    let Rec { mut event, .. } = rec;
+                    event.attrs.push(("result".into(), "not_run".into()));
+                    event.reason =
+                        format!("statement {} of the same query string was refused", i + 1);
+                    self.s.record(event);
+                }
+                let msg = refusal_message(&r.rule_id, &r.reason);
+                self.answer(messages::error("42501", &msg), true);
+                return;
+            }
+            recs.push_back(Rec::new(event));
+        }
+        for st in stmts {
+            self.apply(st);
+        }
+        self.forward(frame, Some(Expect::Query(recs)));
+    }
+
+    async fn parse(&mut self, name: &str, query: &str, frame: &[u8]) {
+        let classified = self.classify(query);
+        let stmts = match &*classified {
+            Ok(v) => v,
+            Err(e) => {
+                let (code, message) = self.not_classified(query, e);
+                self.discarding = true;
+                self.answer(messages::error(code, &message), false);
+                return;
+            }
+        };
+        let mut first = None;
+        for st in stmts {
+            let (judged, mut event) = self.judge(st).await;
+            if let Some(r) = &judged.refused {
+                event.attrs.push(("result".into(), "refused".into()));
+                event.attrs.push(("sqlstate".into(), "42501".into()));
+                self.s.record(event);
+                self.discarding = true;
+                let msg = refusal_message(&r.rule_id, &r.reason);
+                self.answer(messages::error("42501", &msg), false);
+                return;
+            }
+            first.get_or_insert(event);
+        }
+        for st in stmts {
+            self.apply(st);
+        }
+        // A name in use is the server's error: it keeps the first.
+        if name.is_empty() || !self.prepared.contains_key(name) {
+            self.prepared
+                .insert(name.to_owned(), Arc::new(Prepared { event: first }));
+        }
+        self.forward(frame, Some(Expect::Parse));
+    }
+
+    async fn function_call<W: AsyncWrite + Unpin>(
+        &mut self,
+        oid: u32,
+        frame: &[u8],
+        sw: &mut W,
+    ) -> Result<(), Outcome> {
+        let name = match self.functions.get(&oid) {
+            Some(n) => Some(n.clone()),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                self.forward(
+                    &messages::query(&format!(
+                        "SELECT n.nspname || '.' || p.proname FROM pg_catalog.pg_proc p \
+                         JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = {oid}"
+                    )),
+                    Some(Expect::Lookup {
+                        name: None,
+                        reply: Some(tx),
+                    }),
+                );
+                self.flush(sw).await?;
+                let name = rx.await.ok().flatten();
+                if let Some(n) = &name {
+                    self.functions.insert(oid, n.clone());
+                }
+                name
+            }
+        };
+        let Some(name) = name else {
+            let msg = format!("loopgate: function call refused: no function has OID {oid}");
+            self.answer(messages::error("42883", &msg), true);
+            return Ok(());
+        };
+        let st = Statement {
+            text: format!("SELECT {name}(...)"),
+            kind: "select".into(),
+            functions: vec![name.clone()],
+            normalized: format!("SELECT {name}(...)"),
+            fingerprint: String::new(),
+            tables: Vec::new(),
+            writes: Vec::new(),
+            unbounded: false,
+            program: false,
+            settings: Vec::new(),
+            search_path: None,
+            prepares: None,
+            executes: None,
+            deallocates: None,
+        };
+        let (judged, mut event) = self.judge(&st).await;
+        event.attrs.push(("function_oid".into(), oid.to_string()));
+        if let Some(r) = &judged.refused {
+            event.attrs.push(("result".into(), "refused".into()));
+            self.s.record(event);
+            let msg = refusal_message(&r.rule_id, &r.reason);
+            self.answer(messages::error("42501", &msg), true);
+            return Ok(());
+        }
+        self.forward(frame, Some(Expect::Function(Rec::new(event))));
+        Ok(())
+    }
+}
+
+/// The loop's view of a refusal (SQLSTATE 42501).
+fn refusal_message(rule: &str, reason: &str) -> String {
+    format!("loopgate: statement refused by rule {rule}: {reason}")
+}
+
+/// `a, "B", $user` → its schema names.
+fn split_path(p: &str) -> Vec<String> {
+    p.split(',')
+        .map(|s| s.trim().trim_matches('"').to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn add_schemas(schemas: &mut Vec<String>, path: &[String], user: &str) {
+    for s in path {
+        let s = if s == "$user" { user } else { s.as_str() };
+        if !schemas.iter().any(|x| x == s) {
+            schemas.push(s.to_owned());
+        }
+    }
+}
+
+/// The server's half: relays the server's messages, closing the records
+/// of the statements they answer, and writes the agent's own answers where
+/// they belong.
+async fn down<R, W>(
+    s: Arc<Session>,
+    shared: Arc<Shared>,
+    mut sr: R,
+    mut cw: W,
+) -> Result<(), Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut events = Vec::new();
+    let mut capture = s.capture().map(|c| Captured::new(c, Side::Upstream));
+    let mut eof = false;
+    loop {
+        let woken = tokio::select! {
+            r = sr.read_buf(&mut buf), if !eof => {
+                let n = r.map_err(|e| Outcome::UpstreamError(format!("reading from the server: {e}")))?;
+                if n == 0 {
+                    eof = true;
+                }
+                false
+            }
+            _ = shared.wake.notified() => true,
+        };
+        let mut fatal = None;
+        let mut bad = None;
+        {
+            let mut t = shared.lock();
+            drain(&mut t, &mut out);
+            if !woken {
+                loop {
+                    match next_frame(&mut buf, MAX_SERVER_MESSAGE) {
+                        Ok(Some(f)) => {
+                            on_server(&mut t, &f, &mut out, &mut events);
+                            drain(&mut t, &mut out);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            bad = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(f) = t.fatal.take() {
+                fatal = Some(f);
+            }
+        }
+        for e in events.drain(..) {
+            s.record(e);
+        }
+        if let Some(f) = &fatal {
+            out.extend_from_slice(f);
+        }
+        if let Some(e) = &bad {
+            out.extend_from_slice(&super::wire::error_response(
+                "08P01",
+                "loopgate: the server sent a malformed message",
+            ));
+            tracing::warn!(session = %s.id(), error = %e, "malformed message from the PostgreSQL server");
+        }
+        if !out.is_empty() {
+            cw.write_all(&out)
+                .await
+                .map_err(|e| Outcome::ClientError(format!("writing to the loop: {e}")))?;
+            s.counters()
+                .down
+                .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            if let Some(c) = &mut capture {
+                c.push(&out);
+            }
+            out.clear();
+        }
+        if let Some(e) = bad {
+            let _ = cw.shutdown().await;
+            return Err(Outcome::UpstreamError(format!(
+                "the server sent a malformed message: {e}"
+            )));
+        }
+        if fatal.is_some() {
+            let _ = cw.shutdown().await;
+            return Ok(());
+        }
+        if eof {
+            let _ = cw.shutdown().await;
+            // Answers of the agent's own still owed are moot now.
+            return Ok(());
+        }
+    }
+}
+
+/// Writes the agent's own answers at the head of the queue.
+fn drain(t: &mut Track, out: &mut Vec<u8>) {
+    while let Some(Expect::Local { .. }) = t.pending.front() {
+        let Some(Expect::Local { msg, ready }) = t.pending.pop_front() else {
+            break;
+        };
+        if ready {
+            out.extend_from_slice(&msg);
+            out.extend_from_slice(&messages::ready(t.status.unwrap_or(b'I')));
+        } else if !t.skipping {
+            // After a server error in the same batch, the loop expects
+            // nothing more until ReadyForQuery.
+            out.extend_from_slice(&msg);
+        }
+    }
+}
+
+/// One server message: matched against the queue, then relayed (the
+/// agent's own lookups are not).
+fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>) {
+    let kind = f[0];
+    if matches!(t.pending.front(), Some(Expect::Lookup { .. })) {
+        match kind {
+            b'D' => {
+                if let Some(Expect::Lookup { name, .. }) = t.pending.front_mut() {
+                    *name = messages::first_column(f);
+                }
+            }
+            b'Z' => {
+                t.status = f.get(5).copied();
+                if let Some(Expect::Lookup {
+                    name,
+                    reply: Some(r),
+                }) = t.pending.pop_front()
+                {
+                    let _ = r.send(name);
+                }
+            }
+            b'T' | b'C' | b'E' | b'N' => {}
+            _ => out.extend_from_slice(f),
+        }
+        return;
+    }
+    match kind {
+        b'Z' => {
+            t.status = f.get(5).copied();
+            while let Some(e) = t.pending.pop_front() {
+                let done = e.is_sync_point();
+                match e {
+                    Expect::Query(recs) => {
+                        events.extend(recs.into_iter().map(|r| r.finish("not_run", None, None)))
+                    }
+                    Expect::Function(r) => events.push(r.finish("ok", None, None)),
+                    Expect::Execute(Some(r)) => events.push(r.finish("not_run", None, None)),
+                    _ => {}
+                }
+                if done {
+                    break;
+                }
+            }
+            t.skipping = false;
+        }
+        b'E' => {
+            let code = messages::error_field(f, b'C').map(str::to_owned);
+            match t.pending.front_mut() {
+                Some(Expect::Query(recs)) => {
+                    if let Some(r) = recs.pop_front() {
+                        events.push(r.finish("error", None, code.as_deref()));
+                    }
+                }
+                Some(Expect::Function(_)) => {}
+                Some(_) => {
+                    // The extended protocol: this message failed, and the
+                    // server skips the rest of the batch.
+                    if let Some(Expect::Execute(Some(r))) = t.pending.pop_front() {
+                        events.push(r.finish("error", None, code.as_deref()));
+                    }
+                    t.skipping = true;
+                    while t.pending.front().is_some_and(|e| !e.is_sync_point()) {
+                        if let Some(Expect::Execute(Some(r))) = t.pending.pop_front() {
+                            events.push(r.finish("not_run", None, None));
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        b'1' => pop_if(t, |e| matches!(e, Expect::Parse)),
+        b'2' => pop_if(t, |e| matches!(e, Expect::Bind)),
+        b'3' => pop_if(t, |e| matches!(e, Expect::Close)),
+        b'n' => pop_if(t, |e| matches!(e, Expect::Describe)),
+        b'T' => pop_if(t, |e| matches!(e, Expect::Describe)),
+        b'D' => match t.pending.front_mut() {
+            Some(Expect::Execute(Some(r))) => r.rows += 1,
+            Some(Expect::Query(recs)) => {
+                if let Some(r) = recs.front_mut() {
+                    r.rows += 1;
+                }
+            }
+            _ => {}
+        },
+        b'C' | b'I' | b's' => {
+            let tag = (kind == b'C').then(|| messages::command_tag(f));
+            let result = if kind == b's' { "suspended" } else { "ok" };
+            match t.pending.front_mut() {
+                Some(Expect::Query(recs)) => {
+                    if let Some(r) = recs.pop_front() {
+                        events.push(r.finish(result, tag, None));
+                    }
+                }
+                Some(Expect::Execute(_)) => {
+                    if let Some(Expect::Execute(Some(r))) = t.pending.pop_front() {
+                        events.push(r.finish(result, tag, None));
+                    }
+                }
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    out.extend_from_slice(f);
+}
+
+/// Pops the head when it is what this message answers.
+fn pop_if(t: &mut Track, is: impl Fn(&Expect) -> bool) {
+    if t.pending.front().is_some_and(is) {
+        t.pending.pop_front();
+    }
+}

@@ -1,0 +1,496 @@
+//! PostgreSQL at layer 7: every statement parsed with PostgreSQL's own
+//! parser and judged by the shipped guardrails (`policies/postgres.toml`)
+//! before it reaches the server. Real PostgreSQL 15, real loops: psql,
+//! psycopg2 (simple protocol), asyncpg (extended protocol, binary format,
+//! pipelined `executemany`), pgbench in its three query modes, and a raw
+//! protocol client for the exact message order of a refused pipeline.
+
+use loopgate_e2e::*;
+
+const STORED: &str = "pg-sql-stored-pw-8812-Kx";
+const SHIPPED_DEFAULT: &str = include_str!("../../policies/default.toml");
+const SHIPPED_SQL: &str = include_str!("../../policies/postgres.toml");
+
+/// A server where `app` owns `orders` (it could drop it, and change its own
+/// password, were it not for the guardrails).
+fn server(ip: &str) -> PgServer {
+    let pg = PgServer::start(ip);
+    pg.admin(&format!(
+        "CREATE ROLE app LOGIN PASSWORD '{STORED}'; CREATE TABLE orders (id int, email text); \
+         INSERT INTO orders VALUES (1, 'ann@example.com'), (2, 'bob@example.com'), (3, NULL); \
+         ALTER TABLE orders OWNER TO app; GRANT CREATE ON SCHEMA public TO app;"
+    ));
+    pg
+}
+
+fn agent(name: &str, pg: &PgServer) -> (Agent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("orders-db");
+    std::fs::write(&pw, format!("{STORED}\n")).unwrap();
+    let agent = Agent::start(
+        AgentSpec::new(name)
+            .policy("default.toml", SHIPPED_DEFAULT)
+            .policy("postgres.toml", SHIPPED_SQL)
+            .raw(&format!(
+                "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
+                pg.addr,
+                pw.display()
+            )),
+    );
+    (agent, dir)
+}
+
+fn conninfo(pg: &PgServer) -> String {
+    format!(
+        "host={} port={} user=loop-user dbname=postgres connect_timeout=10",
+        pg.addr.ip(),
+        pg.addr.port()
+    )
+}
+
+/// psql as the loop: `-c` text, or a script on stdin (`-f -`).
+fn psql(agent: &Agent, pg: &PgServer, sql: &str) -> (bool, String) {
+    let conn = conninfo(pg);
+    let out = agent.exec(
+        "report-bot",
+        &["psql", "-X", "-w", "-At", "-d", &conn, "-c", sql],
+    );
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+fn psql_script(agent: &Agent, pg: &PgServer, script: &str) -> String {
+    let path = std::env::temp_dir().join(format!("lg-psql-{}.sql", std::process::id()));
+    std::fs::write(&path, script).unwrap();
+    set_mode(&path, 0o644);
+    let conn = conninfo(pg);
+    let out = agent.exec(
+        "report-bot",
+        &[
+            "psql",
+            "-X",
+            "-w",
+            "-At",
+            "-d",
+            &conn,
+            "-f",
+            &path.display().to_string(),
+        ],
+    );
+    let _ = std::fs::remove_file(&path);
+    format!("{}{}", stdout(&out), stderr(&out))
+}
+
+/// Every event of every recorded session (`replay --json`).
+fn events(agent: &Agent) -> Vec<Value> {
+    let mut out = Vec::new();
+    for s in agent.sessions() {
+        let id = s["session_id"].as_str().unwrap().to_owned();
+        let r = agent.cli(&["replay", "--json", &id]);
+        for line in String::from_utf8_lossy(&r.stdout).lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            if v["kind"] == "event" {
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
+fn count(pg: &PgServer) -> String {
+    pg.admin("SELECT count(*) FROM orders").trim().to_owned()
+}
+
+#[test]
+fn psql_statements_are_judged_one_by_one_and_refusals_leave_the_session_usable() {
+    let pg = server("127.10.6.1");
+    let (agent, _dir) = agent("pgsql", &pg);
+
+    // Allowed statements return what the server returns.
+    let (ok, out) = psql(
+        &agent,
+        &pg,
+        "SELECT id FROM orders WHERE id > 1 ORDER BY id",
+    );
+    assert!(ok, "{out}\n{}", agent.log());
+    assert_eq!(out, "2\n3\n");
+
+    // DROP TABLE: refused with 42501 naming the rule; the table is there.
+    let (ok, out) = psql(&agent, &pg, "DROP TABLE orders");
+    assert!(!ok);
+    assert!(
+        out.contains("ERROR:  loopgate: statement refused by rule")
+            && out.contains("sql-no-drop-or-truncate"),
+        "{out}"
+    );
+    assert_eq!(count(&pg), "3");
+
+    // One refused statement in a string: none of it runs.
+    let (ok, out) = psql(
+        &agent,
+        &pg,
+        "INSERT INTO orders VALUES (4, 'x'); DROP TABLE orders",
+    );
+    assert!(!ok, "{out}");
+    assert_eq!(count(&pg), "3", "the INSERT of a refused string ran");
+
+    // A refused DELETE inside a transaction: the transaction goes on and
+    // commits its other work (psql sends each statement on its own).
+    let out = psql_script(
+        &agent,
+        &pg,
+        "BEGIN;\nINSERT INTO orders VALUES (10, NULL);\nDELETE FROM orders;\n\
+         INSERT INTO orders VALUES (11, NULL);\nCOMMIT;\nSELECT count(*) FROM orders;\n",
+    );
+    assert!(out.contains("sql-no-unbounded-writes"), "{out}");
+    assert!(out.ends_with("5\n") || out.contains("\n5\n"), "{out}");
+    assert_eq!(count(&pg), "5");
+
+    // Role and password changes, and their spellings, are refused; the
+    // stored password still works afterwards.
+    for sql in [
+        "ALTER ROLE app PASSWORD 'owned'",
+        "ALTER USER CURRENT_USER PASSWORD 'owned'",
+        "SET ROLE postgres",
+        "SELECT set_config('role', 'postgres', false)",
+        "SELECT pg_read_file('/etc/passwd')",
+        "COPY orders TO PROGRAM 'cat > /tmp/x'",
+        "DO $$ BEGIN EXECUTE 'DROP TABLE orders'; END $$",
+        // What a naive splitter would cut is one statement to the parser:
+        // the whole string is judged as the server will run it.
+        "SELECT $q$ ; $q$; DROP TABLE orders",
+    ] {
+        let (ok, out) = psql(&agent, &pg, sql);
+        assert!(
+            !ok && out.contains("loopgate: statement refused by rule"),
+            "{sql}: {out}"
+        );
+    }
+    let (ok, out) = psql(&agent, &pg, "SELECT current_user");
+    assert!(ok && out == "app\n", "{out}");
+    assert_eq!(count(&pg), "5");
+
+    // Text the parser refuses gets the parser's own error, as the server
+    // would have sent it.
+    let (ok, out) = psql(&agent, &pg, "SELEC id FROM orders");
+    assert!(!ok);
+    assert!(
+        out.contains("ERROR:  syntax error at or near \"SELEC\""),
+        "{out}"
+    );
+
+    // SQL-level PREPARE is judged as what it prepares.
+    let (ok, out) = psql(&agent, &pg, "PREPARE wipe AS DELETE FROM orders");
+    assert!(!ok && out.contains("sql-no-unbounded-writes"), "{out}");
+
+    // The audit: one event per statement with its verdict and result;
+    // constants replaced; never the stored password.
+    let ev = agent_events_when(&agent, |ev| {
+        ev.iter().any(|e| e["request"] == "SELECT current_user")
+    });
+    let select = ev
+        .iter()
+        .find(|e| e["request"] == "SELECT id FROM orders WHERE id > $1 ORDER BY id")
+        .unwrap_or_else(|| panic!("no normalized select event: {ev:#?}"));
+    assert_eq!(select["event_kind"], "sql");
+    assert_eq!(select["verdict"], "allow");
+    assert_eq!(select["attrs"]["result"], "ok");
+    assert_eq!(select["attrs"]["rows"], "2");
+    assert_eq!(select["attrs"]["statement_kind"], "select");
+    assert!(select["attrs"]["duration_us"].as_str().is_some());
+    let drop = ev
+        .iter()
+        .find(|e| e["request"] == "DROP TABLE orders")
+        .unwrap();
+    assert_eq!(drop["verdict"], "deny");
+    assert!(drop["rule_id"]
+        .as_str()
+        .unwrap()
+        .ends_with("sql-no-drop-or-truncate"));
+    let insert_not_run = ev.iter().find(|e| {
+        e["request"] == "INSERT INTO orders VALUES ($1, $2)" && e["attrs"]["result"] == "not_run"
+    });
+    assert!(insert_not_run.is_some(), "{ev:#?}");
+    let syntax = ev.iter().find(|e| e["rule_id"] == "sql:parse").unwrap();
+    assert_eq!(syntax["attrs"]["sqlstate"], "42601");
+    let all = serde_json::to_string(&ev).unwrap();
+    assert!(!all.contains("owned'"), "a literal reached the audit");
+    assert!(!all.contains(STORED) && !agent.log().contains(STORED));
+}
+
+/// Events, once `pred` holds (records are written asynchronously).
+fn agent_events_when(agent: &Agent, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let ev = events(agent);
+        if pred(&ev) || std::time::Instant::now() > deadline {
+            return ev;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn drivers_keep_working_through_refusals_psycopg2_and_asyncpg() {
+    let pg = server("127.10.6.2");
+    let (agent, _dir) = agent("pgdrv", &pg);
+    let host = pg.addr.ip().to_string();
+    let port = pg.addr.port().to_string();
+
+    // psycopg2 (libpq, simple protocol): a refusal inside its implicit
+    // transaction, then the same transaction commits; COPY both ways, a
+    // server-side cursor, LISTEN/NOTIFY.
+    let out = agent.python(
+        "report-bot",
+        r#"
+import io, sys, psycopg2, psycopg2.errors
+c = psycopg2.connect(host=sys.argv[1], port=int(sys.argv[2]), user="x", dbname="postgres", connect_timeout=10)
+cur = c.cursor()
+cur.execute("INSERT INTO orders VALUES (%s, %s)", (20, "eve@example.com"))
+try:
+    cur.execute("UPDATE orders SET email = NULL")
+    print("not refused")
+except psycopg2.errors.InsufficientPrivilege as e:
+    print("refused", "sql-no-unbounded-writes" in str(e))
+cur.execute("INSERT INTO orders VALUES (21, NULL)")
+c.commit()
+cur.execute("SELECT count(*) FROM orders")
+print(cur.fetchone()[0])
+buf = io.StringIO()
+cur.copy_expert("COPY (SELECT id FROM orders ORDER BY id) TO STDOUT", buf)
+print(buf.getvalue().split())
+cur.copy_expert("COPY orders (id) FROM STDIN", io.StringIO("30\n31\n"))
+c.commit()
+named = c.cursor(name="big")
+named.itersize = 2
+named.execute("SELECT id FROM orders ORDER BY id")
+print(sum(1 for _ in named))
+named.close()
+c.commit()
+c.autocommit = True
+cur.execute("LISTEN jobs")
+cur.execute("NOTIFY jobs, 'hello'")
+c.poll()
+print([n.payload for n in c.notifies])
+"#,
+        &[&host, &port],
+    );
+    assert_eq!(
+        stdout(&out),
+        "refused True\n5\n['1', '2', '3', '20', '21']\n7\n['hello']\n",
+        "{}\n{}",
+        stderr(&out),
+        agent.log()
+    );
+
+    // asyncpg (extended protocol, binary format): prepared statements, a
+    // refused Parse then the connection still works, a pipelined
+    // executemany, and a refused statement inside a transaction that
+    // still commits.
+    let out = agent.python_with(
+        &loops_python(),
+        "report-bot",
+        r#"
+import asyncio, sys, asyncpg
+async def main():
+    c = await asyncpg.connect(host=sys.argv[1], port=int(sys.argv[2]), user="x", database="postgres", ssl=False)
+    print(await c.fetchval("SELECT count(*) FROM orders WHERE id > $1", 0))
+    try:
+        await c.fetch("DELETE FROM orders WHERE $1::int IS NOT NULL OR true", 1)
+        await c.fetch("TRUNCATE orders")
+        print("not refused")
+    except asyncpg.exceptions.InsufficientPrivilegeError as e:
+        print("refused", "sql-no-drop-or-truncate" in str(e))
+    await c.executemany("INSERT INTO orders (id) VALUES ($1)", [(i,) for i in range(100, 150)])
+    async with c.transaction():
+        await c.execute("INSERT INTO orders (id) VALUES (200)")
+        try:
+            await c.fetch("DELETE FROM orders")
+        except asyncpg.exceptions.InsufficientPrivilegeError:
+            print("refused in transaction")
+        await c.execute("INSERT INTO orders (id) VALUES (201)")
+    stmt = await c.prepare("SELECT id, email FROM orders WHERE id = $1")
+    print(await stmt.fetchrow(1))
+    print(await c.fetchval("SELECT count(*) FROM orders"))
+    await c.close()
+asyncio.run(main())
+"#,
+        &[&host, &port],
+    );
+    // The DELETE with a WHERE was allowed and ran (7 rows gone).
+    assert_eq!(
+        stdout(&out),
+        "7\nrefused True\nrefused in transaction\nNone\n52\n",
+        "{}\n{}",
+        stderr(&out),
+        agent.log()
+    );
+    assert_eq!(count(&pg), "52");
+}
+
+#[test]
+fn pgbench_runs_in_every_query_mode_and_each_statement_is_recorded() {
+    let pg = server("127.10.6.3");
+    // Initialised directly: `pgbench -i` drops and truncates, which the
+    // guardrails refuse.
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "pgbench", "-i", "-q", "-s", "1"])
+        .args(["-h", &pg.socket_dir(), "-p", &pg.addr.port().to_string()])
+        .arg("postgres")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    pg.admin(
+        "GRANT ALL ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app",
+    );
+    let (agent, _dir) = agent("pgbench", &pg);
+    let host = pg.addr.ip().to_string();
+    let port = pg.addr.port().to_string();
+    for mode in ["simple", "extended", "prepared"] {
+        let out = agent.exec(
+            "report-bot",
+            &[
+                "pgbench",
+                "-n",
+                "-M",
+                mode,
+                "-c",
+                "2",
+                "-t",
+                "20",
+                "-h",
+                &host,
+                "-p",
+                &port,
+                "-U",
+                "loop-user",
+                "postgres",
+            ],
+        );
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(out.status.success(), "{mode}: {text}\n{}", agent.log());
+        assert!(
+            text.contains("number of transactions actually processed: 40/40"),
+            "{mode}: {text}"
+        );
+    }
+    // 3 modes x 40 transactions x 7 statements, each recorded once with
+    // its result.
+    let ev = agent_events_when(&agent, |ev| {
+        ev.iter().filter(|e| e["event_kind"] == "sql").count() >= 840
+    });
+    let sql: Vec<&Value> = ev.iter().filter(|e| e["event_kind"] == "sql").collect();
+    let of = |kind: &str| {
+        sql.iter()
+            .filter(|e| e["attrs"]["statement_kind"] == kind && e["attrs"]["result"] == "ok")
+            .count()
+    };
+    assert_eq!(of("update"), 3 * 40 * 3, "{:#?}", &sql[..sql.len().min(10)]);
+    assert_eq!(of("insert"), 3 * 40);
+    assert_eq!(of("transaction"), 3 * 40 * 2);
+    // The SELECT of each transaction, and pgbench's own scale lookups.
+    assert!(of("select") >= 3 * 40, "{}", of("select"));
+    assert!(
+        sql.iter()
+            .all(|e| e["verdict"] == "allow" && e["attrs"]["result"] == "ok"),
+        "{:#?}",
+        sql.iter().find(|e| e["attrs"]["result"] != "ok")
+    );
+    let history = pg.admin("SELECT count(*) FROM pgbench_history");
+    assert_eq!(history.trim(), "120");
+}
+
+/// The exact order of messages around a refused `Parse` in a pipeline,
+/// written with a raw protocol client: the allowed statements before it
+/// answer, then the refusal, then the server's own `ReadyForQuery`; the
+/// messages between the refusal and `Sync` are discarded; the session
+/// works afterwards. Then a message no client sends ends only that session.
+#[test]
+fn a_refused_parse_in_a_pipeline_discards_to_sync_and_malformed_messages_end_the_session() {
+    let pg = server("127.10.6.4");
+    let (agent, _dir) = agent("pgpipe", &pg);
+    let out = agent.python(
+        "report-bot",
+        r#"
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+def msg(t, body=b""):
+    return t + struct.pack("!i", len(body) + 4) + body
+def cstr(x):
+    return x.encode() + b"\0"
+def startup():
+    body = struct.pack("!i", 196608) + cstr("user") + cstr("x") + cstr("database") + cstr("postgres") + b"\0"
+    s.sendall(struct.pack("!i", len(body) + 4) + body)
+buf = b""
+def read_until_ready():
+    global buf
+    types = []
+    while True:
+        while len(buf) < 5 or len(buf) < 1 + struct.unpack("!i", buf[1:5])[0]:
+            chunk = s.recv(65536)
+            if not chunk:
+                types.append("EOF")
+                return types
+            buf += chunk
+        n = struct.unpack("!i", buf[1:5])[0]
+        t, body, buf = buf[:1], buf[5:1 + n], buf[1 + n:]
+        if t == b"E":
+            code = [f[1:] for f in body.split(b"\0") if f[:1] == b"C"][0].decode()
+            types.append("E" + code)
+        elif t == b"C":
+            types.append("C:" + body[:-1].decode())
+        elif t not in (b"S", b"K", b"N"):
+            types.append(t.decode())
+        if t == b"Z":
+            return types
+startup()
+print(read_until_ready())
+def parse(q): return msg(b"P", cstr("") + cstr(q) + struct.pack("!h", 0))
+bind = msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
+execute = msg(b"E", cstr("") + struct.pack("!i", 0))
+sync = msg(b"S")
+s.sendall(parse("INSERT INTO orders (id) VALUES (40)") + bind + execute
+          + parse("DROP TABLE orders") + bind + execute
+          + parse("INSERT INTO orders (id) VALUES (41)") + bind + execute + sync)
+print(read_until_ready())
+s.sendall(msg(b"Q", cstr("SELECT count(*) FROM orders")))
+print(read_until_ready())
+s.sendall(msg(b"Q", cstr("BEGIN")) + msg(b"Q", cstr("TRUNCATE orders")) + msg(b"Q", cstr("SELECT 1")) + msg(b"Q", cstr("COMMIT")))
+print(read_until_ready(), read_until_ready(), read_until_ready(), read_until_ready())
+s.sendall(msg(b"p", b"garbage\0"))
+print(read_until_ready())
+"#,
+        &[&pg.addr.ip().to_string(), &pg.addr.port().to_string()],
+    );
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines.len(),
+        5,
+        "{}\n{}\n{}",
+        stdout(&out),
+        stderr(&out),
+        agent.log()
+    );
+    assert_eq!(lines[0], "['R', 'Z']");
+    // The INSERT before the refusal ran (the server ends the batch at its
+    // own Sync); the one after was discarded with the rest of the batch.
+    assert_eq!(lines[1], "['1', '2', 'C:INSERT 0 1', 'E42501', 'Z']");
+    assert_eq!(lines[2], "['T', 'D', 'C:SELECT 1', 'Z']");
+    // Pipelined simple queries: the refusal comes in its place, and the
+    // transaction status stays "in a transaction".
+    assert_eq!(
+        lines[3],
+        "['C:BEGIN', 'Z'] ['E42501', 'Z'] ['T', 'D', 'C:SELECT 1', 'Z'] ['C:COMMIT', 'Z']"
+    );
+    assert_eq!(lines[4], "['E08P01', 'EOF']");
+    assert_eq!(count(&pg), "4");
+    // Other sessions are unaffected.
+    let (ok, out) = psql(&agent, &pg, "SELECT count(*) FROM orders");
+    assert!(ok && out == "4\n", "{out}");
+    let s = agent.wait_sessions("the raw session and psql", |s| {
+        s.len() == 2 && s.iter().all(|r| r["outcome"] != "open")
+    });
+    assert!(s.iter().any(|r| r["outcome"] == "client_error"), "{s:#?}");
+}
