@@ -138,6 +138,37 @@ for i, q in enumerate([
 ]):
     write("pg_sql", f"q{i}", q)
 
+# Sessions after the login: a queue of expected answers (count, then one
+# byte each: 0 Parse, 1 Bind, 2 Describe, 3 Close, 4 Execute, 5 Sync,
+# 6 Query, 7 FunctionCall, 8 the agent's lookup, 9 its own answer), then
+# messages read both as the loop's and as the server's.
+def msg(t, body=b""):
+    return t + struct.pack(">i", len(body) + 4) + body
+
+
+def cstr(s):
+    return s.encode() + b"\0"
+
+
+LOOP = (msg(b"Q", cstr("SELECT 1; DROP TABLE x"))
+        + msg(b"P", cstr("s1") + cstr("SELECT $1") + struct.pack(">hi", 1, 23))
+        + msg(b"B", cstr("") + cstr("s1") + struct.pack(">hhhi", 1, 0, 1, 2) + b"42" + struct.pack(">hh", 1, 1))
+        + msg(b"D", b"P" + cstr("")) + msg(b"E", cstr("") + struct.pack(">i", 10))
+        + msg(b"C", b"S" + cstr("s1")) + msg(b"H") + msg(b"S")
+        + msg(b"F", struct.pack(">ih", 952, 0)) + msg(b"d", b"1\n") + msg(b"c") + msg(b"X"))
+SERVER = (msg(b"1") + msg(b"2") + msg(b"t", struct.pack(">hi", 1, 23))
+          + msg(b"T", struct.pack(">h", 1) + cstr("id") + struct.pack(">ihihih", 0, 0, 23, 4, -1, 0))
+          + msg(b"D", struct.pack(">hi", 1, 1) + b"1") + msg(b"C", cstr("SELECT 1"))
+          + msg(b"E", b"SERROR\0C42P01\0Mno\0\0") + msg(b"N", b"SNOTICE\0Mhi\0\0")
+          + msg(b"A", struct.pack(">i", 7) + cstr("jobs") + cstr("x"))
+          + msg(b"S", cstr("TimeZone") + cstr("UTC")) + msg(b"s") + msg(b"I") + msg(b"3")
+          + msg(b"n") + msg(b"G", b"\0\0\0") + msg(b"V", struct.pack(">i", -1)) + msg(b"Z", b"I"))
+write("pg_messages", "loop", b"\0" + LOOP)
+write("pg_messages", "server-extended", bytes([7, 0, 1, 2, 4, 3, 5, 9]) + SERVER)
+write("pg_messages", "server-query", bytes([3, 6, 0x89, 6]) + SERVER)
+write("pg_messages", "server-lookup", bytes([2, 8, 7]) + SERVER)
+write("pg_messages", "bad-length", b"\0Q\xff\xff\xff\xff")
+
 # Agent configs: the shipped example and the tests' snippets.
 write("config", "dist", (ROOT / "dist/agent.toml").read_bytes())
 config = (ROOT / "agent/src/config/mod.rs").read_text()

@@ -11,6 +11,7 @@
 //! | `policy` | policy files (NUL-separated) | `policy::compile`, then `Policy::evaluate` |
 //! | `config` | `agent.toml` | `Config::parse` |
 //! | `dns_query` | a loop's DNS message to the agent's resolver | `dns::parse_query`, `dns::refused`, `dns::Policy::judge` |
+//! | `pg_messages` | the byte streams of a session after the login, both ways | `protocol::postgres::messages` (`next_frame`, `decode`: every frame decodes or is refused, none is lost) and the relay's server half (what it sends the loop is the server's frames unchanged, plus its own answers) |
 //! | `pg_sql` | a loop's query string | `protocol::postgres::sql::classify` (each statement's text is a piece of the input, in order; tables are schema-qualified; classifying twice gives the same) |
 
 use std::{
@@ -534,6 +535,38 @@ pub fn dns_query(data: &[u8]) {
     }
 }
 
+/// A session's bytes after the login: the first byte says how many
+/// entries of the next bytes make the relay's queue of expected answers;
+/// the rest is read both as the loop's messages and as the server's.
+pub fn pg_messages(data: &[u8]) {
+    use crate::protocol::postgres::messages::{decode, next_frame, MAX_LOOP_MESSAGE};
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let n = usize::from(n % 16).min(rest.len());
+    let (expects, stream) = rest.split_at(n);
+    // The loop's side: frames split where their lengths say, each decoded
+    // or refused (never a panic); the frames cover the bytes read.
+    let mut buf = bytes::BytesMut::from(stream);
+    let mut taken = 0;
+    while let Ok(Some(f)) = next_frame(&mut buf, MAX_LOOP_MESSAGE) {
+        taken += f.len();
+        let _ = decode(&f);
+    }
+    assert_eq!(taken + buf.len(), stream.len(), "bytes lost between frames");
+    // The server's side: relayed unchanged (the agent adds only its own
+    // answers, and swallows only its own catalogue lookups).
+    let (out, framed, _) = crate::protocol::postgres::fuzz::replay_server(expects, stream);
+    let own = expects.iter().any(|b| b % 10 >= 8);
+    if !own {
+        assert_eq!(
+            &out[..],
+            &stream[..framed],
+            "server bytes changed on the way"
+        );
+    }
+}
+
 /// A loop's query string through the statement classifier (PostgreSQL's
 /// own parser).
 pub fn pg_sql(data: &[u8]) {
@@ -574,6 +607,11 @@ pub fn pg_sql(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pg_messages_corpus() {
+        replay("pg_messages", pg_messages);
+    }
 
     #[test]
     fn pg_sql_corpus() {

@@ -18,7 +18,9 @@ fn server(ip: &str) -> PgServer {
     pg.admin(&format!(
         "CREATE ROLE app LOGIN PASSWORD '{STORED}'; CREATE TABLE orders (id int, email text); \
          INSERT INTO orders VALUES (1, 'ann@example.com'), (2, 'bob@example.com'), (3, NULL); \
-         ALTER TABLE orders OWNER TO app; GRANT CREATE ON SCHEMA public TO app;"
+         ALTER TABLE orders OWNER TO app; GRANT CREATE ON SCHEMA public TO app; \
+         CREATE SCHEMA secret; CREATE TABLE secret.notes (t text); INSERT INTO secret.notes VALUES ('s3'); \
+         GRANT USAGE ON SCHEMA secret TO app; GRANT SELECT ON secret.notes TO app;"
     ));
     pg
 }
@@ -31,6 +33,10 @@ fn agent(name: &str, pg: &PgServer) -> (Agent, tempfile::TempDir) {
         AgentSpec::new(name)
             .policy("default.toml", SHIPPED_DEFAULT)
             .policy("postgres.toml", SHIPPED_SQL)
+            .policy(
+                "secret.toml",
+                "[[rules]]\nid = \"no-secret-schema\"\ntargets = [\"orders-db\"]\nwhen = \"sql.tables.exists(t, t.startsWith('secret.'))\"\naction = \"deny\"\nreason = \"the secret schema is off limits\"\n",
+            )
             .raw(&format!(
                 "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
                 pg.addr,
@@ -171,6 +177,45 @@ fn psql_statements_are_judged_one_by_one_and_refusals_leave_the_session_usable()
     let (ok, out) = psql(&agent, &pg, "SELECT current_user");
     assert!(ok && out == "app\n", "{out}");
     assert_eq!(count(&pg), "5");
+
+    // A search path cannot move a table out of a rule's sight: in the same
+    // string, in a later statement, or from the start-up options.
+    let (ok, out) = psql(&agent, &pg, "SELECT t FROM secret.notes");
+    assert!(!ok && out.contains("no-secret-schema"), "{out}");
+    let (ok, out) = psql(
+        &agent,
+        &pg,
+        "SET search_path = secret, public; SELECT t FROM notes",
+    );
+    assert!(!ok && out.contains("no-secret-schema"), "{out}");
+    let out = psql_script(
+        &agent,
+        &pg,
+        "SET search_path = secret;\nSELECT t FROM notes;\n",
+    );
+    assert!(
+        out.contains("no-secret-schema") && !out.contains("s3"),
+        "{out}"
+    );
+    let conn = format!("{} options='-c search_path=secret'", conninfo(&pg));
+    let o = agent.exec(
+        "report-bot",
+        &[
+            "psql",
+            "-X",
+            "-w",
+            "-At",
+            "-d",
+            &conn,
+            "-c",
+            "SELECT t FROM notes",
+        ],
+    );
+    let out = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        !o.status.success() && out.contains("no-secret-schema"),
+        "{out}"
+    );
 
     // Text the parser refuses gets the parser's own error, as the server
     // would have sent it.

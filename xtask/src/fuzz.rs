@@ -26,6 +26,7 @@ pub const NAMES: &[&str] = &[
     "config",
     "dns_query",
     "pg_sql",
+    "pg_messages",
 ];
 const TARGETS: &[&str] = NAMES.split_at(1).1;
 

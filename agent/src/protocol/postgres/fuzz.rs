@@ -39,3 +39,9 @@ pub(crate) async fn read_password(
 pub(crate) fn parse_params(b: &[u8]) -> Result<BTreeMap<String, String>, Refusal> {
     super::wire::parse_params(b).map_err(refusal)
 }
+
+/// The server's bytes through the relay's server half (see
+/// `relay::replay_server`).
+pub(crate) fn replay_server(expects: &[u8], data: &[u8]) -> (Vec<u8>, usize, usize) {
+    super::relay::replay_server(expects, data)
+}

@@ -931,3 +931,41 @@ fn pop_if(t: &mut Track, is: impl Fn(&Expect) -> bool) {
         t.pending.pop_front();
     }
 }
+
+/// For `crate::fuzzing`: the server's bytes `data` through the server's
+/// half against a queue built from `expects` (one byte per entry). Returns
+/// the bytes for the loop, how many complete frames `data` held (their
+/// length), and how many records were closed.
+pub(super) fn replay_server(expects: &[u8], data: &[u8]) -> (Vec<u8>, usize, usize) {
+    let rec = || Rec::new(Event::note(EventKind::Op(OpKind::Sql), "x", ""));
+    let mut t = Track::default();
+    for b in expects {
+        t.pending.push_back(match b % 10 {
+            0 => Expect::Parse,
+            1 => Expect::Bind,
+            2 => Expect::Describe,
+            3 => Expect::Close,
+            4 => Expect::Execute(Some(rec())),
+            5 => Expect::Sync,
+            6 => Expect::Query(VecDeque::from([rec(), rec()])),
+            7 => Expect::Function(rec()),
+            8 => Expect::Lookup {
+                name: None,
+                reply: None,
+            },
+            _ => Expect::Local {
+                msg: messages::error("42501", "refused"),
+                ready: b & 0x80 != 0,
+            },
+        });
+    }
+    let mut buf = BytesMut::from(data);
+    let (mut out, mut events, mut framed) = (Vec::new(), Vec::new(), 0);
+    drain(&mut t, &mut out);
+    while let Ok(Some(f)) = next_frame(&mut buf, MAX_SERVER_MESSAGE) {
+        framed += f.len();
+        on_server(&mut t, &f, &mut out, &mut events);
+        drain(&mut t, &mut out);
+    }
+    (out, framed, events.len())
+}
