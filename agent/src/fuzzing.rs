@@ -410,6 +410,7 @@ fn evaluate(p: &policy::Policy) {
                 unbounded: true,
                 functions: &functions,
                 program: false,
+                server_file: false,
                 settings: &[],
                 text: "delete from orders",
                 params: &[],
@@ -601,6 +602,7 @@ pub fn pg_sql(data: &[u8]) {
         }
         Err(SqlError::Syntax(m)) => assert!(!m.is_empty()),
         Err(SqlError::TooLong(n)) => assert!(n > crate::protocol::postgres::sql::MAX_SQL),
+        Err(SqlError::Ambiguous(_, m)) => assert!(text.contains('\\') && !m.is_empty()),
     }
 }
 

@@ -45,6 +45,7 @@ pub mod admin;
 pub mod admin_http;
 pub mod approval;
 pub mod audit;
+pub mod ca;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

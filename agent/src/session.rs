@@ -440,6 +440,13 @@ impl Session {
         }
     }
 
+    /// The policy's decision on `op`, counted but neither recorded nor held
+    /// (a second look at an operation already judged, with more attributes).
+    pub fn verdict(&self, op: Operation<'_>) -> Decision {
+        let claims = self.claims();
+        self.evaluate(&self.request(claims.as_deref(), op))
+    }
+
     fn evaluate(&self, req: &Request<'_>) -> Decision {
         let s = &self.services;
         let decision = s.policy.current().evaluate(req, None);

@@ -217,6 +217,55 @@ fn psql_statements_are_judged_one_by_one_and_refusals_leave_the_session_usable()
         "{out}"
     );
 
+    // Text the server could read otherwise than the agent: with
+    // standard_conforming_strings off, `\'` ends no string, and the DROP
+    // hidden in a literal would run.
+    // (psql splits a script itself, knowing the setting; two -c strings
+    // reach the server as they are.)
+    let conn = conninfo(&pg);
+    let o = agent.exec(
+        "report-bot",
+        &[
+            "psql",
+            "-X",
+            "-w",
+            "-At",
+            "-d",
+            &conn,
+            "-c",
+            "SET standard_conforming_strings = off",
+            "-c",
+            "SELECT 'a\\' , ' ; DROP TABLE orders; --'",
+        ],
+    );
+    let out = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        out.contains("ERROR:  loopgate: this text means different statements"),
+        "{out}"
+    );
+    assert_eq!(count(&pg), "5");
+    // Start-up settings are an allow-list: a role there would start the
+    // session as another role.
+    let conn = format!("{} options='-c role=postgres'", conninfo(&pg));
+    let o = agent.exec(
+        "report-bot",
+        &[
+            "psql",
+            "-X",
+            "-w",
+            "-At",
+            "-d",
+            &conn,
+            "-c",
+            "SELECT current_user",
+        ],
+    );
+    let out = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        !o.status.success() && out.contains("setting role is not allowed at start-up"),
+        "{out}"
+    );
+
     // Text the parser refuses gets the parser's own error, as the server
     // would have sent it.
     let (ok, out) = psql(&agent, &pg, "SELEC id FROM orders");
@@ -258,8 +307,16 @@ fn psql_statements_are_judged_one_by_one_and_refusals_leave_the_session_usable()
         e["request"] == "INSERT INTO orders VALUES ($1, $2)" && e["attrs"]["result"] == "not_run"
     });
     assert!(insert_not_run.is_some(), "{ev:#?}");
-    let syntax = ev.iter().find(|e| e["rule_id"] == "sql:parse").unwrap();
-    assert_eq!(syntax["attrs"]["sqlstate"], "42601");
+    let parse_refusals: Vec<&Value> = ev.iter().filter(|e| e["rule_id"] == "sql:parse").collect();
+    assert!(
+        parse_refusals
+            .iter()
+            .any(|e| e["attrs"]["sqlstate"] == "42601")
+            && parse_refusals
+                .iter()
+                .any(|e| e["attrs"]["sqlstate"] == "22P06"),
+        "{parse_refusals:#?}"
+    );
     let all = serde_json::to_string(&ev).unwrap();
     assert!(!all.contains("owned'"), "a literal reached the audit");
     assert!(!all.contains(STORED) && !agent.log().contains(STORED));
@@ -314,6 +371,12 @@ named.execute("SELECT id FROM orders ORDER BY id")
 print(sum(1 for _ in named))
 named.close()
 c.commit()
+lo = c.lobject(0, "wb")
+lo.write(b"large object through FunctionCall")
+oid = lo.oid
+lo.close()
+print(c.lobject(oid, "rb").read())
+c.commit()
 c.autocommit = True
 cur.execute("LISTEN jobs")
 cur.execute("NOTIFY jobs, 'hello'")
@@ -324,7 +387,7 @@ print([n.payload for n in c.notifies])
     );
     assert_eq!(
         stdout(&out),
-        "refused True\n5\n['1', '2', '3', '20', '21']\n7\n['hello']\n",
+        "refused True\n5\n['1', '2', '3', '20', '21']\n7\nb'large object through FunctionCall'\n['hello']\n",
         "{}\n{}",
         stderr(&out),
         agent.log()
@@ -504,6 +567,12 @@ s.sendall(msg(b"Q", cstr("SELECT count(*) FROM orders")))
 print(read_until_ready())
 s.sendall(msg(b"Q", cstr("BEGIN")) + msg(b"Q", cstr("TRUNCATE orders")) + msg(b"Q", cstr("SELECT 1")) + msg(b"Q", cstr("COMMIT")))
 print(read_until_ready(), read_until_ready(), read_until_ready(), read_until_ready())
+# An error in a batch: the server ignores everything up to Sync, a simple
+# query included; the refusal and the answer after it stay in place.
+s.sendall(parse("SELECT 1/count(*) FROM orders WHERE false") + bind + execute + msg(b"Q", cstr("SELECT 1")) + sync)
+print(read_until_ready(), end=" ")
+s.sendall(msg(b"Q", cstr("DROP TABLE orders")) + msg(b"Q", cstr("SELECT 2")))
+print(read_until_ready(), read_until_ready())
 s.sendall(msg(b"p", b"garbage\0"))
 print(read_until_ready())
 "#,
@@ -512,7 +581,7 @@ print(read_until_ready())
     let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
     assert_eq!(
         lines.len(),
-        5,
+        6,
         "{}\n{}\n{}",
         stdout(&out),
         stderr(&out),
@@ -529,7 +598,11 @@ print(read_until_ready())
         lines[3],
         "['C:BEGIN', 'Z'] ['E42501', 'Z'] ['T', 'D', 'C:SELECT 1', 'Z'] ['C:COMMIT', 'Z']"
     );
-    assert_eq!(lines[4], "['E08P01', 'EOF']");
+    assert_eq!(
+        lines[4],
+        "['1', '2', 'E22012', 'Z'] ['E42501', 'Z'] ['T', 'D', 'C:SELECT 1', 'Z']"
+    );
+    assert_eq!(lines[5], "['E08P01', 'EOF']");
     assert_eq!(count(&pg), "4");
     // Other sessions are unaffected.
     let (ok, out) = psql(&agent, &pg, "SELECT count(*) FROM orders");

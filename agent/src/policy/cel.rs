@@ -26,6 +26,7 @@
 //! | `sql.tables`, `sql.writes`, `sql.functions`, `sql.params` | list of strings | tables schema-qualified |
 //! | `sql.unbounded` | bool | an UPDATE or DELETE without WHERE |
 //! | `sql.program` | bool | `COPY ... PROGRAM` (a shell command on the server) |
+//! | `sql.server_file` | bool | `COPY ... FROM/TO 'file'` (a file on the database server) |
 //! | `sql.settings` | list of strings | settings it changes: `SET`/`RESET` names, `set_config` names (`?` when computed) |
 
 use std::{
@@ -195,6 +196,7 @@ impl Condition {
                 unbounded: false,
                 functions: &[],
                 program: false,
+                server_file: false,
                 settings: &[],
                 text: "select 1",
                 params: &[],
@@ -376,6 +378,7 @@ impl<'f> Vars<'f> {
                     ("unbounded", Value::Bool(q.unbounded)),
                     ("functions", list(q.functions)),
                     ("program", Value::Bool(q.program)),
+                    ("server_file", Value::Bool(q.server_file)),
                     ("settings", list(q.settings)),
                     ("text", s(q.text)),
                     ("params", list(q.params)),

@@ -145,6 +145,8 @@ pub struct SqlOp<'a> {
     pub functions: &'a [String],
     /// `COPY ... PROGRAM`.
     pub program: bool,
+    /// `COPY ... FROM|TO 'file'` (a file on the database server).
+    pub server_file: bool,
     /// Settings it changes (`role`, `search_path`, `?`: a computed name).
     pub settings: &'a [String],
     pub text: &'a str,

@@ -43,6 +43,7 @@ fn sql<'a>(r: &Request<'a>, kind: &'a str, tables: &'a [String], unbounded: bool
             unbounded,
             functions: &[],
             program: false,
+            server_file: false,
             settings: &[],
             text: "",
             params: &[],
@@ -704,6 +705,7 @@ fn the_shipped_sql_guardrails_refuse_what_they_name_and_nothing_else() {
                 unbounded: st.unbounded,
                 functions: &st.functions,
                 program: st.program,
+                server_file: st.server_file,
                 settings: &st.settings,
                 text: &st.text,
                 params: &[],
@@ -786,6 +788,10 @@ fn the_shipped_sql_guardrails_refuse_what_they_name_and_nothing_else() {
         "COPY orders TO STDOUT",
         "CREATE TEMP TABLE scratch (id int)",
         "SELECT lower(name) FROM customers",
+        "COPY (SELECT * FROM orders) TO STDOUT",
+        "COPY orders FROM STDIN",
+        "EXPLAIN ANALYZE DELETE FROM orders WHERE id = 1",
+        "SELECT drop_count FROM stats",
     ] {
         assert_eq!(verdict(text).0, Verdict::Allow, "{text}");
     }

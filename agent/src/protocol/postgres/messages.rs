@@ -39,7 +39,8 @@ pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Fr
         return Err(bad());
     }
     if buf.len() < len + 1 {
-        buf.reserve(len + 1 - buf.len());
+        // Room for what is coming, not for what a header claims.
+        buf.reserve((len + 1 - buf.len()).min(64 * 1024));
         return Ok(None);
     }
     Ok(Some(buf.split_to(len + 1)))
@@ -315,16 +316,32 @@ pub fn tag_rows(tag: &str) -> Option<u64> {
     tag.rsplit(' ').next()?.parse().ok()
 }
 
-/// The first column of a `DataRow` frame, as text.
-pub fn first_column(frame: &[u8]) -> Option<String> {
-    let mut b = frame.get(5..)?;
-    if b.len() < 6 || b.get_i16() < 1 {
-        return None;
+/// The columns of a `DataRow` frame, as text (`None`: NULL or not text).
+pub fn columns(frame: &[u8]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let Some(mut b) = frame.get(5..) else {
+        return out;
+    };
+    if b.len() < 2 {
+        return out;
     }
-    let len = usize::try_from(b.get_i32()).ok()?;
-    b.get(..len)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::to_owned)
+    let n = b.get_i16();
+    for _ in 0..n.max(0) {
+        if b.len() < 4 {
+            break;
+        }
+        let len = b.get_i32();
+        let Ok(len) = usize::try_from(len) else {
+            out.push(None);
+            continue;
+        };
+        let Some(v) = b.get(..len) else {
+            break;
+        };
+        out.push(std::str::from_utf8(v).ok().map(str::to_owned));
+        b = &b[len..];
+    }
+    out
 }
 
 /// A simple `Query` message.

@@ -301,11 +301,7 @@ impl Conn {
                 outcome: Outcome::ClientError,
             });
         }
-        let search_path = params.get("search_path").cloned().or_else(|| {
-            params
-                .get("options")
-                .and_then(|o| startup_option(o, "search_path"))
-        });
+        let search_path = start_up_settings(&params)?;
         let database = params
             .get("database")
             .cloned()
@@ -414,24 +410,140 @@ impl Conn {
     }
 }
 
-/// A setting from the `options` start-up parameter (`-c name=value` or
-/// `--name=value`; the last one wins, as on the server).
-fn startup_option(options: &str, name: &str) -> Option<String> {
-    let mut found = None;
-    let mut words = options.split_ascii_whitespace();
-    while let Some(w) = words.next() {
-        let setting = if w == "-c" {
-            words.next()
-        } else {
-            w.strip_prefix("-c").or_else(|| w.strip_prefix("--"))
-        };
-        if let Some((k, v)) = setting.and_then(|s| s.split_once('=')) {
-            if k.replace('-', "_").eq_ignore_ascii_case(name) {
-                found = Some(v.replace("\\ ", " "));
+/// Run-time settings a loop may give in its start-up packet (as a
+/// parameter or in `options`), compared without case as the server does.
+/// Others are refused: `role` or `session_authorization` there would start
+/// the session as another role, out of the rules' sight.
+const START_UP_SETTINGS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "intervalstyle",
+    "extra_float_digits",
+    "search_path",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+    "geqo",
+    "jit",
+    "work_mem",
+];
+
+/// Checks the start-up parameters; returns the search path they set.
+fn start_up_settings(
+    params: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<String>, StartupError> {
+    let refuse = |what: String| StartupError::Refused {
+        sqlstate: "42501",
+        message: format!(
+            "loopgate: {what} is not allowed at start-up (allowed: {})",
+            START_UP_SETTINGS.join(", ")
+        ),
+        outcome: Outcome::Denied,
+    };
+    let mut search_path = None;
+    let mut settings: Vec<(String, String)> = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => settings.extend(parse_options(v).map_err(refuse)?),
+            _ => settings.push((k.clone(), v.clone())),
+        }
+    }
+    for (k, v) in settings {
+        let name = k.to_ascii_lowercase().replace('-', "_");
+        if !START_UP_SETTINGS.contains(&name.as_str()) {
+            return Err(refuse(format!("setting {k}")));
+        }
+        if name == "search_path" {
+            search_path = Some(v);
+        }
+    }
+    Ok(search_path)
+}
+
+/// The `options` start-up parameter split as the server splits it
+/// (whitespace; a backslash takes the next character literally) into
+/// `-c name=value` / `--name=value` settings; any other switch is refused.
+fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    let mut in_word = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    word.push(n);
+                }
+                in_word = true;
+            }
+            c if c.is_ascii_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
             }
         }
     }
-    found
+    if in_word {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
+            Some(rest.to_owned())
+        } else {
+            return Err(format!("the start-up option {w:?}"));
+        };
+        match setting.as_deref().and_then(|s| s.split_once('=')) {
+            Some((k, v)) => out.push((k.to_owned(), v.to_owned())),
+            None => return Err(format!("the start-up option {setting:?}")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_settings_are_an_allow_list_read_as_the_server_reads_them() {
+        let p = |kv: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let ok = p(&[
+            ("user", "x"),
+            ("application_name", "psql"),
+            ("DateStyle", "ISO"),
+            ("options", "-c search_path=app\\,pii --statement-timeout=5s"),
+        ]);
+        assert_eq!(start_up_settings(&ok).unwrap().as_deref(), Some("app,pii"));
+        for bad in [
+            p(&[("role", "admin")]),
+            p(&[("options", "-c role=admin")]),
+            p(&[("options", "-crole=admin")]),
+            p(&[("options", "--session_authorization=admin")]),
+            p(&[("options", "-d 5")]),
+            p(&[("Session_Authorization", "admin")]),
+        ] {
+            assert!(start_up_settings(&bad).is_err(), "{bad:?}");
+        }
+    }
 }
 
 /// The upstream could not be reached.

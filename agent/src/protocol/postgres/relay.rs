@@ -54,6 +54,15 @@ use crate::{
     session::{Event, Judged, Session},
 };
 
+/// Answers of the agent's own and answers owed by the server, queued at
+/// most: a loop that sends without reading waits here (backpressure)
+/// instead of growing the agent's memory.
+const MAX_PENDING: usize = 4096;
+/// Schemas a session's search paths may name in all.
+const MAX_SCHEMAS: usize = 64;
+/// How long the agent waits for its own catalogue lookup (FunctionCall).
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the session knows at the start of the relay.
 pub(super) struct Start {
     /// The role the agent logged in as (`$user` in a search path).
@@ -76,7 +85,12 @@ where
     let (cr, cw) = client.into_split();
     let (sr, sw) = tokio::io::split(server);
     let shared = Arc::new(Shared::default());
-    let mut schemas = vec![start.user.clone(), "public".to_owned()];
+    // The server searches pg_catalog first, then the path.
+    let mut schemas = vec![
+        "pg_catalog".to_owned(),
+        start.user.clone(),
+        "public".to_owned(),
+    ];
     if let Some(p) = start.search_path {
         add_schemas(&mut schemas, &split_path(&p), &start.user);
     }
@@ -127,6 +141,8 @@ struct Shared {
     track: Mutex<Track>,
     /// The loop's half queued a message of the agent's own.
     wake: Notify,
+    /// The server's half took answers off the queue.
+    room: Notify,
 }
 
 impl Shared {
@@ -145,6 +161,9 @@ struct Track {
     skipping: bool,
     /// A FATAL error for the loop; the session ends once it is written.
     fatal: Option<Vec<u8>>,
+    /// The server is in COPY FROM STDIN: it ignores Sync and Flush until
+    /// the loop's CopyDone or CopyFail.
+    copy_in: bool,
 }
 
 /// What the server owes for one message, or an answer of the agent's own.
@@ -168,6 +187,9 @@ enum Expect {
         msg: Vec<u8>,
         ready: bool,
     },
+    /// The loop ended a COPY FROM STDIN here (CopyDone or CopyFail) before
+    /// the server said it started one: the Syncs before it were ignored.
+    CopyEnd,
 }
 
 impl Expect {
@@ -185,6 +207,8 @@ struct Rec {
     event: Event,
     started: Instant,
     rows: u64,
+    /// The SQLSTATE of an error that ends it at `ReadyForQuery`.
+    error: Option<String>,
 }
 
 impl Rec {
@@ -193,6 +217,7 @@ impl Rec {
             event,
             started: Instant::now(),
             rows: 0,
+            error: None,
         }
     }
 
@@ -248,6 +273,11 @@ impl Captured {
 struct Prepared {
     /// The event of its (first) statement, judged at `Parse`.
     event: Option<Event>,
+    /// Its text and (first) statement, judged again at `Bind` when the
+    /// search path has named new schemas since, and with the parameters.
+    query: String,
+    statement: Option<Statement>,
+    schemas: usize,
 }
 
 /// A portal: its statement and parameters.
@@ -390,6 +420,14 @@ impl Up {
             Ok(m) => m,
             Err(e) => return Err(self.fatal(e.sqlstate(), &format!("loopgate: {e}"))),
         };
+        self.room().await;
+        let copy_in = self.shared.lock().copy_in;
+        if copy_in && !matches!(msg, Front::Copy | Front::Sync | Front::Flush) {
+            return Err(self.fatal(
+                "08P01",
+                "loopgate: a message other than COPY data during COPY FROM STDIN",
+            ));
+        }
         match msg {
             Front::Query(sql) => self.query(sql, &frame).await,
             Front::Parse { name, query } => self.parse(name, query, &frame).await,
@@ -398,21 +436,46 @@ impl Up {
                 statement,
                 params,
             } => {
-                let prepared = self.prepared.get(statement).cloned();
+                let prepared = self.prepared.get(statement).cloned().or_else(|| {
+                    // A statement prepared with SQL PREPARE, bound by name.
+                    let st = self.sql_prepared.get(statement)?;
+                    Some(Arc::new(Prepared {
+                        event: Some(self.event_of(st, "prepared with PREPARE")),
+                        query: String::new(),
+                        statement: None,
+                        schemas: self.schemas.len(),
+                    }))
+                });
+                if let Some(p) = &prepared {
+                    if let Err((code, msg)) = self.bind_judge(p, &params).await {
+                        self.discarding = true;
+                        self.answer(messages::error(code, &msg), false);
+                        return Ok(Flow::Continue);
+                    }
+                }
                 self.portals
                     .insert(portal.to_owned(), Portal { prepared, params });
                 self.forward(&frame, Some(Expect::Bind));
             }
             Front::Describe => self.forward(&frame, Some(Expect::Describe)),
             Front::Execute { portal } => {
-                let rec = self.portals.get(portal).and_then(|p| {
+                let known = self.portals.get(portal).and_then(|p| {
                     let mut event = p.prepared.as_ref()?.event.clone()?;
                     if !p.params.is_empty() {
                         event.attrs.push(("params".into(), self.params(&p.params)));
                     }
-                    Some(Rec::new(event))
+                    Some(event)
                 });
-                self.forward(&frame, Some(Expect::Execute(rec)));
+                // Every execution is recorded, even of a portal the agent
+                // does not know (the server will say it does not exist).
+                let event = known.unwrap_or_else(|| {
+                    Event::note(
+                        EventKind::Op(OpKind::Sql),
+                        format!("EXECUTE portal {portal:?}"),
+                        "no statement known for this portal",
+                    )
+                });
+                self.forward(&frame, Some(Expect::Execute(Some(Rec::new(event)))));
             }
             Front::Close { what, name } => {
                 if what == b'S' {
@@ -422,7 +485,19 @@ impl Up {
                 }
                 self.forward(&frame, Some(Expect::Close));
             }
+            // The server ignores Sync during COPY FROM STDIN.
+            Front::Sync if copy_in => self.forward(&frame, None),
             Front::Sync => self.forward(&frame, Some(Expect::Sync)),
+            Front::Copy if matches!(frame[0], b'c' | b'f') => {
+                let mut t = self.shared.lock();
+                if t.copy_in {
+                    t.copy_in = false;
+                } else {
+                    t.pending.push_back(Expect::CopyEnd);
+                }
+                drop(t);
+                self.out.extend_from_slice(&frame);
+            }
             Front::Flush | Front::Copy => self.forward(&frame, None),
             Front::Terminate => {
                 self.forward(&frame, None);
@@ -431,6 +506,85 @@ impl Up {
             Front::FunctionCall { oid } => self.function_call(oid, &frame, sw).await?,
         }
         Ok(Flow::Continue)
+    }
+
+    /// Waits while the queue is full (the loop is not reading).
+    async fn room(&self) {
+        loop {
+            let room = self.shared.room.notified();
+            if self.shared.lock().pending.len() < MAX_PENDING {
+                return;
+            }
+            room.await;
+        }
+    }
+
+    /// The event of a statement judged earlier (SQL `PREPARE`).
+    fn event_of(&self, st: &Statement, reason: &str) -> Event {
+        Event::note(
+            EventKind::Op(OpKind::Sql),
+            self.shown(&st.normalized),
+            reason,
+        )
+        .with_attrs(vec![
+            ("statement_kind".to_owned(), st.kind.clone()),
+            ("fingerprint".to_owned(), st.fingerprint.clone()),
+        ])
+    }
+
+    /// Text for the audit or an approver, with the session's secrets masked.
+    fn shown(&self, text: &str) -> String {
+        let mut b = text.as_bytes().to_vec();
+        self.s.masker().mask(&mut b);
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    /// A `Bind`: the statement judged again when the search path has named
+    /// new schemas since its `Parse`, and rules that read `sql.params`
+    /// evaluated with the bound values (a deny refuses the Bind).
+    async fn bind_judge(
+        &mut self,
+        p: &Prepared,
+        params: &[Option<String>],
+    ) -> Result<(), (&'static str, String)> {
+        if p.schemas != self.schemas.len() && !p.query.is_empty() {
+            let query = p.query.clone();
+            self.parse_judge(&query).await?;
+        }
+        let Some(st) = &p.statement else {
+            return Ok(());
+        };
+        if params.is_empty() {
+            return Ok(());
+        }
+        let values: Vec<String> = params
+            .iter()
+            .map(|v| v.clone().unwrap_or_default())
+            .collect();
+        let eff = self.effective(st);
+        let op = Operation::Sql(SqlOp {
+            kind: &eff.kind,
+            tables: &eff.tables,
+            writes: &eff.writes,
+            unbounded: eff.unbounded,
+            functions: &eff.functions,
+            program: eff.program,
+            server_file: eff.server_file,
+            settings: &eff.settings,
+            text: &st.text,
+            params: &values,
+        });
+        let d = self.s.verdict(op);
+        if d.verdict == Verdict::Deny {
+            let mut event = self.event_of(st, &d.reason);
+            event.verdict = Verdict::Deny;
+            event.rule_id = d.rule_id.clone();
+            event.attrs.push(("params".into(), self.params(params)));
+            event.attrs.push(("result".into(), "refused".into()));
+            self.s.record(event);
+            return Err(("42501", refusal_message(&d.rule_id, &d.reason)));
+        }
+        Ok(())
     }
 
     /// Parameters for the record: masked, as a JSON list.
@@ -477,8 +631,51 @@ impl Up {
             .unwrap_or(st)
     }
 
+    /// The agent's own checks, before any rule: what would make its reading
+    /// of later statements wrong.
+    fn safety(&self, st: &Statement) -> Option<String> {
+        if let Some(p) = &st.search_path {
+            if p.iter().any(|s| s == "?") {
+                return Some(
+                    "a search_path computed at run time cannot be followed; set it with constants"
+                        .into(),
+                );
+            }
+            if self.schemas.len() > MAX_SCHEMAS {
+                return Some(format!(
+                    "search paths of this session named more than {MAX_SCHEMAS} schemas"
+                ));
+            }
+        }
+        if st.writes.iter().any(|w| w == "pg_catalog.pg_settings") {
+            return Some(
+                "writing pg_settings changes settings out of the rules' sight; use SET".into(),
+            );
+        }
+        None
+    }
+
     async fn judge(&self, st: &Statement) -> (Judged, Event) {
         let eff = self.effective(st);
+        if let Some(reason) = self.safety(eff) {
+            let r = crate::kinds::Refusal::new("sql:safety", reason);
+            let judged = Judged {
+                decision: crate::policy::Decision {
+                    verdict: Verdict::Deny,
+                    rule_id: r.rule_id.clone(),
+                    reason: r.reason.clone(),
+                    approval: None,
+                    mask: Vec::new(),
+                },
+                refused: Some(r),
+            };
+            let event = judged.event(
+                EventKind::Op(OpKind::Sql),
+                self.shown(&st.normalized),
+                vec![("statement_kind".to_owned(), eff.kind.clone())],
+            );
+            return (judged, event);
+        }
         let op = Operation::Sql(SqlOp {
             kind: &eff.kind,
             tables: &eff.tables,
@@ -486,21 +683,23 @@ impl Up {
             unbounded: eff.unbounded,
             functions: &eff.functions,
             program: eff.program,
+            server_file: eff.server_file,
             settings: &eff.settings,
             text: &st.text,
             params: &[],
         });
-        // The approver and the audit see the text with its constants
-        // replaced (and the session's secrets masked).
-        let mut shown = st.normalized.clone().into_bytes();
-        self.s.masker().mask(&mut shown);
-        let shown = String::from_utf8_lossy(&shown).into_owned();
+        // An approver sees the statement as written (secrets masked); the
+        // audit gets it with its constants replaced.
         let attrs = vec![
             ("statement_kind".to_owned(), eff.kind.clone()),
             ("fingerprint".to_owned(), st.fingerprint.clone()),
         ];
-        let judged = self.s.judge(op, &shown, &attrs).await;
-        let event = judged.event(EventKind::Op(OpKind::Sql), shown, attrs);
+        let judged = self.s.judge(op, &self.shown(&st.text), &attrs).await;
+        let event = judged.event(
+            EventKind::Op(OpKind::Sql),
+            self.shown(&st.normalized),
+            attrs,
+        );
         (judged, event)
     }
 
@@ -509,25 +708,27 @@ impl Up {
         if let Some(name) = &st.prepares {
             self.sql_prepared.insert(name.clone(), st.clone());
         }
+        // One namespace on the server: DEALLOCATE (and DISCARD ALL) drop
+        // protocol-level statements too.
         match &st.deallocates {
             Some(Some(name)) => {
                 self.sql_prepared.remove(name);
+                self.prepared.remove(name);
             }
-            Some(None) => self.sql_prepared.clear(),
+            Some(None) => {
+                self.sql_prepared.clear();
+                self.prepared.clear();
+            }
             None => {}
-        }
-        if st.kind == "discard" {
-            self.sql_prepared.clear();
-            self.prepared.clear();
-            self.portals.clear();
         }
     }
 
     /// Records a statement that never reached the parser's approval.
     fn not_classified(&self, text: &str, e: &SqlError) -> (&'static str, String) {
-        let (sqlstate, message) = match e {
-            SqlError::Syntax(m) => ("42601", m.clone()),
-            SqlError::TooLong(_) => ("54000", format!("loopgate: {e}")),
+        let sqlstate = e.sqlstate();
+        let message = match e {
+            SqlError::Syntax(m) => m.clone(),
+            other => format!("loopgate: {other}"),
         };
         let mut shown = text.chars().take(200).collect::<String>().into_bytes();
         self.s.masker().mask(&mut shown);
@@ -585,16 +786,16 @@ impl Up {
         self.forward(frame, Some(Expect::Query(recs)));
     }
 
-    async fn parse(&mut self, name: &str, query: &str, frame: &[u8]) {
+    /// Classifies and judges a `Parse` text: the event and statement of
+    /// its first statement, or the refusal for the loop (recorded).
+    async fn parse_judge(
+        &mut self,
+        query: &str,
+    ) -> Result<(Option<Event>, Option<Statement>), (&'static str, String)> {
         let classified = self.classify(query);
         let stmts = match &*classified {
             Ok(v) => v,
-            Err(e) => {
-                let (code, message) = self.not_classified(query, e);
-                self.discarding = true;
-                self.answer(messages::error(code, &message), false);
-                return;
-            }
+            Err(e) => return Err(self.not_classified(query, e)),
         };
         let mut first = None;
         for st in stmts {
@@ -603,20 +804,41 @@ impl Up {
                 event.attrs.push(("result".into(), "refused".into()));
                 event.attrs.push(("sqlstate".into(), "42501".into()));
                 self.s.record(event);
-                self.discarding = true;
-                let msg = refusal_message(&r.rule_id, &r.reason);
-                self.answer(messages::error("42501", &msg), false);
-                return;
+                return Err(("42501", refusal_message(&r.rule_id, &r.reason)));
             }
-            first.get_or_insert(event);
+            if first.is_none() {
+                first = Some((event, st.clone()));
+            }
         }
         for st in stmts {
             self.apply(st);
         }
+        Ok(match first {
+            Some((e, st)) => (Some(e), Some(st)),
+            None => (None, None),
+        })
+    }
+
+    async fn parse(&mut self, name: &str, query: &str, frame: &[u8]) {
+        let (event, statement) = match self.parse_judge(query).await {
+            Ok(v) => v,
+            Err((code, message)) => {
+                self.discarding = true;
+                self.answer(messages::error(code, &message), false);
+                return;
+            }
+        };
         // A name in use is the server's error: it keeps the first.
         if name.is_empty() || !self.prepared.contains_key(name) {
-            self.prepared
-                .insert(name.to_owned(), Arc::new(Prepared { event: first }));
+            self.prepared.insert(
+                name.to_owned(),
+                Arc::new(Prepared {
+                    event,
+                    query: query.to_owned(),
+                    statement,
+                    schemas: self.schemas.len(),
+                }),
+            );
         }
         self.forward(frame, Some(Expect::Parse));
     }
@@ -627,14 +849,23 @@ impl Up {
         frame: &[u8],
         sw: &mut W,
     ) -> Result<(), Outcome> {
+        if !self.shared.lock().pending.is_empty() {
+            let msg = "loopgate: a FunctionCall while other messages await their answers is not supported";
+            self.answer(messages::error("0A000", msg), true);
+            return Ok(());
+        }
         let name = match self.functions.get(&oid) {
             Some(n) => Some(n.clone()),
             None => {
                 let (tx, rx) = oneshot::channel();
+                // Operators and casts spelled out from pg_catalog: the loop's
+                // search path cannot lend them another meaning.
                 self.forward(
                     &messages::query(&format!(
-                        "SELECT n.nspname || '.' || p.proname FROM pg_catalog.pg_proc p \
-                         JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = {oid}"
+                        "SELECT n.nspname::pg_catalog.text, p.proname::pg_catalog.text \
+                         FROM pg_catalog.pg_proc p, pg_catalog.pg_namespace n \
+                         WHERE p.oid OPERATOR(pg_catalog.=) {oid}::pg_catalog.oid \
+                         AND n.oid OPERATOR(pg_catalog.=) p.pronamespace"
                     )),
                     Some(Expect::Lookup {
                         name: None,
@@ -642,7 +873,11 @@ impl Up {
                     }),
                 );
                 self.flush(sw).await?;
-                let name = rx.await.ok().flatten();
+                let name = tokio::time::timeout(LOOKUP_TIMEOUT, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
                 if let Some(n) = &name {
                     self.functions.insert(oid, n.clone());
                 }
@@ -664,6 +899,7 @@ impl Up {
             writes: Vec::new(),
             unbounded: false,
             program: false,
+            server_file: false,
             settings: Vec::new(),
             search_path: None,
             prepares: None,
@@ -689,19 +925,32 @@ fn refusal_message(rule: &str, reason: &str) -> String {
     format!("loopgate: statement refused by rule {rule}: {reason}")
 }
 
-/// `a, "B", $user` → its schema names.
+/// A search path value as one entry (`add_schemas` splits it).
 fn split_path(p: &str) -> Vec<String> {
-    p.split(',')
-        .map(|s| s.trim().trim_matches('"').to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
+    vec![p.to_owned()]
 }
 
+/// Adds the schemas of a search path value. The server splits a value on
+/// commas and folds unquoted names to lower case; a value can be a quoted
+/// name or a string, which the parse does not tell apart, so both spellings
+/// are added (more schemas make rules see more tables, never fewer).
 fn add_schemas(schemas: &mut Vec<String>, path: &[String], user: &str) {
-    for s in path {
-        let s = if s == "$user" { user } else { s.as_str() };
-        if !schemas.iter().any(|x| x == s) {
-            schemas.push(s.to_owned());
+    for value in path {
+        for part in value.split(',') {
+            let part = part.trim();
+            let names = match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+                Some(quoted) => vec![quoted.replace("\"\"", "\"")],
+                None => vec![part.to_owned(), part.to_lowercase()],
+            };
+            for n in names {
+                let n = if n == "$user" { user.to_owned() } else { n };
+                if n.is_empty() || n == "?" || schemas.len() > MAX_SCHEMAS {
+                    continue;
+                }
+                if !schemas.contains(&n) {
+                    schemas.push(n);
+                }
+            }
         }
     }
 }
@@ -759,6 +1008,7 @@ where
                 fatal = Some(f);
             }
         }
+        shared.room.notify_waiters();
         for e in events.drain(..) {
             s.record(e);
         }
@@ -804,18 +1054,42 @@ where
 
 /// Writes the agent's own answers at the head of the queue.
 fn drain(t: &mut Track, out: &mut Vec<u8>) {
-    while let Some(Expect::Local { .. }) = t.pending.front() {
+    while matches!(
+        t.pending.front(),
+        Some(Expect::Local { .. } | Expect::CopyEnd)
+    ) {
         let Some(Expect::Local { msg, ready }) = t.pending.pop_front() else {
-            break;
+            continue;
         };
-        if ready {
-            out.extend_from_slice(&msg);
-            out.extend_from_slice(&messages::ready(t.status.unwrap_or(b'I')));
-        } else if !t.skipping {
-            // After a server error in the same batch, the loop expects
-            // nothing more until ReadyForQuery.
-            out.extend_from_slice(&msg);
+        // After a server error in an extended-protocol batch the server
+        // ignores everything up to Sync, simple queries included: so does
+        // the agent.
+        if t.skipping {
+            continue;
         }
+        out.extend_from_slice(&msg);
+        if ready {
+            out.extend_from_slice(&messages::ready(t.status.unwrap_or(b'I')));
+        }
+    }
+}
+
+/// Takes an entry off the queue that will get no answer: its record says
+/// it did not run, and a lookup learns nothing.
+fn unanswered(e: Expect, events: &mut Vec<Event>) {
+    match e {
+        Expect::Query(recs) => {
+            events.extend(recs.into_iter().map(|r| r.finish("not_run", None, None)))
+        }
+        Expect::Function(r) | Expect::Execute(Some(r)) => {
+            events.push(r.finish("not_run", None, None))
+        }
+        Expect::Lookup {
+            reply: Some(reply), ..
+        } => {
+            let _ = reply.send(None);
+        }
+        _ => {}
     }
 }
 
@@ -827,7 +1101,9 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
         match kind {
             b'D' => {
                 if let Some(Expect::Lookup { name, .. }) = t.pending.front_mut() {
-                    *name = messages::first_column(f);
+                    if let [Some(schema), Some(function)] = &messages::columns(f)[..] {
+                        *name = Some(format!("{schema}.{function}"));
+                    }
                 }
             }
             b'Z' => {
@@ -848,21 +1124,51 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
     match kind {
         b'Z' => {
             t.status = f.get(5).copied();
+            // While skipping, only the Sync gets this answer.
+            let skipping = t.skipping;
             while let Some(e) = t.pending.pop_front() {
-                let done = e.is_sync_point();
+                let done = if skipping {
+                    matches!(e, Expect::Sync)
+                } else {
+                    e.is_sync_point()
+                };
                 match e {
-                    Expect::Query(recs) => {
-                        events.extend(recs.into_iter().map(|r| r.finish("not_run", None, None)))
+                    Expect::Function(r) if done => {
+                        let error = r.error.clone();
+                        events.push(match error {
+                            Some(code) => r.finish("error", None, Some(&code)),
+                            None => r.finish("ok", None, None),
+                        });
                     }
-                    Expect::Function(r) => events.push(r.finish("ok", None, None)),
-                    Expect::Execute(Some(r)) => events.push(r.finish("not_run", None, None)),
-                    _ => {}
+                    other => unanswered(other, events),
                 }
                 if done {
                     break;
                 }
             }
             t.skipping = false;
+        }
+        b'G' => {
+            // COPY FROM STDIN: the server ignores Syncs until the loop's
+            // CopyDone or CopyFail, which may already be queued.
+            let end = t.pending.iter().position(|e| matches!(e, Expect::CopyEnd));
+            let upto = end.unwrap_or(t.pending.len());
+            let mut i = 1;
+            let mut upto = upto;
+            while i < upto {
+                if matches!(t.pending[i], Expect::Sync) {
+                    t.pending.remove(i);
+                    upto -= 1;
+                } else {
+                    i += 1;
+                }
+            }
+            match end {
+                Some(_) => {
+                    t.pending.remove(upto);
+                }
+                None => t.copy_in = true,
+            }
         }
         b'E' => {
             let code = messages::error_field(f, b'C').map(str::to_owned);
@@ -872,17 +1178,22 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
                         events.push(r.finish("error", None, code.as_deref()));
                     }
                 }
-                Some(Expect::Function(_)) => {}
+                Some(Expect::Function(r)) => r.error = code,
                 Some(_) => {
                     // The extended protocol: this message failed, and the
-                    // server skips the rest of the batch.
+                    // server ignores everything up to the next Sync.
                     if let Some(Expect::Execute(Some(r))) = t.pending.pop_front() {
                         events.push(r.finish("error", None, code.as_deref()));
                     }
                     t.skipping = true;
-                    while t.pending.front().is_some_and(|e| !e.is_sync_point()) {
-                        if let Some(Expect::Execute(Some(r))) = t.pending.pop_front() {
-                            events.push(r.finish("not_run", None, None));
+                    t.copy_in = false;
+                    while t
+                        .pending
+                        .front()
+                        .is_some_and(|e| !matches!(e, Expect::Sync))
+                    {
+                        if let Some(e) = t.pending.pop_front() {
+                            unanswered(e, events);
                         }
                     }
                 }

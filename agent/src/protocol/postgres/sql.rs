@@ -52,6 +52,8 @@ pub struct Statement {
     pub functions: Vec<String>,
     /// `COPY ... PROGRAM` (runs a shell command on the server).
     pub program: bool,
+    /// `COPY ... FROM|TO 'file'` (a file on the database server).
+    pub server_file: bool,
     /// Run-time settings it changes: `SET`/`RESET` names (`role`,
     /// `session_authorization`, `search_path`, ...; `all` for `RESET ALL`)
     /// and `set_config(name, ...)` calls (`?` when the name is not a
@@ -86,6 +88,21 @@ pub enum SqlError {
     /// Longer than the classifier takes.
     #[error("the statement is {0} bytes long, more than loopgate inspects")]
     TooLong(usize),
+    /// Text the server could read otherwise than the agent, depending on a
+    /// setting the loop controls (SQLSTATE, message).
+    #[error("{1}")]
+    Ambiguous(&'static str, String),
+}
+
+impl SqlError {
+    /// The SQLSTATE the loop gets.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            SqlError::Syntax(_) => "42601",
+            SqlError::TooLong(_) => "54000",
+            SqlError::Ambiguous(code, _) => code,
+        }
+    }
 }
 
 /// Longest query string classified (longer ones are refused).
@@ -104,6 +121,9 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
         ));
     }
     let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).map_err(syntax)?;
+    if sql.contains('\\') {
+        unambiguous(sql)?;
+    }
     let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref() else {
@@ -121,7 +141,12 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
             },
             _ => ("", &Value::Null),
         };
-        let mut found = Found::default();
+        // The statement itself (the walk sees the nested ones).
+        let mut found = Found {
+            unbounded: matches!(kind_node, "UpdateStmt" | "DeleteStmt")
+                && body.get("where_clause").is_none_or(Value::is_null),
+            ..Found::default()
+        };
         walk(body, None, &mut found);
         let copy = (kind_node == "CopyStmt").then(|| {
             (
@@ -133,10 +158,24 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
                     .unwrap_or(false),
             )
         });
-        // COPY ... TO reads its table; COPY ... FROM writes it.
+        // COPY ... TO reads its table (a query it runs may still write);
+        // COPY ... FROM writes it.
         if let Some((false, _)) = copy {
-            found.written.clear();
+            if let Some(rel) = body
+                .get("relation")
+                .and_then(|r| r.as_object())
+                .and_then(range_var)
+            {
+                found.written.remove(&rel);
+            }
         }
+        let server_file = copy.is_some_and(|(_, program)| {
+            !program
+                && body
+                    .get("filename")
+                    .and_then(Value::as_str)
+                    .is_some_and(|f| !f.is_empty())
+        });
         // `PREPARE p AS <statement>` is judged as the statement it prepares.
         let (kind_node, stmt_body) = if kind_node == "PrepareStmt" {
             match body.get("query").and_then(node_of) {
@@ -146,8 +185,9 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
         } else {
             (kind_node, body)
         };
-        let unbounded = matches!(kind_node, "UpdateStmt" | "DeleteStmt")
-            && stmt_body.get("where_clause").is_none_or(Value::is_null);
+        // Any UPDATE or DELETE without WHERE anywhere in the statement
+        // (EXPLAIN ANALYZE, a CTE, COPY (...) TO, PREPARE).
+        let unbounded = found.unbounded;
         let name = || body.get("name").and_then(Value::as_str).map(str::to_owned);
         let prepares = (!std::ptr::eq(stmt_body, body)).then(name).flatten();
         let executes = if kind_node == "ExecuteStmt" {
@@ -155,7 +195,10 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
         } else {
             None
         };
-        let deallocates = (kind_node == "DeallocateStmt").then(|| {
+        let discard_all = kind_node == "DiscardStmt"
+            && body.get("target").and_then(Value::as_i64)
+                == Some(pg_query::protobuf::DiscardMode::DiscardAll as i64);
+        let deallocates = (kind_node == "DeallocateStmt" || discard_all).then(|| {
             name().filter(|_| !body.get("isall").and_then(Value::as_bool).unwrap_or(false))
         });
         if kind_node == "VariableSetStmt" {
@@ -191,6 +234,7 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
             unbounded,
             functions: found.functions.into_iter().collect(),
             program: copy.is_some_and(|(_, p)| p),
+            server_file,
             settings: found.settings.into_iter().collect(),
             search_path: found.search_path,
             prepares,
@@ -202,6 +246,35 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
         });
     }
     Ok(out)
+}
+
+/// Refuses text whose meaning depends on what the loop can set:
+/// `standard_conforming_strings` (a backslash ends a string only when it is
+/// off) and the client encoding (in GBK, SJIS, BIG5 and the like, a byte
+/// over 0x7F can swallow the backslash that follows it, so `E'...\'` closes
+/// where UTF-8 does not). The server's reading is the one that runs.
+fn unambiguous(sql: &str) -> Result<(), SqlError> {
+    if sql
+        .as_bytes()
+        .windows(2)
+        .any(|w| w[0] >= 0x80 && w[1] == b'\\')
+    {
+        return Err(SqlError::Ambiguous(
+            "22021",
+            "a backslash right after a non-ASCII character can end a string in another client encoding; put a space or another character between them".into(),
+        ));
+    }
+    use pg_query::ParserOptions as O;
+    let on = pg_query::fingerprint(sql, O::DEFAULT, 0).map(|f| f.hex);
+    let off = pg_query::fingerprint(sql, O::DISABLE_STANDARD_CONFORMING_STRINGS, 0).map(|f| f.hex);
+    let split = |o| pg_query::parse(sql, o).map(|p| p.protobuf.stmts.len()).ok();
+    if on.ok() != off.ok() || split(O::DEFAULT) != split(O::DISABLE_STANDARD_CONFORMING_STRINGS) {
+        return Err(SqlError::Ambiguous(
+            "22P06",
+            "this text means different statements with standard_conforming_strings on and off; write backslashes in E'...' strings".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn syntax(e: pg_query::Error) -> SqlError {
@@ -260,6 +333,7 @@ struct Found {
     functions: BTreeSet<String>,
     settings: BTreeSet<String>,
     search_path: Option<Vec<String>>,
+    unbounded: bool,
 }
 
 /// Keys under which a statement names the relation it writes.
@@ -270,6 +344,13 @@ const WRITTEN: &[&str] = &["relation", "relations", "rel", "view", "sequence"];
 fn walk(v: &Value, key: Option<&str>, found: &mut Found) {
     match v {
         Value::Object(m) => {
+            for k in ["UpdateStmt", "DeleteStmt"] {
+                if let Some(Value::Object(stmt)) = m.get(k) {
+                    if stmt.get("where_clause").is_none_or(Value::is_null) {
+                        found.unbounded = true;
+                    }
+                }
+            }
             if let Some(name) = range_var(m) {
                 if key.is_some_and(|k| WRITTEN.contains(&k)) {
                     found.written.insert(name.clone());
@@ -430,6 +511,10 @@ fn qualified(parts: &[String], search_path: &[String]) -> Vec<String> {
     }
 }
 
+/// Longest text kept in the classifier's cache (with 4096 entries, the
+/// cache holds at most a few hundred MiB of text and classification).
+pub const MAX_CACHED_TEXT: usize = 16 * 1024;
+
 /// Parses each distinct query text once: a bounded cache (least recently
 /// added evicted first), shared by the sessions of a target.
 pub struct Classifier {
@@ -458,6 +543,10 @@ impl Classifier {
             return hit;
         }
         let fresh = Arc::new(classify(sql, search_path));
+        // Long texts are parsed each time: the cache holds what repeats.
+        if sql.len() > MAX_CACHED_TEXT {
+            return fresh;
+        }
         if let Ok(mut g) = self.inner.lock() {
             let (map, order) = &mut *g;
             if map.insert(key.clone(), fresh.clone()).is_none() {
@@ -665,6 +754,21 @@ mod tests {
             one("select * from users where email = 'a@b.example'").normalized,
             "select * from users where email = $1"
         );
+    }
+
+    #[test]
+    fn text_the_server_could_read_otherwise_is_refused() {
+        // With standard_conforming_strings off, `\'` escapes the quote: the
+        // server would run a DROP the default reading hides in a string.
+        let e = classify("SELECT 'a\\' , ' ; DROP TABLE orders; --'", &[]).unwrap_err();
+        assert_eq!(e.sqlstate(), "22P06", "{e}");
+        // In GBK, 0xAD 0x5C is one character: the backslash is gone.
+        let e = classify("SELECT E'\u{4e2d}\\' ; DROP TABLE orders; --'", &[]).unwrap_err();
+        assert_eq!(e.sqlstate(), "22021", "{e}");
+        // Backslashes that mean the same either way are fine.
+        for ok in ["SELECT E'a\\nb'", "SELECT 'a\\nb'", "SELECT E'\u{e9} \\n'"] {
+            assert!(classify(ok, &[]).is_ok(), "{ok}");
+        }
     }
 
     #[test]
