@@ -1,4 +1,4 @@
-//! Command line: `loopgate agent | exec | status | sessions`.
+//! Command line: `loopgate agent | exec | status | sessions | replay | approvals | trust | policy | audit-schema`.
 
 use std::{io::Write, path::PathBuf, process::ExitCode, time::SystemTime};
 
@@ -70,6 +70,12 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: ApprovalsCmd,
     },
+    /// The agent's CA in this host's trust store: the one-time host step
+    /// for loops that verify the certificates the agent answers with.
+    Trust {
+        #[command(subcommand)]
+        cmd: TrustCmd,
+    },
     /// Policies.
     Policy {
         #[command(subcommand)]
@@ -116,6 +122,15 @@ pub enum ApprovalsCmd {
         #[arg(long)]
         reason: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum TrustCmd {
+    /// Add the agent's CA (state_dir/ca/ca.pem) to the system trust store
+    /// (Debian: /usr/local/share/ca-certificates, update-ca-certificates).
+    Install,
+    /// Remove it again.
+    Uninstall,
 }
 
 #[derive(Subcommand)]
@@ -239,6 +254,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("no session {session_id} in the audit store");
             };
             print_replay(&r, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Trust { cmd } => {
+            let cfg = config::Config::load(&cli.config)?;
+            match cmd {
+                TrustCmd::Install => {
+                    let path = crate::ca::trust::install(&cfg.agent.state_dir)?;
+                    println!("trusted: {} (the agent's CA)", path.display());
+                }
+                TrustCmd::Uninstall => match crate::ca::trust::uninstall(&cfg.agent.state_dir)? {
+                    Some(path) => println!("removed: {}", path.display()),
+                    None => println!("the agent's CA was not in the trust store"),
+                },
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Approvals { cmd } => {

@@ -612,3 +612,95 @@ print(read_until_ready())
     });
     assert!(s.iter().any(|r| r["outcome"] == "client_error"), "{s:#?}");
 }
+
+/// A loop that asks for TLS gets it, with a certificate for the target's
+/// address issued by the agent's CA (made once in `state_dir/ca`, key mode
+/// 0600); `sslmode=verify-full` verifies it against that CA and fails
+/// against another; `loopgate trust install` adds the CA to the host's
+/// store and `trust uninstall` takes it out.
+#[test]
+fn loops_that_ask_for_tls_get_a_certificate_from_the_agents_ca() {
+    use std::os::unix::fs::PermissionsExt;
+    let pg = server("127.10.6.5");
+    let (agent, _dir) = agent("pgtls", &pg);
+    let key = agent.path("state/ca/ca.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let ca_pem = std::fs::read_to_string(agent.path("state/ca/ca.pem")).unwrap();
+    // The loop (nobody) reads the CA from a copy.
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let root = dir.path().join("agent-ca.pem");
+    std::fs::write(&root, &ca_pem).unwrap();
+    set_mode(&root, 0o644);
+    let other = dir.path().join("other-ca.pem");
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, params.self_signed(&other_key).unwrap().pem()).unwrap();
+    set_mode(&other, 0o644);
+
+    let run = |mode: &str, rootcert: &std::path::Path, sql: &[&str]| {
+        let conn = format!(
+            "{} sslmode={mode} sslrootcert={}",
+            conninfo(&pg),
+            rootcert.display()
+        );
+        let mut args = vec!["psql", "-X", "-w", "-At", "-d", conn.as_str()];
+        for s in sql {
+            args.extend_from_slice(&["-c", s]);
+        }
+        let o = agent.exec("report-bot", &args);
+        (o.status.success(), format!("{}{}", stdout(&o), stderr(&o)))
+    };
+    let (ok, out) = run(
+        "verify-full",
+        &root,
+        &["\\conninfo", "SELECT count(*) FROM orders"],
+    );
+    assert!(ok, "{out}\n{}", agent.log());
+    assert!(out.contains("SSL connection (protocol: TLSv1.3"), "{out}");
+    assert!(out.ends_with("3\n"), "{out}");
+    // Statements are judged inside TLS as outside.
+    let (ok, out) = run("require", &root, &["DROP TABLE orders"]);
+    assert!(!ok && out.contains("sql-no-drop-or-truncate"), "{out}");
+    assert_eq!(count(&pg), "3");
+    // Another CA does not verify it.
+    let (ok, out) = run("verify-full", &other, &["SELECT 1"]);
+    assert!(!ok && out.contains("certificate verify failed"), "{out}");
+
+    // The host's trust store, once.
+    let o = agent.cli(&["trust", "install"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let installed = stdout(&o);
+    let path = installed
+        .trim()
+        .strip_prefix("trusted: ")
+        .and_then(|p| p.split(' ').next())
+        .unwrap_or_else(|| panic!("{installed}"))
+        .to_owned();
+    let body: String = ca_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let bundle = || {
+        std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt")
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>()
+    };
+    assert!(std::path::Path::new(&path).exists());
+    assert!(
+        bundle().contains(&body),
+        "the CA is not in the system bundle"
+    );
+    // Idempotent.
+    assert!(agent.cli(&["trust", "install"]).status.success());
+    let o = agent.cli(&["trust", "uninstall"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!std::path::Path::new(&path).exists());
+    assert!(
+        !bundle().contains(&body),
+        "the CA is still in the system bundle"
+    );
+}

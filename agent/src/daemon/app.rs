@@ -135,6 +135,15 @@ impl App {
             abort: CancellationToken::new(),
             connect_timeout: Duration::from_secs(cfg.agent.connect_timeout_secs),
         });
+        // The agent's CA, made on the first start: loops that ask for TLS
+        // get a certificate for their target's name.
+        let ca = match crate::ca::AgentCa::load_or_create(&cfg.agent.state_dir) {
+            Ok(ca) => Some(Arc::new(ca)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no agent CA: loops that ask for TLS are answered in plain");
+                None
+            }
+        };
         let proxy = Arc::new(Proxy {
             services,
             flows: kernel.clone(),
@@ -143,6 +152,7 @@ impl App {
             handlers: Registry::new(Settings {
                 dns: dns.clone(),
                 tcp_idle_timeout: Duration::from_secs(cfg.agent.tcp_idle_timeout_secs.max(1)),
+                ca: ca.clone(),
             }),
             capture_bytes: cfg.audit.capture_bytes,
             capture_budget: crate::limits::CaptureBudget::new(

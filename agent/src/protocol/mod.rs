@@ -68,6 +68,9 @@ pub struct Settings {
     pub dns: Option<Arc<crate::dns::Resolver>>,
     /// Raw TCP sessions idle this long are closed.
     pub tcp_idle_timeout: Duration,
+    /// The agent's CA (`state_dir/ca`): certificates for loops that ask
+    /// for TLS.
+    pub ca: Option<Arc<crate::ca::AgentCa>>,
 }
 
 /// Handlers by protocol; protocols without one are relayed as raw TCP.
@@ -87,7 +90,7 @@ impl Registry {
         };
         r.add(raw);
         r.add(Arc::new(http::Http));
-        r.add(Arc::new(postgres::Postgres::new()));
+        r.add(Arc::new(postgres::Postgres::new(settings.ca.clone())));
         if let Some(resolver) = settings.dns {
             r.add(Arc::new(dns::Dns { resolver }));
         }
@@ -119,6 +122,7 @@ mod tests {
         let r = Registry::new(Settings {
             dns: None,
             tcp_idle_timeout: Duration::from_secs(1),
+            ca: None,
         });
         for p in [Protocol::Http, Protocol::Postgres, Protocol::Tcp] {
             assert!(r.handles(p));

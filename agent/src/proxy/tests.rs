@@ -186,6 +186,7 @@ fn harness_with(
     let mut handlers = Registry::new(Settings {
         dns: None,
         tcp_idle_timeout: Duration::from_secs(60),
+        ca: None,
     });
     extra(&mut handlers);
     let rt = tokio::runtime::Builder::new_multi_thread()

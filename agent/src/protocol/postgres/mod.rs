@@ -2,8 +2,11 @@
 //! start-up itself and logs in upstream with the stored credential, so the
 //! loop never needs (or sees) the database password.
 //!
-//! 1. `SSLRequest`/`GSSENCRequest` are declined (`N`): the loop's leg is
-//!    loopback to the agent. A `CancelRequest` is decided first, like a
+//! 1. An `SSLRequest` is answered `S` and the loop gets TLS with a
+//!    certificate for the target's host name and address, issued by the
+//!    agent's CA ([`crate::ca`]; `sslmode=verify-full` with that CA, which
+//!    `loopgate trust install` adds to the host's store); without a CA it is
+//!    declined (`N`). `GSSENCRequest` is declined. A `CancelRequest` is decided first, like a
 //!    session: the connect decision was made before the handler ran, and a
 //!    workload that requires a JWT is refused (a cancel carries no token).
 //!    Only then is it passed to the upstream (the loop holds the upstream's
@@ -100,19 +103,17 @@ const CLASSIFIER_CAPACITY: usize = 4096;
 /// The PostgreSQL handler.
 pub struct Postgres {
     classifier: Arc<sql::Classifier>,
+    /// The agent's CA: a loop that asks for TLS gets a certificate for the
+    /// target's name (without one it is answered `N`, plain).
+    ca: Option<Arc<crate::ca::AgentCa>>,
 }
 
 impl Postgres {
-    pub fn new() -> Self {
+    pub fn new(ca: Option<Arc<crate::ca::AgentCa>>) -> Self {
         Postgres {
             classifier: Arc::new(sql::Classifier::new(CLASSIFIER_CAPACITY)),
+            ca,
         }
-    }
-}
-
-impl Default for Postgres {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -139,6 +140,7 @@ impl ProtocolHandler for Postgres {
             credential: session.shared_credential().unwrap_or_default(),
             s: session,
             classifier: self.classifier.clone(),
+            ca: self.ca.clone(),
         };
         serve(conn, client).await
     }
@@ -149,65 +151,226 @@ struct Conn {
     s: Arc<Session>,
     credential: Arc<StoredCredential>,
     classifier: Arc<sql::Classifier>,
+    ca: Option<Arc<crate::ca::AgentCa>>,
 }
 
-async fn serve(s: Conn, mut client: TcpStream) -> Outcome {
-    let _ = client.set_nodelay(true);
+/// The loop's connection: plain, or TLS with the agent's certificate.
+pub(super) enum Client {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Client {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Client::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Client {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Client::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Client::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Client::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+async fn serve(s: Conn, tcp: TcpStream) -> Outcome {
+    let _ = tcp.set_nodelay(true);
     let abort = s.s.closed().clone();
     let counters = s.s.counters().clone();
+    // Encryption requests, on plain TCP: TLS with the agent's certificate
+    // when the agent has a CA, GSSAPI never.
+    let negotiated = tokio::select! {
+        r = s.negotiate(tcp) => r,
+        _ = abort.cancelled() => return Outcome::Shutdown,
+    };
+    let (mut client, first) = match negotiated {
+        Ok(v) => v,
+        Err(Negotiation::Failed(mut tcp, e)) => return fail(&mut tcp, e).await,
+        Err(Negotiation::Gone(o)) => return o,
+    };
     let started = tokio::select! {
-        r = s.start(&mut client, &counters) => r,
+        r = s.start(&mut client, &counters, first) => r,
         _ = abort.cancelled() => return Outcome::Shutdown,
     };
     let (server, start) = match started {
         Ok(Some(server)) => server,
         // A cancel request, relayed.
         Ok(None) => return Outcome::Ok(Some("cancel request relayed".into())),
-        Err(e) => {
-            let out = match &e {
-                StartupError::Refused {
-                    sqlstate,
-                    message,
-                    outcome,
-                } => {
-                    let _ = client.write_all(&error_response(sqlstate, message)).await;
-                    outcome(message.clone())
-                }
-                StartupError::Client(d) => Outcome::ClientError(d.clone()),
-                StartupError::Upstream {
-                    outcome,
-                    detail,
-                    raw,
-                } => {
-                    let msg = match raw {
-                        Some(raw) => raw.clone(),
-                        None => error_response("08006", &format!("loopgate: {detail}")),
-                    };
-                    let _ = client.write_all(&msg).await;
-                    outcome(detail.clone())
-                }
-            };
-            let _ = client.shutdown().await;
-            return out;
-        }
+        Err(e) => return fail(&mut client, e).await,
     };
     let classifier = s.classifier.clone();
+    let (cr, cw): (
+        Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+    ) = match client {
+        Client::Plain(tcp) => {
+            let (r, w) = tcp.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Client::Tls(tls) => {
+            let (r, w) = tokio::io::split(*tls);
+            (Box::new(r), Box::new(w))
+        }
+    };
     match server {
-        ServerConn::Plain(server) => relay::relay(s.s, classifier, client, server, start).await,
-        ServerConn::Tls(server) => relay::relay(s.s, classifier, client, *server, start).await,
+        ServerConn::Plain(server) => relay::relay(s.s, classifier, cr, cw, server, start).await,
+        ServerConn::Tls(server) => relay::relay(s.s, classifier, cr, cw, *server, start).await,
     }
 }
 
+/// Ends a session that failed before the relay: the refusal (or the
+/// server's own error) for the loop, then the outcome.
+async fn fail<S: tokio::io::AsyncWrite + Unpin>(client: &mut S, e: StartupError) -> Outcome {
+    let out = match &e {
+        StartupError::Refused {
+            sqlstate,
+            message,
+            outcome,
+        } => {
+            let _ = client.write_all(&error_response(sqlstate, message)).await;
+            outcome(message.clone())
+        }
+        StartupError::Client(d) => Outcome::ClientError(d.clone()),
+        StartupError::Upstream {
+            outcome,
+            detail,
+            raw,
+        } => {
+            let msg = match raw {
+                Some(raw) => raw.clone(),
+                None => error_response("08006", &format!("loopgate: {detail}")),
+            };
+            let _ = client.write_all(&msg).await;
+            outcome(detail.clone())
+        }
+    };
+    let _ = client.shutdown().await;
+    out
+}
+
+/// Why the encryption negotiation did not end in a start-up packet.
+enum Negotiation {
+    /// An error to answer on the plain connection.
+    Failed(TcpStream, StartupError),
+    /// The connection is gone (a failed TLS handshake).
+    Gone(Outcome),
+}
+
+fn code_of(body: &[u8]) -> i32 {
+    i32::from_be_bytes([body[0], body[1], body[2], body[3]])
+}
+
 impl Conn {
+    /// The TLS configuration for this target's names (its host name and
+    /// the address the loop connected to), from the agent's CA.
+    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let ca = self.ca.as_ref()?;
+        let mut names = Vec::new();
+        if let Some(crate::config::TargetAddress::Host { host, .. }) = self.s.address() {
+            names.push(host.clone());
+        }
+        names.push(self.s.upstream().ip().to_string());
+        match ca.server_config(&names) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "no TLS certificate for the loop; answering its TLS request with N");
+                None
+            }
+        }
+    }
+
+    /// Answers the loop's encryption requests on plain TCP; returns its
+    /// connection (TLS when it asked and the agent has a CA) and, when it
+    /// asked for nothing more, the first start-up packet it sent.
+    async fn negotiate(
+        &self,
+        mut tcp: TcpStream,
+    ) -> Result<(Client, Option<Vec<u8>>), Negotiation> {
+        loop {
+            let body = match loop_read(read_startup(&mut tcp)).await {
+                Ok(b) => b,
+                Err(e) => return Err(Negotiation::Failed(tcp, e)),
+            };
+            match code_of(&body) {
+                GSSENC_REQUEST => {
+                    if let Err(e) = tcp.write_all(b"N").await {
+                        return Err(Negotiation::Failed(tcp, client_io(e)));
+                    }
+                }
+                SSL_REQUEST => {
+                    let Some(config) = self.tls_config() else {
+                        if let Err(e) = tcp.write_all(b"N").await {
+                            return Err(Negotiation::Failed(tcp, client_io(e)));
+                        }
+                        continue;
+                    };
+                    if let Err(e) = tcp.write_all(b"S").await {
+                        return Err(Negotiation::Failed(tcp, client_io(e)));
+                    }
+                    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+                    // The socket goes with a failed handshake: no error
+                    // message can reach the loop.
+                    return match tokio::time::timeout(STARTUP_TIMEOUT, accept).await {
+                        Ok(Ok(tls)) => Ok((Client::Tls(Box::new(tls)), None)),
+                        Ok(Err(e)) => Err(Negotiation::Gone(Outcome::ClientError(format!(
+                            "TLS with the loop failed: {e}"
+                        )))),
+                        Err(_) => Err(Negotiation::Gone(Outcome::ClientError(
+                            "the loop did not finish its TLS handshake".into(),
+                        ))),
+                    };
+                }
+                _ => return Ok((Client::Plain(tcp), Some(body))),
+            }
+        }
+    }
+
     /// The start-up phase. `Ok(None)`: a cancel request was relayed.
     async fn start(
         &self,
-        client: &mut TcpStream,
+        client: &mut Client,
         counters: &Counters,
+        mut first: Option<Vec<u8>>,
     ) -> Result<Option<(ServerConn, relay::Start)>, StartupError> {
         let params = loop {
-            let body = loop_read(read_startup(client)).await?;
-            let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+            let body = match first.take() {
+                Some(b) => b,
+                None => loop_read(read_startup(client)).await?,
+            };
+            let code = code_of(&body);
             match code {
                 SSL_REQUEST | GSSENC_REQUEST => {
                     client.write_all(b"N").await.map_err(client_io)?;

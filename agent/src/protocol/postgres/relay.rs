@@ -39,7 +39,6 @@ use std::{
 use bytes::BytesMut;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
     sync::{oneshot, Notify},
 };
 
@@ -72,17 +71,19 @@ pub(super) struct Start {
 }
 
 /// Relays a logged-in session until either side ends it.
-pub(super) async fn relay<S>(
+pub(super) async fn relay<CR, CW, S>(
     s: Arc<Session>,
     classifier: Arc<Classifier>,
-    client: TcpStream,
+    cr: CR,
+    cw: CW,
     server: S,
     start: Start,
 ) -> Outcome
 where
+    CR: AsyncRead + Unpin + Send,
+    CW: AsyncWrite + Unpin + Send,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (cr, cw) = client.into_split();
     let (sr, sw) = tokio::io::split(server);
     let shared = Arc::new(Shared::default());
     // The server searches pg_catalog first, then the path.
