@@ -59,6 +59,7 @@ pub mod http_client;
 pub mod identity;
 pub mod kinds;
 pub mod limits;
+pub mod masking;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

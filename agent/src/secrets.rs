@@ -147,6 +147,9 @@ pub struct StoredCredential {
     /// PostgreSQL: TLS to the server, verified against `credential.ca_file`
     /// (set: TLS is required).
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// PostgreSQL: logins kept for reuse per key (0: none), and how long.
+    pub pool_size: usize,
+    pub pool_idle_timeout: std::time::Duration,
 }
 
 /// The stored credential of every target that has one, by target name.
@@ -160,11 +163,19 @@ pub fn target_credentials(
             .auth_methods
             .clone()
             .unwrap_or_else(|| vec!["scram-sha-256".to_owned()]);
+        let pool_size = match t.protocol {
+            crate::config::Protocol::Postgres => t.pool_size.unwrap_or(4),
+            _ => 0,
+        };
+        let pool_idle_timeout =
+            std::time::Duration::from_secs(t.pool_idle_timeout_secs.unwrap_or(60).max(1));
         let Some(c) = &t.credential else {
             out.insert(
                 t.name.clone(),
                 StoredCredential {
                     auth_methods,
+                    pool_size,
+                    pool_idle_timeout,
                     ..Default::default()
                 },
             );
@@ -224,6 +235,8 @@ pub fn target_credentials(
                 authorization,
                 auth_methods,
                 tls,
+                pool_size,
+                pool_idle_timeout,
             },
         );
     }

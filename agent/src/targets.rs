@@ -197,6 +197,8 @@ mod tests {
                 protocol: Protocol::Http,
                 credential: None,
                 auth_methods: None,
+                pool_size: None,
+                pool_idle_timeout_secs: None,
             },
             TargetConfig {
                 name: "local".into(),
@@ -204,6 +206,8 @@ mod tests {
                 protocol: Protocol::Postgres,
                 credential: None,
                 auth_methods: None,
+                pool_size: None,
+                pool_idle_timeout_secs: None,
             },
         ];
         let t = TargetTable::new(&cfg);

@@ -204,6 +204,15 @@ pub struct TargetConfig {
     /// and collect the password.
     #[serde(default)]
     pub auth_methods: Option<Vec<String>>,
+    /// PostgreSQL targets: logged-in server connections kept per database,
+    /// role and start-up settings for the next loop session (reset with
+    /// `DISCARD ALL`); 0 turns pooling off. Default 4.
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+    /// PostgreSQL targets: how long a kept connection waits for a session
+    /// (default 60).
+    #[serde(default)]
+    pub pool_idle_timeout_secs: Option<u64>,
 }
 
 /// References to a stored credential. Only paths and variable names live here.

@@ -114,6 +114,14 @@ impl Config {
                     ));
                 }
             }
+            if (t.pool_size.is_some() || t.pool_idle_timeout_secs.is_some())
+                && t.protocol != Protocol::Postgres
+            {
+                return Err(self.invalid(key("pool_size"), "applies to postgres targets only"));
+            }
+            if t.pool_size.is_some_and(|n| n > 1000) {
+                return Err(self.invalid(key("pool_size"), "at most 1000"));
+            }
             if let Some(m) = &t.auth_methods {
                 if t.protocol != Protocol::Postgres {
                     return Err(

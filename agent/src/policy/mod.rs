@@ -405,6 +405,7 @@ impl Policy {
         };
         // The best rule so far, and why its condition failed (if it did).
         let mut best: Option<(&Rule, Option<String>)> = None;
+        let mut masks: Vec<String> = Vec::new();
         let mut vars: Option<cel::Vars<'_>> = None;
         let candidates = self
             .by_target
@@ -415,9 +416,12 @@ impl Policy {
             .chain(self.any_target.iter());
         for &i in candidates {
             let rule = &self.rules[i];
-            if best
-                .as_ref()
-                .is_some_and(|(b, _)| b.verdict >= rule.verdict)
+            // Mask rules are all looked at: every one that matches adds its
+            // list, whatever decides the verdict.
+            if rule.verdict != Verdict::Mask
+                && best
+                    .as_ref()
+                    .is_some_and(|(b, _)| b.verdict >= rule.verdict)
             {
                 continue;
             }
@@ -441,7 +445,16 @@ impl Policy {
                     Err(_) => continue,
                 }
             }
-            best = Some((rule, failed));
+            if rule.verdict == Verdict::Mask {
+                for m in &rule.mask {
+                    if !masks.contains(m) {
+                        masks.push(m.clone());
+                    }
+                }
+            }
+            if best.as_ref().is_none_or(|(b, _)| b.verdict < rule.verdict) {
+                best = Some((rule, failed));
+            }
             if rule.verdict == Verdict::Deny {
                 break;
             }
@@ -459,7 +472,7 @@ impl Policy {
                 rule_id: rule.id.clone(),
                 reason,
                 approval: rule.approval.clone(),
-                mask: rule.mask.clone(),
+                mask: masks,
             };
         }
         if r.op.kind() != OpKind::Connect {

@@ -44,7 +44,11 @@
 //! approvers = ["alice"]            # approve: who may decide (default: any approver)
 //! approval_timeout = "5m"          # approve: refused after this (default 5m)
 //! grant = "10m"                    # approve: once | session | a duration
-//! mask = ["password"]              # mask: fields to mask in responses
+//! mask = ["password"]              # mask: fields to hide in responses (name
+//!                                  # globs), and values by pattern: value:email,
+//!                                  # value:card, value:iban, value:re:<regex>
+//!                                  # (see crate::masking); every matching mask
+//!                                  # rule adds its list
 //! ```
 //!
 //! `when` conditions are [CEL](https://cel.dev) over the operation's
@@ -744,7 +748,12 @@ pub fn compile_with(
                 None
             };
             let mask = match (&r.mask, verdict) {
-                (Some(m), Verdict::Mask) if !m.get_ref().is_empty() => m.get_ref().clone(),
+                (Some(m), Verdict::Mask) if !m.get_ref().is_empty() => {
+                    if let Err(e) = crate::masking::MaskSpec::parse(m.get_ref()) {
+                        cx.err(m.span(), &e);
+                    }
+                    m.get_ref().clone()
+                }
                 (_, Verdict::Mask) => {
                     cx.err(
                         r.action.span(),

@@ -713,6 +713,9 @@ fn the_shipped_sql_guardrails_refuse_what_they_name_and_nothing_else() {
             ..Default::default()
         };
         let d = p.evaluate(&r, None);
+        if d.verdict != Verdict::Deny {
+            assert_eq!(d.mask, ["value:email", "value:card"], "{text}");
+        }
         (d.verdict, d.rule_id)
     };
     for (text, rule) in [
@@ -793,6 +796,49 @@ fn the_shipped_sql_guardrails_refuse_what_they_name_and_nothing_else() {
         "EXPLAIN ANALYZE DELETE FROM orders WHERE id = 1",
         "SELECT drop_count FROM stats",
     ] {
-        assert_eq!(verdict(text).0, Verdict::Allow, "{text}");
+        // Allowed, with personal data masked in the results.
+        let (v, id) = verdict(text);
+        assert_eq!(v, Verdict::Mask, "{text}");
+        assert_eq!(id.rsplit('#').next(), Some("sql-mask-personal-data"));
     }
+}
+
+#[test]
+fn every_matching_mask_rule_adds_its_list_whatever_decides() {
+    let p = policy(
+        r#"
+[[rules]]
+id = "hold-writes"
+targets = ["db"]
+kinds = ["sql"]
+when = "sql.kind == 'update'"
+action = "approve"
+[[rules]]
+id = "mask-a"
+targets = ["db"]
+kinds = ["sql"]
+action = "mask"
+mask = ["email"]
+[[rules]]
+id = "mask-b"
+targets = ["*"]
+kinds = ["sql"]
+action = "mask"
+mask = ["value:card", "email"]
+"#,
+    );
+    let base = req("w", "db");
+    let d = p.evaluate(&sql(&base, "update", &[], false), None);
+    assert_eq!(d.verdict, Verdict::Approve);
+    assert_eq!(d.mask, ["email", "value:card"]);
+    let d = p.evaluate(&sql(&base, "select", &[], false), None);
+    assert_eq!((d.verdict, d.mask.len()), (Verdict::Mask, 2));
+    // A bad pattern is an error where it is written.
+    let e = errors(
+        "[[rules]]\nid = \"m\"\ntargets = [\"db\"]\naction = \"mask\"\nmask = [\"value:re:(\"]\n",
+    );
+    assert!(
+        e[0].contains(":5:8:") && e[0].contains("value:re:("),
+        "{e:?}"
+    );
 }

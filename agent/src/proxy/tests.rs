@@ -167,6 +167,8 @@ fn harness_with(
         protocol,
         credential: None,
         auth_methods: None,
+        pool_size: None,
+        pool_idle_timeout_secs: None,
     }]));
     targets.resolve();
     let stored = Secret::for_tests(STORED_TOKEN);

@@ -60,8 +60,14 @@ pub enum Front<'a> {
         /// Parameters in text form where the loop sent them so (`None`:
         /// SQL NULL; binary values are shown as their length).
         params: Vec<Option<String>>,
+        /// Result-column formats (none: all text; one: all the same).
+        result_formats: Vec<i16>,
     },
-    Describe,
+    /// `S` (a statement) or `P` (a portal), and its name.
+    Describe {
+        what: u8,
+        name: &'a str,
+    },
     Execute {
         portal: &'a str,
     },
@@ -219,11 +225,15 @@ pub fn decode(frame: &[u8]) -> Result<Front<'_>, FrontError> {
                 }));
             }
             let nres = r.count()?;
-            r.bytes(nres * 2)?;
+            let mut result_formats = Vec::with_capacity(nres);
+            for _ in 0..nres {
+                result_formats.push(r.i16()?);
+            }
             Front::Bind {
                 portal,
                 statement,
                 params,
+                result_formats,
             }
         }
         b'D' | b'C' => {
@@ -233,7 +243,7 @@ pub fn decode(frame: &[u8]) -> Result<Front<'_>, FrontError> {
             }
             let name = r.cstr()?;
             if t == b'D' {
-                Front::Describe
+                Front::Describe { what, name }
             } else {
                 Front::Close { what, name }
             }
@@ -344,6 +354,90 @@ pub fn columns(frame: &[u8]) -> Vec<Option<String>> {
     out
 }
 
+/// A result column, as `RowDescription` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub type_oid: u32,
+    pub format: i16,
+}
+
+/// The fields of a `RowDescription` frame (`None`: malformed).
+pub fn row_description(frame: &[u8]) -> Option<Vec<Field>> {
+    let mut b = frame.get(5..)?;
+    if b.len() < 2 {
+        return None;
+    }
+    let n = b.get_i16();
+    let mut out = Vec::with_capacity(usize::try_from(n).ok()?);
+    for _ in 0..n {
+        let end = b.iter().position(|&c| c == 0)?;
+        let name = String::from_utf8_lossy(&b[..end]).into_owned();
+        b = &b[end + 1..];
+        if b.len() < 18 {
+            return None;
+        }
+        b.advance(6); // table OID, column number
+        let type_oid = b.get_u32();
+        b.advance(6); // type size, type modifier
+        let format = b.get_i16();
+        out.push(Field {
+            name,
+            type_oid,
+            format,
+        });
+    }
+    Some(out)
+}
+
+/// The values of a `DataRow` frame (`None` values: NULL); `None` when
+/// malformed.
+pub fn data_row(frame: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let mut b = frame.get(5..)?;
+    if b.len() < 2 {
+        return None;
+    }
+    let n = b.get_i16();
+    let mut out = Vec::with_capacity(usize::try_from(n).ok()?);
+    for _ in 0..n {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).ok()?;
+        let v = b.get(..len)?;
+        out.push(Some(v));
+        b = &b[len..];
+    }
+    Some(out)
+}
+
+/// A `DataRow` frame of `values`.
+pub fn build_data_row(values: &[Option<Vec<u8>>]) -> Vec<u8> {
+    let body: usize = 2 + values
+        .iter()
+        .map(|v| 4 + v.as_ref().map_or(0, Vec::len))
+        .sum::<usize>();
+    let mut b = Vec::with_capacity(body + 5);
+    b.put_u8(b'D');
+    b.put_i32(body as i32 + 4);
+    b.put_i16(values.len() as i16);
+    for v in values {
+        match v {
+            Some(v) => {
+                b.put_i32(v.len() as i32);
+                b.put_slice(v);
+            }
+            None => b.put_i32(-1),
+        }
+    }
+    b
+}
+
 /// A simple `Query` message.
 pub fn query(sql: &str) -> Vec<u8> {
     let mut b = BytesMut::new();
@@ -415,7 +509,8 @@ mod tests {
             Ok(Front::Bind {
                 portal: "p",
                 statement: "s1",
-                params: vec![Some("42".into()), None]
+                params: vec![Some("42".into()), None],
+                result_formats: vec![1],
             })
         );
         let e = one(|b| frontend::execute("p", 10, b).unwrap());

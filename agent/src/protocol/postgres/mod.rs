@@ -46,6 +46,7 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 mod login;
 pub mod messages;
+mod pool;
 mod relay;
 pub mod sql;
 mod wire;
@@ -103,6 +104,8 @@ const CLASSIFIER_CAPACITY: usize = 4096;
 /// The PostgreSQL handler.
 pub struct Postgres {
     classifier: Arc<sql::Classifier>,
+    pool: Arc<pool::Pool>,
+    masks: Arc<crate::masking::MaskCache>,
     /// The agent's CA: a loop that asks for TLS gets a certificate for the
     /// target's name (without one it is answered `N`, plain).
     ca: Option<Arc<crate::ca::AgentCa>>,
@@ -112,6 +115,8 @@ impl Postgres {
     pub fn new(ca: Option<Arc<crate::ca::AgentCa>>) -> Self {
         Postgres {
             classifier: Arc::new(sql::Classifier::new(CLASSIFIER_CAPACITY)),
+            masks: Arc::default(),
+            pool: Arc::default(),
             ca,
         }
     }
@@ -140,6 +145,8 @@ impl ProtocolHandler for Postgres {
             credential: session.shared_credential().unwrap_or_default(),
             s: session,
             classifier: self.classifier.clone(),
+            masks: self.masks.clone(),
+            pool: self.pool.clone(),
             ca: self.ca.clone(),
         };
         serve(conn, client).await
@@ -151,6 +158,8 @@ struct Conn {
     s: Arc<Session>,
     credential: Arc<StoredCredential>,
     classifier: Arc<sql::Classifier>,
+    masks: Arc<crate::masking::MaskCache>,
+    pool: Arc<pool::Pool>,
     ca: Option<Arc<crate::ca::AgentCa>>,
 }
 
@@ -225,7 +234,7 @@ async fn serve(s: Conn, tcp: TcpStream) -> Outcome {
         r = s.start(&mut client, &counters, first) => r,
         _ = abort.cancelled() => return Outcome::Shutdown,
     };
-    let (server, start) = match started {
+    let (server, start, pooling) = match started {
         Ok(Some(server)) => server,
         // A cancel request, relayed.
         Ok(None) => return Outcome::Ok(Some("cancel request relayed".into())),
@@ -245,10 +254,31 @@ async fn serve(s: Conn, tcp: TcpStream) -> Outcome {
             (Box::new(r), Box::new(w))
         }
     };
-    match server {
-        ServerConn::Plain(server) => relay::relay(s.s, classifier, cr, cw, server, start).await,
-        ServerConn::Tls(server) => relay::relay(s.s, classifier, cr, cw, *server, start).await,
+    let session = s.s.clone();
+    let (outcome, back) = match server {
+        ServerConn::Plain(server) => {
+            let (o, back) = relay::relay(session, classifier, cr, cw, server, start).await;
+            (o, back.map(ServerConn::Plain))
+        }
+        ServerConn::Tls(server) => {
+            let (o, back) = relay::relay(session, classifier, cr, cw, *server, start).await;
+            (o, back.map(|b| ServerConn::Tls(Box::new(b))))
+        }
+    };
+    s.pool.retire_key(pooling.loop_key);
+    if let Some(conn) = back {
+        let pool = s.pool.clone();
+        let (size, idle) = (s.credential.pool_size, s.credential.pool_idle_timeout);
+        tokio::spawn(async move {
+            let login = pool::Login {
+                conn,
+                hello: pooling.hello,
+                backend: pooling.backend,
+            };
+            pool.give_back(pooling.key, login, size, idle).await;
+        });
     }
+    outcome
 }
 
 /// Ends a session that failed before the relay: the refusal (or the
@@ -364,7 +394,7 @@ impl Conn {
         client: &mut Client,
         counters: &Counters,
         mut first: Option<Vec<u8>>,
-    ) -> Result<Option<(ServerConn, relay::Start)>, StartupError> {
+    ) -> Result<Option<(ServerConn, relay::Start, Pooling)>, StartupError> {
         let params = loop {
             let body = match first.take() {
                 Some(b) => b,
@@ -414,10 +444,19 @@ impl Conn {
                         )
                         .with_attrs(attrs),
                     );
-                    let mut up = self.s.connect_upstream().await?;
+                    // The loop's key is the agent's: it leads to the server
+                    // connection its session holds now, or nowhere.
+                    let secret = i32::from_be_bytes([body[8], body[9], body[10], body[11]]);
+                    let Some((upstream, (bpid, bsecret))) = self.pool.resolve((pid, secret)) else {
+                        return Ok(None);
+                    };
+                    let mut up =
+                        crate::session::connect(upstream, self.s.connect_timeout()).await?;
                     let mut msg = Vec::with_capacity(16);
                     msg.extend_from_slice(&16i32.to_be_bytes());
-                    msg.extend_from_slice(&body);
+                    msg.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
+                    msg.extend_from_slice(&bpid.to_be_bytes());
+                    msg.extend_from_slice(&bsecret.to_be_bytes());
                     up.write_all(&msg).await.map_err(up_io)?;
                     return Ok(None);
                 }
@@ -510,67 +549,122 @@ impl Conn {
             }
         }
 
-        // Upstream, with the stored credential.
-        let login = async {
-            let tcp = self.s.connect_upstream().await?;
-            let _ = tcp.set_nodelay(true);
-            let mut server = match &self.credential.tls {
-                Some(tls) => ServerConn::Tls(Box::new(self.tls(tcp, tls.clone()).await?)),
-                None => ServerConn::Plain(tcp),
-            };
-            let user = self
-                .credential
-                .username
-                .clone()
-                .unwrap_or(loop_user.clone());
-            let mut up_params: Vec<(&str, &str)> = params
-                .iter()
-                .filter(|(k, _)| *k != "user")
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            up_params.push(("user", &user));
-            let mut buf = BytesMut::new();
-            frontend::startup_message(up_params, &mut buf)
-                .map_err(|e| StartupError::Client(e.to_string()))?;
-            let leftover = match &mut server {
-                ServerConn::Plain(s) => self.upstream_login(s, &buf, &user).await?,
-                ServerConn::Tls(s) => self.upstream_login(s.as_mut(), &buf, &user).await?,
-            };
-            Ok::<_, StartupError>((server, user, leftover))
+        // Upstream: a pooled login of the same key, else a login with the
+        // stored credential.
+        let user = self
+            .credential
+            .username
+            .clone()
+            .unwrap_or(loop_user.clone());
+        let mut up_params: Vec<(String, String)> = params
+            .iter()
+            .filter(|(k, _)| *k != "user")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        up_params.sort();
+        let key = pool::Key {
+            target: self.s.target().to_owned(),
+            upstream: self.s.upstream(),
+            database: database.clone(),
+            user: user.clone(),
+            params: up_params.clone(),
         };
-        let (server, user, leftover) =
-            tokio::time::timeout(LOGIN_TIMEOUT, login)
-                .await
-                .map_err(|_| StartupError::Upstream {
-                    outcome: Outcome::UpstreamError,
-                    detail: format!(
-                        "the server did not complete the login within {LOGIN_TIMEOUT:?}"
-                    ),
-                    raw: None,
-                })??;
+        let pooled = self.pool.take(&key, self.credential.pool_idle_timeout);
+        let reused = pooled.is_some();
+        let login = match pooled {
+            Some(login) => login,
+            None => {
+                let login = async {
+                    let tcp = self.s.connect_upstream().await?;
+                    let _ = tcp.set_nodelay(true);
+                    let mut server = match &self.credential.tls {
+                        Some(tls) => ServerConn::Tls(Box::new(self.tls(tcp, tls.clone()).await?)),
+                        None => ServerConn::Plain(tcp),
+                    };
+                    let mut startup: Vec<(&str, &str)> = up_params
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    startup.push(("user", &user));
+                    let mut buf = BytesMut::new();
+                    frontend::startup_message(startup, &mut buf)
+                        .map_err(|e| StartupError::Client(e.to_string()))?;
+                    let leftover = match &mut server {
+                        ServerConn::Plain(s) => self.upstream_login(s, &buf, &user).await?,
+                        ServerConn::Tls(s) => self.upstream_login(s.as_mut(), &buf, &user).await?,
+                    };
+                    let (hello, backend) = pool::split_hello(&leftover);
+                    Ok::<_, StartupError>(pool::Login {
+                        conn: server,
+                        hello,
+                        backend: backend.unwrap_or((0, 0)),
+                    })
+                };
+                tokio::time::timeout(LOGIN_TIMEOUT, login)
+                    .await
+                    .map_err(|_| StartupError::Upstream {
+                        outcome: Outcome::UpstreamError,
+                        detail: format!(
+                            "the server did not complete the login within {LOGIN_TIMEOUT:?}"
+                        ),
+                        raw: None,
+                    })??
+            }
+        };
         self.s.record(
             Event::note(
                 EventKind::Login,
                 format!("login to {database} as {user}"),
-                "logged in upstream with the stored credential",
+                if reused {
+                    "a pooled login with the stored credential (reset with DISCARD ALL)"
+                } else {
+                    "logged in upstream with the stored credential"
+                },
             )
             .with_attrs(vec![
                 ("database".into(), database),
                 ("user".into(), user.clone()),
                 ("loop_user".into(), loop_user),
+                ("pooled".into(), reused.to_string()),
             ]),
         );
 
-        // The loop is in: AuthenticationOk, then whatever the server sent
-        // after its own (ParameterStatus, BackendKeyData, ReadyForQuery).
+        // The loop is in: AuthenticationOk, the server's parameters, a
+        // cancel key of the agent's, ReadyForQuery.
+        let loop_key = self.pool.issue_key(self.s.upstream(), login.backend);
         let mut ok = auth_request(0, &[]);
-        ok.extend_from_slice(&leftover);
-        client.write_all(&ok).await.map_err(client_io)?;
+        ok.extend_from_slice(&login.hello);
+        ok.extend_from_slice(&pool::greeting(loop_key));
+        if let Err(e) = client.write_all(&ok).await {
+            self.pool.retire_key(loop_key);
+            return Err(client_io(e));
+        }
         counters
             .down
             .fetch_add(ok.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(Some((server, relay::Start { user, search_path })))
+        Ok(Some((
+            login.conn,
+            relay::Start {
+                user,
+                search_path,
+                masks: self.masks.clone(),
+            },
+            Pooling {
+                key,
+                hello: login.hello,
+                backend: login.backend,
+                loop_key,
+            },
+        )))
     }
+}
+
+/// What the session needs to give its server connection back.
+struct Pooling {
+    key: pool::Key,
+    hello: Vec<u8>,
+    backend: (i32, i32),
+    loop_key: (i32, i32),
 }
 
 /// Run-time settings a loop may give in its start-up packet (as a

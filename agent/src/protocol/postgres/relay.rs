@@ -43,12 +43,13 @@ use tokio::{
 };
 
 use super::{
-    messages::{self, decode, next_frame, Front, MAX_LOOP_MESSAGE, MAX_SERVER_MESSAGE},
+    messages::{self, decode, next_frame, Field, Front, MAX_LOOP_MESSAGE, MAX_SERVER_MESSAGE},
     sql::{Classifier, SqlError, Statement},
 };
 use crate::{
     audit::capture::{CaptureStream, Side},
     kinds::{EventKind, OpKind, Outcome},
+    masking::{MaskCache, MaskSpec},
     policy::{Operation, SqlOp, Verdict},
     session::{Event, Judged, Session},
 };
@@ -68,9 +69,15 @@ pub(super) struct Start {
     pub user: String,
     /// `search_path` from the start-up parameters, if the loop set one.
     pub search_path: Option<String>,
+    /// Compiled `mask` lists, shared by the handler's sessions.
+    pub masks: Arc<MaskCache>,
 }
 
 /// Relays a logged-in session until either side ends it.
+/// Relays a logged-in session until either side ends it. Returns the
+/// outcome, and the server connection when the loop left it idle (no
+/// transaction, nothing owed, no COPY): a pooled login can take it after a
+/// reset.
 pub(super) async fn relay<CR, CW, S>(
     s: Arc<Session>,
     classifier: Arc<Classifier>,
@@ -78,7 +85,7 @@ pub(super) async fn relay<CR, CW, S>(
     cw: CW,
     server: S,
     start: Start,
-) -> Outcome
+) -> (Outcome, Option<S>)
 where
     CR: AsyncRead + Unpin + Send,
     CW: AsyncWrite + Unpin + Send,
@@ -86,6 +93,8 @@ where
 {
     let (sr, sw) = tokio::io::split(server);
     let shared = Arc::new(Shared::default());
+    // The login ended with ReadyForQuery, idle.
+    shared.lock().status = Some(b'I');
     // The server searches pg_catalog first, then the path.
     let mut schemas = vec![
         "pg_catalog".to_owned(),
@@ -98,6 +107,7 @@ where
     let up = Up {
         s: s.clone(),
         classifier,
+        masks: start.masks,
         shared: shared.clone(),
         user: start.user,
         schemas,
@@ -109,32 +119,67 @@ where
         out: Vec::with_capacity(8192),
         capture: s.capture().map(|c| Captured::new(c, Side::Client)),
     };
-    let up = up.run(cr, sw);
-    let down = down(s.clone(), shared.clone(), sr, cw);
-    tokio::pin!(up, down);
-    let abort = s.closed().clone();
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => match r {
-                Ok(()) => up_done = true,
-                Err(o) => {
-                    // The FATAL for the loop is written by the server half.
-                    if !down_done {
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut down).await;
+    let (mut sr, mut sw) = (sr, sw);
+    let outcome = {
+        let up = up.run(cr, &mut sw);
+        let down = down(s.clone(), shared.clone(), &mut sr, cw);
+        tokio::pin!(up, down);
+        let abort = s.closed().clone();
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            if up_done && down_done {
+                break None;
+            }
+            tokio::select! {
+                r = &mut up, if !up_done => match r {
+                    Ok(()) => {
+                        up_done = true;
+                        // The loop is gone: the server's half ends once
+                        // the server owes nothing more.
+                        shared.lock().stop = true;
+                        shared.wake.notify_one();
                     }
-                    return o;
+                    Err(o) => {
+                        // The FATAL for the loop is written by the server half.
+                        if !down_done {
+                            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut down).await;
+                        }
+                        break Some(o);
+                    }
+                },
+                r = &mut down, if !down_done => match r {
+                    Ok(()) => down_done = true,
+                    Err(o) => break Some(o),
+                },
+                _ = tokio::time::sleep(REUSE_WAIT), if up_done && !down_done => {
+                    // The server still owes answers nobody will read.
+                    break Some(Outcome::ok());
                 }
-            },
-            r = &mut down, if !down_done => match r {
-                Ok(()) => down_done = true,
-                Err(o) => return o,
-            },
-            _ = abort.cancelled() => return Outcome::Shutdown,
+                _ = abort.cancelled() => break Some(Outcome::Shutdown),
+            }
         }
+    };
+    if let Some(o) = outcome {
+        let _ = sw.write_all(&TERMINATE).await;
+        let _ = sw.shutdown().await;
+        return (o, None);
     }
-    Outcome::ok()
+    let idle = {
+        let t = shared.lock();
+        t.pending.is_empty() && t.status == Some(b'I') && !t.copy_in && !t.server_gone
+    };
+    if idle {
+        return (Outcome::ok(), Some(sr.unsplit(sw)));
+    }
+    let _ = sw.write_all(&TERMINATE).await;
+    let _ = sw.shutdown().await;
+    (Outcome::ok(), None)
 }
+
+/// A `Terminate` message.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+/// How long the server may take to finish answering a loop that left.
+const REUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The queue of answers the server owes, shared by both halves.
 #[derive(Default)]
@@ -165,13 +210,18 @@ struct Track {
     /// The server is in COPY FROM STDIN: it ignores Sync and Flush until
     /// the loop's CopyDone or CopyFail.
     copy_in: bool,
+    /// The loop is gone: the server's half stops once nothing is owed.
+    stop: bool,
+    /// The server closed its side (or sent a FATAL error).
+    server_gone: bool,
 }
 
 /// What the server owes for one message, or an answer of the agent's own.
 enum Expect {
     Parse,
     Bind,
-    Describe,
+    /// Fills the described statement's fields (for masking its results).
+    Describe(Option<Slot>),
     Close,
     Execute(Option<Rec>),
     Sync,
@@ -203,13 +253,129 @@ impl Expect {
     }
 }
 
-/// A statement's event, completed when its result arrives.
+/// A prepared statement's result fields, once a Describe has answered.
+type Slot = Arc<Mutex<Option<Vec<Field>>>>;
+
+/// A statement's event, completed when its result arrives, and how its
+/// rows are masked.
 struct Rec {
     event: Event,
     started: Instant,
     rows: u64,
     /// The SQLSTATE of an error that ends it at `ReadyForQuery`.
     error: Option<String>,
+    mask: Option<Arc<MaskSpec>>,
+    /// Extended protocol: the statement's fields and the Bind's formats.
+    fields: Option<Slot>,
+    formats: Vec<i16>,
+    plan: Option<Vec<Column>>,
+    masked: u64,
+}
+
+/// How one result column is masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Column {
+    Keep,
+    /// Hidden whole (`****`, a JSON string, or NULL for other types).
+    Hide {
+        type_oid: u32,
+        format: i16,
+    },
+    /// Value patterns applied inside (text-like values).
+    Values {
+        type_oid: u32,
+        format: i16,
+    },
+}
+
+/// Types whose values are their text, in either format (text, varchar,
+/// bpchar, name, unknown, xml, json).
+const TEXT_LIKE: &[u32] = &[25, 1043, 1042, 19, 705, 142, 114];
+const JSON: u32 = 114;
+const JSONB: u32 = 3802;
+
+/// The columns' treatment under `spec`. `formats` is the Bind's list (none:
+/// all text; one: for all), or the fields' own formats.
+fn plan(spec: &MaskSpec, fields: &[Field], formats: Option<&[i16]>) -> Vec<Column> {
+    fields
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let format = match formats {
+                None => f.format,
+                Some([]) => 0,
+                Some([one]) => *one,
+                Some(all) => all.get(i).copied().unwrap_or(0),
+            };
+            if spec.hides(&f.name) {
+                Column::Hide {
+                    type_oid: f.type_oid,
+                    format,
+                }
+            } else if spec.has_value_patterns() {
+                Column::Values {
+                    type_oid: f.type_oid,
+                    format,
+                }
+            } else {
+                Column::Keep
+            }
+        })
+        .collect()
+}
+
+/// A masked `DataRow`, and how many values changed; `None`: unchanged.
+fn mask_row(spec: &MaskSpec, plan: &[Column], frame: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let values = messages::data_row(frame)?;
+    let mut changed = 0;
+    let out: Vec<Option<Vec<u8>>> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let Some(v) = v else {
+                return None;
+            };
+            let col = plan.get(i).copied().unwrap_or(Column::Hide {
+                type_oid: 0,
+                format: 1,
+            });
+            let masked = match col {
+                Column::Keep => None,
+                Column::Hide { type_oid, format } => Some(match (type_oid, format) {
+                    (JSON, _) | (JSONB, 0) => Some(b"\"****\"".to_vec()),
+                    (JSONB, _) => Some(b"\x01\"****\"".to_vec()),
+                    (t, _) if TEXT_LIKE.contains(&t) => Some(b"****".to_vec()),
+                    // Any other type in text format would have to parse as
+                    // that type: NULL instead.
+                    _ => None,
+                }),
+                Column::Values { type_oid, format } => {
+                    let (prefix, text) = match (type_oid, format) {
+                        (_, 0) => (&[][..], *v),
+                        (JSONB, _) if v.first() == Some(&1) => (&v[..1], &v[1..]),
+                        (t, _) if TEXT_LIKE.contains(&t) => (&[][..], *v),
+                        _ => (&[][..], &[][..]),
+                    };
+                    std::str::from_utf8(text)
+                        .ok()
+                        .and_then(|t| spec.mask_text(t))
+                        .map(|m| {
+                            let mut b = prefix.to_vec();
+                            b.extend_from_slice(m.as_bytes());
+                            Some(b)
+                        })
+                }
+            };
+            match masked {
+                Some(m) => {
+                    changed += 1;
+                    m
+                }
+                None => Some(v.to_vec()),
+            }
+        })
+        .collect();
+    (changed > 0).then(|| (messages::build_data_row(&out), changed))
 }
 
 impl Rec {
@@ -219,6 +385,11 @@ impl Rec {
             started: Instant::now(),
             rows: 0,
             error: None,
+            mask: None,
+            fields: None,
+            formats: Vec::new(),
+            plan: None,
+            masked: 0,
         }
     }
 
@@ -239,6 +410,9 @@ impl Rec {
         }
         if let Some(c) = sqlstate {
             a.push(("sqlstate".into(), c.into()));
+        }
+        if self.masked > 0 {
+            a.push(("masked_values".into(), self.masked.to_string()));
         }
         self.event
     }
@@ -279,18 +453,23 @@ struct Prepared {
     query: String,
     statement: Option<Statement>,
     schemas: usize,
+    /// Its results' mask, and its fields once described.
+    mask: Option<Arc<MaskSpec>>,
+    fields: Slot,
 }
 
 /// A portal: its statement and parameters.
 struct Portal {
     prepared: Option<Arc<Prepared>>,
     params: Vec<Option<String>>,
+    formats: Vec<i16>,
 }
 
 /// The loop's half.
 struct Up {
     s: Arc<Session>,
     classifier: Arc<Classifier>,
+    masks: Arc<MaskCache>,
     shared: Arc<Shared>,
     user: String,
     /// Every schema a search path of this session has named: an
@@ -317,7 +496,7 @@ enum Flow {
 }
 
 impl Up {
-    async fn run<R, W>(mut self, mut cr: R, mut sw: W) -> Result<(), Outcome>
+    async fn run<R, W>(mut self, mut cr: R, sw: &mut W) -> Result<(), Outcome>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -329,8 +508,7 @@ impl Up {
                 .await
                 .map_err(|e| Outcome::ClientError(format!("reading from the loop: {e}")))?;
             if n == 0 {
-                self.flush(&mut sw).await?;
-                let _ = sw.shutdown().await;
+                self.flush(sw).await?;
                 return Ok(());
             }
             loop {
@@ -339,16 +517,15 @@ impl Up {
                     Ok(None) => break,
                     Err(e) => return Err(self.fatal("08P01", &format!("loopgate: {e}"))),
                 };
-                match self.message(frame, &mut sw).await? {
+                match self.message(frame, sw).await? {
                     Flow::Continue => {}
                     Flow::Terminate => {
-                        self.flush(&mut sw).await?;
-                        let _ = sw.shutdown().await;
+                        self.flush(sw).await?;
                         return Ok(());
                     }
                 }
             }
-            self.flush(&mut sw).await?;
+            self.flush(sw).await?;
         }
     }
 
@@ -436,6 +613,7 @@ impl Up {
                 portal,
                 statement,
                 params,
+                result_formats,
             } => {
                 let prepared = self.prepared.get(statement).cloned().or_else(|| {
                     // A statement prepared with SQL PREPARE, bound by name.
@@ -445,6 +623,8 @@ impl Up {
                         query: String::new(),
                         statement: None,
                         schemas: self.schemas.len(),
+                        mask: None,
+                        fields: Slot::default(),
                     }))
                 });
                 if let Some(p) = &prepared {
@@ -454,16 +634,37 @@ impl Up {
                         return Ok(Flow::Continue);
                     }
                 }
-                self.portals
-                    .insert(portal.to_owned(), Portal { prepared, params });
+                self.portals.insert(
+                    portal.to_owned(),
+                    Portal {
+                        prepared,
+                        params,
+                        formats: result_formats,
+                    },
+                );
                 self.forward(&frame, Some(Expect::Bind));
             }
-            Front::Describe => self.forward(&frame, Some(Expect::Describe)),
+            Front::Describe { what, name } => {
+                let slot = if what == b'S' {
+                    self.prepared.get(name).map(|p| p.fields.clone())
+                } else {
+                    self.portals
+                        .get(name)
+                        .and_then(|p| p.prepared.as_ref())
+                        .map(|p| p.fields.clone())
+                };
+                self.forward(&frame, Some(Expect::Describe(slot)));
+            }
             Front::Execute { portal } => {
+                let mut masking = None;
                 let known = self.portals.get(portal).and_then(|p| {
-                    let mut event = p.prepared.as_ref()?.event.clone()?;
+                    let prepared = p.prepared.as_ref()?;
+                    let mut event = prepared.event.clone()?;
                     if !p.params.is_empty() {
                         event.attrs.push(("params".into(), self.params(&p.params)));
+                    }
+                    if let Some(m) = &prepared.mask {
+                        masking = Some((m.clone(), prepared.fields.clone(), p.formats.clone()));
                     }
                     Some(event)
                 });
@@ -476,7 +677,13 @@ impl Up {
                         "no statement known for this portal",
                     )
                 });
-                self.forward(&frame, Some(Expect::Execute(Some(Rec::new(event)))));
+                let mut rec = Rec::new(event);
+                if let Some((mask, fields, formats)) = masking {
+                    rec.mask = Some(mask);
+                    rec.fields = Some(fields);
+                    rec.formats = formats;
+                }
+                self.forward(&frame, Some(Expect::Execute(Some(rec))));
             }
             Front::Close { what, name } => {
                 if what == b'S' {
@@ -500,13 +707,18 @@ impl Up {
                 self.out.extend_from_slice(&frame);
             }
             Front::Flush | Front::Copy => self.forward(&frame, None),
-            Front::Terminate => {
-                self.forward(&frame, None);
-                return Ok(Flow::Terminate);
-            }
+            // Not forwarded: the relay ends the server connection, or hands
+            // it to the pool.
+            Front::Terminate => return Ok(Flow::Terminate),
             Front::FunctionCall { oid } => self.function_call(oid, &frame, sw).await?,
         }
         Ok(Flow::Continue)
+    }
+
+    /// The compiled mask of a decision, if it masks anything.
+    fn mask_of(&self, judged: &Judged) -> Option<Arc<MaskSpec>> {
+        let list = &judged.decision.mask;
+        (!list.is_empty()).then(|| self.masks.get(list))
     }
 
     /// Waits while the queue is full (the loop is not reading).
@@ -779,7 +991,9 @@ impl Up {
                 self.answer(messages::error("42501", &msg), true);
                 return;
             }
-            recs.push_back(Rec::new(event));
+            let mut rec = Rec::new(event);
+            rec.mask = self.mask_of(&judged);
+            recs.push_back(rec);
         }
         for st in stmts {
             self.apply(st);
@@ -792,7 +1006,8 @@ impl Up {
     async fn parse_judge(
         &mut self,
         query: &str,
-    ) -> Result<(Option<Event>, Option<Statement>), (&'static str, String)> {
+    ) -> Result<(Option<Event>, Option<Statement>, Option<Arc<MaskSpec>>), (&'static str, String)>
+    {
         let classified = self.classify(query);
         let stmts = match &*classified {
             Ok(v) => v,
@@ -808,20 +1023,20 @@ impl Up {
                 return Err(("42501", refusal_message(&r.rule_id, &r.reason)));
             }
             if first.is_none() {
-                first = Some((event, st.clone()));
+                first = Some((event, st.clone(), self.mask_of(&judged)));
             }
         }
         for st in stmts {
             self.apply(st);
         }
         Ok(match first {
-            Some((e, st)) => (Some(e), Some(st)),
-            None => (None, None),
+            Some((e, st, mask)) => (Some(e), Some(st), mask),
+            None => (None, None, None),
         })
     }
 
     async fn parse(&mut self, name: &str, query: &str, frame: &[u8]) {
-        let (event, statement) = match self.parse_judge(query).await {
+        let (event, statement, mask) = match self.parse_judge(query).await {
             Ok(v) => v,
             Err((code, message)) => {
                 self.discarding = true;
@@ -838,6 +1053,8 @@ impl Up {
                     query: query.to_owned(),
                     statement,
                     schemas: self.schemas.len(),
+                    mask,
+                    fields: Slot::default(),
                 }),
             );
         }
@@ -962,7 +1179,7 @@ fn add_schemas(schemas: &mut Vec<String>, path: &[String], user: &str) {
 async fn down<R, W>(
     s: Arc<Session>,
     shared: Arc<Shared>,
-    mut sr: R,
+    sr: &mut R,
     mut cw: W,
 ) -> Result<(), Outcome>
 where
@@ -987,8 +1204,12 @@ where
         };
         let mut fatal = None;
         let mut bad = None;
+        let mut done = false;
         {
             let mut t = shared.lock();
+            if eof {
+                t.server_gone = true;
+            }
             drain(&mut t, &mut out);
             if !woken {
                 loop {
@@ -1007,6 +1228,9 @@ where
             }
             if let Some(f) = t.fatal.take() {
                 fatal = Some(f);
+            }
+            if t.stop && t.pending.is_empty() {
+                done = true;
             }
         }
         shared.room.notify_waiters();
@@ -1043,6 +1267,9 @@ where
         }
         if fatal.is_some() {
             let _ = cw.shutdown().await;
+            return Ok(());
+        }
+        if done {
             return Ok(());
         }
         if eof {
@@ -1173,6 +1400,9 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
         }
         b'E' => {
             let code = messages::error_field(f, b'C').map(str::to_owned);
+            if matches!(messages::error_field(f, b'V'), Some("FATAL" | "PANIC")) {
+                t.server_gone = true;
+            }
             match t.pending.front_mut() {
                 Some(Expect::Query(recs)) => {
                     if let Some(r) = recs.pop_front() {
@@ -1204,17 +1434,56 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
         b'1' => pop_if(t, |e| matches!(e, Expect::Parse)),
         b'2' => pop_if(t, |e| matches!(e, Expect::Bind)),
         b'3' => pop_if(t, |e| matches!(e, Expect::Close)),
-        b'n' => pop_if(t, |e| matches!(e, Expect::Describe)),
-        b'T' => pop_if(t, |e| matches!(e, Expect::Describe)),
-        b'D' => match t.pending.front_mut() {
-            Some(Expect::Execute(Some(r))) => r.rows += 1,
+        b'n' => pop_if(t, |e| matches!(e, Expect::Describe(_))),
+        b'T' => match t.pending.front_mut() {
+            Some(Expect::Describe(slot)) => {
+                if let (Some(slot), Some(fields)) = (slot, messages::row_description(f)) {
+                    if let Ok(mut g) = slot.lock() {
+                        *g = Some(fields);
+                    }
+                }
+                t.pending.pop_front();
+            }
             Some(Expect::Query(recs)) => {
+                // A new result set of the current statement.
                 if let Some(r) = recs.front_mut() {
-                    r.rows += 1;
+                    if let Some(spec) = &r.mask {
+                        let fields = messages::row_description(f).unwrap_or_default();
+                        r.plan = Some(plan(spec, &fields, None));
+                    }
                 }
             }
             _ => {}
         },
+        b'D' => {
+            let rec = match t.pending.front_mut() {
+                Some(Expect::Execute(Some(r))) => Some(r),
+                Some(Expect::Query(recs)) => recs.front_mut(),
+                _ => None,
+            };
+            if let Some(r) = rec {
+                r.rows += 1;
+                if let Some(spec) = r.mask.clone() {
+                    if r.plan.is_none() {
+                        let fields = r
+                            .fields
+                            .as_ref()
+                            .and_then(|s| s.lock().ok().and_then(|g| g.clone()));
+                        r.plan = Some(match fields {
+                            Some(fields) => plan(&spec, &fields, Some(&r.formats)),
+                            // Never described: every column hidden (fail
+                            // closed; drivers describe what they run).
+                            None => Vec::new(),
+                        });
+                    }
+                    if let Some((row, n)) = mask_row(&spec, r.plan.as_deref().unwrap_or(&[]), f) {
+                        r.masked += n;
+                        out.extend_from_slice(&row);
+                        return;
+                    }
+                }
+            }
+        }
         b'C' | b'I' | b's' => {
             let tag = (kind == b'C').then(|| messages::command_tag(f));
             let result = if kind == b's' { "suspended" } else { "ok" };
@@ -1255,7 +1524,7 @@ pub(super) fn replay_server(expects: &[u8], data: &[u8]) -> (Vec<u8>, usize, usi
         t.pending.push_back(match b % 10 {
             0 => Expect::Parse,
             1 => Expect::Bind,
-            2 => Expect::Describe,
+            2 => Expect::Describe(None),
             3 => Expect::Close,
             4 => Expect::Execute(Some(rec())),
             5 => Expect::Sync,
