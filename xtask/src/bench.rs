@@ -274,6 +274,8 @@ struct Bench {
     dir: PathBuf,
     agents: Vec<AgentGuard>,
     relays: Vec<KillOnDrop>,
+    /// Policy files for the agents started after they are set.
+    policies: Vec<(String, String)>,
 }
 
 impl Bench {
@@ -297,6 +299,7 @@ impl Bench {
             dir,
             agents: Vec::new(),
             relays: Vec::new(),
+            policies: Vec::new(),
         })
     }
 
@@ -315,10 +318,14 @@ impl Bench {
         let d = self.dir.join(root);
         std::fs::create_dir_all(&d)?;
         let config = d.join("agent.toml");
+        std::fs::create_dir_all(d.join("policies"))?;
+        for (name, text) in &self.policies {
+            std::fs::write(d.join("policies").join(name), text)?;
+        }
         std::fs::write(
             &config,
             format!(
-                "[agent]\ncgroup_root = \"{root}\"\nproxy_port = {port}\nallow_unprivileged_port = true\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\n\n{targets}\n{extra}\n",
+                "[agent]\ncgroup_root = \"{root}\"\nproxy_port = {port}\nallow_unprivileged_port = true\nadmin_socket = \"{d}/admin.sock\"\nstate_dir = \"{d}/state\"\npolicies = \"{d}/policies\"\n\n{targets}\n{extra}\n",
                 d = d.display(),
             ),
         )?;
@@ -672,6 +679,14 @@ pub fn http(requests: usize) -> Result<()> {
 pub fn postgres(conns: usize) -> Result<()> {
     const PW: &str = "pg-bench-pw-5b1d";
     let mut b = Bench::new()?;
+    // The shipped policies: statements parsed, judged by the guardrails,
+    // results scanned by the e-mail/card mask, every statement recorded.
+    for f in ["default.toml", "postgres.toml"] {
+        b.policies.push((
+            f.to_owned(),
+            std::fs::read_to_string(workspace().join("policies").join(f))?,
+        ));
+    }
     let pg = loopgate_e2e::PgServer::start("127.10.0.92");
     pg.admin(&format!("CREATE ROLE app LOGIN PASSWORD '{PW}'"));
     let server = pg.addr;
@@ -689,7 +704,7 @@ pub fn postgres(conns: usize) -> Result<()> {
     let sides = [
         Side::Direct,
         Side::Relay("pgbouncer (session pool)", bouncer),
-        Side::Tagged("through loopgate (postgres handler)", config),
+        Side::Tagged("through loopgate (postgres handler)", config.clone()),
     ];
     let extra = vec![vec![PW], vec![PW], vec![]];
     println!(
@@ -698,24 +713,173 @@ pub fn postgres(conns: usize) -> Result<()> {
     b.latency_args(&sides, "pg-conn", conns, server, &extra)?;
     let queries = conns * 10;
     println!("\n== PostgreSQL: SELECT 1 on one connection: {queries} per side, {ROUNDS} alternating rounds");
-    b.latency_args(&sides, "pg-query", queries, server, &extra)
+    b.latency_args(&sides, "pg-query", queries, server, &extra)?;
+
+    // pgbench: select-only and the TPC-B-like script, 1 and 16 clients,
+    // simple and prepared, against PgBouncer in transaction pooling (1.18
+    // has no prepared statements in that mode: session pooling there).
+    let scale = 10;
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--", "pgbench", "-i", "-q", "-s"])
+        .arg(scale.to_string())
+        .args([
+            "-h",
+            &pg.socket_dir(),
+            "-p",
+            &server.port().to_string(),
+            "postgres",
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!("pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    pg.admin(
+        "GRANT ALL ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app",
+    );
+    let tx_bouncer = b.pgbouncer_mode(server, PW, "transaction")?;
+    let secs = 5;
+    println!("\n== pgbench (scale {scale}, {secs} s runs, 3 alternating rounds, median tps; -j 2)");
+    println!("| script | clients | mode | direct tps | pgbouncer tps (ratio) | loopgate tps (ratio) | loopgate / pgbouncer |");
+    println!("|---|---|---|---|---|---|---|");
+    for select_only in [true, false] {
+        for clients in [1, 16] {
+            for mode in ["simple", "prepared"] {
+                let bouncer = if mode == "prepared" {
+                    bouncer
+                } else {
+                    tx_bouncer
+                };
+                let sides = [
+                    (Side::Direct, Some(PW)),
+                    (Side::Relay("pgbouncer", bouncer), Some(PW)),
+                    (Side::Tagged("loopgate", config.clone()), None),
+                ];
+                let mut tps: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+                for _ in 0..3 {
+                    for (i, (side, pw)) in sides.iter().enumerate() {
+                        tps[i].push(b.pgbench(
+                            side,
+                            server,
+                            *pw,
+                            select_only,
+                            clients,
+                            mode,
+                            secs,
+                        )?);
+                    }
+                }
+                let med: Vec<f64> = tps
+                    .iter_mut()
+                    .map(|v| {
+                        v.sort_by(|a, b| a.total_cmp(b));
+                        v[v.len() / 2]
+                    })
+                    .collect();
+                println!(
+                    "| {} | {clients} | {mode}{} | {:.0} | {:.0} ({:.2}) | {:.0} ({:.2}) | {:.2} |",
+                    if select_only { "-S" } else { "TPC-B" },
+                    if mode == "prepared" {
+                        " (bouncer: session)"
+                    } else {
+                        ""
+                    },
+                    med[0],
+                    med[1],
+                    med[1] / med[0],
+                    med[2],
+                    med[2] / med[0],
+                    med[2] / med[1],
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Bench {
     /// PgBouncer 1.18 (Debian) in front of `server`, session pooling, SCRAM
     /// from clients; run as `postgres` (it refuses root).
     fn pgbouncer(&mut self, server: SocketAddr, pw: &str) -> Result<SocketAddr> {
+        self.pgbouncer_mode(server, pw, "session")
+    }
+
+    /// One pgbench run of `secs` seconds through `side`; its tps (without
+    /// the initial connections).
+    #[expect(clippy::too_many_arguments, reason = "one benchmark case, spelled out")]
+    fn pgbench(
+        &self,
+        side: &Side,
+        server: SocketAddr,
+        pw: Option<&str>,
+        select_only: bool,
+        clients: usize,
+        mode: &str,
+        secs: u64,
+    ) -> Result<f64> {
+        let addr = match side {
+            Side::Relay(_, a) => *a,
+            _ => server,
+        };
+        let mut cmd = match side {
+            Side::Tagged(_, config) => {
+                let mut c = Command::new(&self.lg);
+                c.arg("--config").arg(config).args([
+                    "exec",
+                    "--workload",
+                    "bench",
+                    "--",
+                    "pgbench",
+                ]);
+                c
+            }
+            _ => Command::new("pgbench"),
+        };
+        cmd.args(["-n", "-j", "2", "-M", mode, "-c", &clients.to_string()])
+            .args(["-T", &secs.to_string()])
+            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .args(["-U", "app", "postgres"]);
+        if select_only {
+            cmd.arg("-S");
+        }
+        if let Some(pw) = pw {
+            cmd.env("PGPASSWORD", pw);
+        }
+        let out = cmd.output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "pgbench ({}) failed: {text}{}",
+                side.name(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("tps = ")
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .with_context(|| format!("no tps in pgbench output: {text}"))
+    }
+
+    /// PgBouncer in `pool_mode` (`session` or `transaction`).
+    fn pgbouncer_mode(
+        &mut self,
+        server: SocketAddr,
+        pw: &str,
+        pool_mode: &str,
+    ) -> Result<SocketAddr> {
         if !std::path::Path::new("/usr/sbin/pgbouncer").exists() {
             apt_install("pgbouncer")?;
         }
         let port = free_port()?;
-        let d = self.dir.join("pgbouncer");
+        let d = self.dir.join(format!("pgbouncer-{pool_mode}"));
         std::fs::create_dir_all(&d)?;
         std::fs::write(d.join("userlist.txt"), format!("\"app\" \"{pw}\"\n"))?;
         std::fs::write(
             d.join("pgbouncer.ini"),
             format!(
-                "[databases]\npostgres = host={} port={} dbname=postgres\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {d}/userlist.txt\npool_mode = session\nmax_client_conn = 1000\ndefault_pool_size = 20\nlogfile = {d}/pgbouncer.log\n",
+                "[databases]\npostgres = host={} port={} dbname=postgres\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {d}/userlist.txt\npool_mode = {pool_mode}\nmax_client_conn = 1000\ndefault_pool_size = 20\nlogfile = {d}/pgbouncer.log\n",
                 server.ip(),
                 server.port(),
                 d = d.display()
