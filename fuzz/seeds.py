@@ -168,6 +168,14 @@ write("pg_messages", "server-extended", bytes([7, 0, 1, 2, 4, 3, 5, 9]) + SERVER
 write("pg_messages", "server-query", bytes([3, 6, 0x89, 6]) + SERVER)
 write("pg_messages", "server-lookup", bytes([2, 8, 7]) + SERVER)
 write("pg_messages", "bad-length", b"\0Q\xff\xff\xff\xff")
+ROWS = (msg(b"T", struct.pack(">h", 2) + cstr("email") + struct.pack(">ihihih", 0, 0, 25, -1, -1, 0)
+            + cstr("secret_note") + struct.pack(">ihihih", 0, 0, 23, 4, -1, 1))
+        + msg(b"D", struct.pack(">hi", 2, 15) + b"ann@example.com" + struct.pack(">i", 4) + b"\0\0\0\1")
+        + msg(b"d", b"ann@example.com\t4111 1111 1111 1111\n")
+        + msg(b"E", b"SERROR\0C22P02\0Minvalid input: \"ann@example.com\"\0\0")
+        + msg(b"A", struct.pack(">i", 7) + cstr("jobs") + cstr("bob@example.com"))
+        + msg(b"C", cstr("SELECT 1")) + msg(b"Z", b"I"))
+write("pg_messages", "masked", bytes([3, 0x46, 0x44, 5]) + ROWS)
 
 # Agent configs: the shipped example and the tests' snippets.
 write("config", "dist", (ROOT / "dist/agent.toml").read_bytes())

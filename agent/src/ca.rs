@@ -136,6 +136,10 @@ impl AgentCa {
         .map_err(|e| fail(e.to_string()))?;
         let config = Arc::new(config);
         if let Ok(mut m) = self.leaves.lock() {
+            // Bounded: names come from the targets, addresses from DNS.
+            if m.len() >= 1024 {
+                m.clear();
+            }
             m.insert(key, (Instant::now(), config.clone()));
         }
         Ok(config)
@@ -153,6 +157,9 @@ fn create(state_dir: &Path) -> Result<(), CaError> {
         .recursive(true)
         .mode(0o700)
         .create(&dir)
+        .map_err(io(&dir))?;
+    // An existing directory too: the key is the agent's alone.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(io(&dir))?;
     let invalid = |e: rcgen::Error| CaError::Invalid {
         path: dir.clone(),

@@ -54,9 +54,9 @@ impl MaskSpec {
                 )?)),
                 Some("card") => spec
                     .values
-                    .push(ValuePattern::Card(re(r"\b\d(?:[ \-]?\d){12,18}\b")?)),
+                    .push(ValuePattern::Card(re(r"(?-u:\b)[0-9](?:[ \-]?[0-9]){12,18}(?-u:\b)")?)),
                 Some("iban") => spec.values.push(ValuePattern::Iban(re(
-                    r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}\b",
+                    r"(?-u:\b)[A-Z]{2}[0-9]{2}(?:[ ]?[A-Z0-9]){11,30}(?-u:\b)",
                 )?)),
                 Some(v) => match v.strip_prefix("re:") {
                     Some(r) => spec.values.push(ValuePattern::Custom(
@@ -78,10 +78,25 @@ impl MaskSpec {
         Ok(spec)
     }
 
+    /// A spec that hides every field (where the agent cannot tell which
+    /// mask applies: fail closed).
+    pub fn hide_all() -> MaskSpec {
+        MaskSpec {
+            names: Vec::new(),
+            values: Vec::new(),
+            all: true,
+        }
+    }
+
     /// Whether the field called `name` is hidden whole.
     pub fn hides(&self, name: &str) -> bool {
         let lower = name.to_ascii_lowercase();
         self.all || self.names.iter().any(|g| g.is_match(&lower))
+    }
+
+    /// Whether it hides fields by name (or all of them).
+    pub fn hides_names(&self) -> bool {
+        self.all || !self.names.is_empty()
     }
 
     /// Whether it looks into values at all.
@@ -108,9 +123,20 @@ impl MaskSpec {
         if spans.is_empty() {
             return None;
         }
+        // One pass over the text with the spans sorted (merged as it goes).
+        spans.sort_unstable();
         let mut out = String::with_capacity(text.len());
+        let mut spans = spans.into_iter().peekable();
+        let mut end = 0;
         for (i, c) in text.char_indices() {
-            if spans.iter().any(|&(s, e)| i >= s && i < e) && !c.is_whitespace() && c != '-' {
+            while let Some(&(s, e)) = spans.peek() {
+                if s > i {
+                    break;
+                }
+                end = end.max(e);
+                spans.next();
+            }
+            if i < end && !c.is_whitespace() && c != '-' {
                 out.push('*');
             } else {
                 out.push(c);
@@ -149,7 +175,7 @@ fn luhn(s: &str) -> bool {
 /// The ISO 13616 check of an IBAN (mod 97 = 1).
 fn iban(s: &str) -> bool {
     let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    if compact.len() < 15 || compact.len() > 34 {
+    if !compact.is_ascii() || compact.len() < 15 || compact.len() > 34 {
         return false;
     }
     let (head, tail) = compact.split_at(4);
@@ -232,6 +258,13 @@ mod tests {
         );
         assert_eq!(s.mask_text("GB00WEST12345698765432"), None);
         assert_eq!(s.mask_text("nothing here"), None);
+        // Unicode digits are not card or IBAN digits (and do not panic).
+        assert_eq!(s.mask_text("GB\u{966}\u{966}WEST12345698765"), None);
+        // Many matches cost one pass.
+        let many = "a@b.cc ".repeat(200_000);
+        let masked = s.mask_text(&many).unwrap();
+        assert_eq!(masked.len(), many.len());
+        assert!(!masked.contains('@'));
         for bad in ["value:phone", "value:re:(", "[unclosed"] {
             assert!(MaskSpec::parse(&[bad.to_string()]).is_err(), "{bad}");
         }

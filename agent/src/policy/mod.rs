@@ -442,6 +442,9 @@ impl Policy {
                     // An error never opens anything: it counts as a match
                     // for deny and approve, as none for allow and mask.
                     Err(e) if rule.verdict >= Verdict::Approve => failed = Some(e),
+                    // A mask that cannot be evaluated masks: it hides, it
+                    // never opens.
+                    Err(e) if rule.verdict == Verdict::Mask => failed = Some(e),
                     Err(_) => continue,
                 }
             }

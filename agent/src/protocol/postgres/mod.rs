@@ -9,8 +9,8 @@
 //!    declined (`N`). `GSSENCRequest` is declined. A `CancelRequest` is decided first, like a
 //!    session: the connect decision was made before the handler ran, and a
 //!    workload that requires a JWT is refused (a cancel carries no token).
-//!    Only then is it passed to the upstream (the loop holds the upstream's
-//!    real `BackendKeyData`).
+//!    Only then is it passed on: loops hold keys of the agent's own
+//!    ([`pool`]), each mapped to the server connection its session holds.
 //! 2. When the workload requires the JWT second factor, the agent asks the
 //!    loop for a cleartext password and takes the JWT from it (`PGPASSWORD`
 //!    / `password=`), verifies it and makes the session decision with its
@@ -19,9 +19,11 @@
 //! 3. Upstream, the start-up parameters are sent with the stored `username`
 //!    (when set) and the server's password challenge is answered with the
 //!    stored password: SCRAM-SHA-256, MD5 or cleartext (postgres-protocol).
-//! 4. The loop gets `AuthenticationOk`, and from then on the session is
-//!    relayed and captured like raw TCP (statement-level policy belongs to a
-//!    later handler stage).
+//!    A pooled login of the same target, database, role and start-up
+//!    settings is taken instead when one is idle ([`pool`]).
+//! 4. The loop gets `AuthenticationOk`, the server's parameters, a cancel
+//!    key of the agent's and `ReadyForQuery`; from then on every message is
+//!    read and every statement judged ([`relay`]), and results are masked.
 //!
 //! Refusals are `ErrorResponse` messages (SQLSTATE 28000 / 28P01 / 08006), so
 //! psql and drivers print them as they would a server's.
@@ -265,7 +267,7 @@ async fn serve(s: Conn, tcp: TcpStream) -> Outcome {
             (o, back.map(|b| ServerConn::Tls(Box::new(b))))
         }
     };
-    s.pool.retire_key(pooling.loop_key);
+    drop(pooling.loop_key);
     if let Some(conn) = back {
         let pool = s.pool.clone();
         let (size, idle) = (s.credential.pool_size, s.credential.pool_idle_timeout);
@@ -274,6 +276,7 @@ async fn serve(s: Conn, tcp: TcpStream) -> Outcome {
                 conn,
                 hello: pooling.hello,
                 backend: pooling.backend,
+                born: pooling.born,
             };
             pool.give_back(pooling.key, login, size, idle).await;
         });
@@ -598,6 +601,7 @@ impl Conn {
                         conn: server,
                         hello,
                         backend: backend.unwrap_or((0, 0)),
+                        born: std::time::Instant::now(),
                     })
                 };
                 tokio::time::timeout(LOGIN_TIMEOUT, login)
@@ -631,14 +635,14 @@ impl Conn {
 
         // The loop is in: AuthenticationOk, the server's parameters, a
         // cancel key of the agent's, ReadyForQuery.
-        let loop_key = self.pool.issue_key(self.s.upstream(), login.backend);
+        let loop_key = pool::KeyGuard {
+            key: self.pool.issue_key(self.s.upstream(), login.backend),
+            pool: self.pool.clone(),
+        };
         let mut ok = auth_request(0, &[]);
         ok.extend_from_slice(&login.hello);
-        ok.extend_from_slice(&pool::greeting(loop_key));
-        if let Err(e) = client.write_all(&ok).await {
-            self.pool.retire_key(loop_key);
-            return Err(client_io(e));
-        }
+        ok.extend_from_slice(&pool::greeting(loop_key.key));
+        client.write_all(&ok).await.map_err(client_io)?;
         counters
             .down
             .fetch_add(ok.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -653,6 +657,7 @@ impl Conn {
                 key,
                 hello: login.hello,
                 backend: login.backend,
+                born: login.born,
                 loop_key,
             },
         )))
@@ -664,7 +669,8 @@ struct Pooling {
     key: pool::Key,
     hello: Vec<u8>,
     backend: (i32, i32),
-    loop_key: (i32, i32),
+    born: std::time::Instant,
+    loop_key: pool::KeyGuard,
 }
 
 /// Run-time settings a loop may give in its start-up packet (as a

@@ -46,7 +46,17 @@ pub(super) struct Login {
     pub hello: Vec<u8>,
     /// The server's own cancel key for this connection.
     pub backend: (i32, i32),
+    /// When the agent logged in: a login is not reused past
+    /// [`MAX_LIFETIME`] (settings of the role or database changed since
+    /// would otherwise never be seen).
+    pub born: Instant,
 }
+
+/// The longest a pooled login is reused.
+pub(super) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+/// Idle logins kept per target, whatever their keys: `pool_size` times this
+/// (loops choose start-up settings, and so keys).
+const TARGET_FACTOR: usize = 4;
 
 struct Idle {
     login: Login,
@@ -69,7 +79,10 @@ impl Pool {
         let mut idle = self.idle.lock().ok()?;
         let list = idle.get_mut(key)?;
         while let Some(i) = list.pop() {
-            if i.since.elapsed() < idle_timeout && quiet(&i.login.conn) {
+            if i.since.elapsed() < idle_timeout
+                && i.login.born.elapsed() < MAX_LIFETIME
+                && quiet(&i.login.conn)
+            {
                 return Some(i.login);
             }
         }
@@ -85,7 +98,7 @@ impl Pool {
         max: usize,
         idle_timeout: Duration,
     ) {
-        if max == 0 {
+        if max == 0 || login.born.elapsed() >= MAX_LIFETIME {
             return;
         }
         let ok = match &mut login.conn {
@@ -99,6 +112,14 @@ impl Pool {
             let Ok(mut idle) = self.idle.lock() else {
                 return;
             };
+            let of_target: usize = idle
+                .iter()
+                .filter(|(k, _)| k.target == key.target)
+                .map(|(_, l)| l.len())
+                .sum();
+            if of_target >= max * TARGET_FACTOR {
+                return;
+            }
             let list = idle.entry(key).or_default();
             list.retain(|i| i.since.elapsed() < idle_timeout);
             if list.len() >= max {
@@ -154,6 +175,19 @@ impl Pool {
         if let Ok(mut keys) = self.keys.lock() {
             keys.remove(&key);
         }
+    }
+}
+
+/// A loop's cancel key, retired when the session lets go of it (however
+/// it ends).
+pub(super) struct KeyGuard {
+    pub pool: Arc<Pool>,
+    pub key: CancelKey,
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        self.pool.retire_key(self.key);
     }
 }
 

@@ -93,8 +93,29 @@ where
 {
     let (sr, sw) = tokio::io::split(server);
     let shared = Arc::new(Shared::default());
-    // The login ended with ReadyForQuery, idle.
-    shared.lock().status = Some(b'I');
+    // The login ended with ReadyForQuery, idle. Whether this session's
+    // results are masked at all: the mask of a plain SELECT.
+    let default_mask = {
+        let d = s.verdict(Operation::Sql(SqlOp {
+            kind: "select",
+            tables: &[],
+            writes: &[],
+            unbounded: false,
+            functions: &[],
+            program: false,
+            server_file: false,
+            settings: &[],
+            text: "",
+            params: &[],
+        }));
+        (!d.mask.is_empty()).then(|| start.masks.get(&d.mask))
+    };
+    {
+        let mut t = shared.lock();
+        t.status = Some(b'I');
+        t.settled = true;
+        t.session_mask = default_mask.clone();
+    }
     // The server searches pg_catalog first, then the path.
     let mut schemas = vec![
         "pg_catalog".to_owned(),
@@ -108,6 +129,7 @@ where
         s: s.clone(),
         classifier,
         masks: start.masks,
+        fallback_mask: default_mask.map(|_| Arc::new(MaskSpec::hide_all())),
         shared: shared.clone(),
         user: start.user,
         schemas,
@@ -166,7 +188,7 @@ where
     }
     let idle = {
         let t = shared.lock();
-        t.pending.is_empty() && t.status == Some(b'I') && !t.copy_in && !t.server_gone
+        t.settled && t.pending.is_empty() && t.status == Some(b'I') && !t.copy_in && !t.server_gone
     };
     if idle {
         return (Outcome::ok(), Some(sr.unsplit(sw)));
@@ -214,6 +236,13 @@ struct Track {
     stop: bool,
     /// The server closed its side (or sent a FATAL error).
     server_gone: bool,
+    /// The last server message was ReadyForQuery and the loop has sent
+    /// nothing since (the connection is idle for certain).
+    settled: bool,
+    /// The mask of the session's latest masked statement (or of a plain
+    /// SELECT when it opened): applied to what arrives outside a result
+    /// (notifications, parameter changes, errors and notices, COPY data).
+    session_mask: Option<Arc<MaskSpec>>,
 }
 
 /// What the server owes for one message, or an answer of the agent's own.
@@ -288,6 +317,16 @@ enum Column {
     },
 }
 
+/// Longest value the value patterns look into; a longer one is hidden.
+const MAX_MASKED_VALUE: usize = 1 << 20;
+
+/// Types whose binary form holds no text (bool, integers, floats, numeric,
+/// oid, dates and times, intervals, uuid, money, network addresses).
+const SAFE_BINARY: &[u32] = &[
+    16, 18, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1114, 1184, 1186, 1266, 2950, 790, 869,
+    650, 829, 774,
+];
+
 /// Types whose values are their text, in either format (text, varchar,
 /// bpchar, name, unknown, xml, json).
 const TEXT_LIKE: &[u32] = &[25, 1043, 1042, 19, 705, 142, 114];
@@ -354,16 +393,28 @@ fn mask_row(spec: &MaskSpec, plan: &[Column], frame: &[u8]) -> Option<(Vec<u8>, 
                         (_, 0) => (&[][..], *v),
                         (JSONB, _) if v.first() == Some(&1) => (&v[..1], &v[1..]),
                         (t, _) if TEXT_LIKE.contains(&t) => (&[][..], *v),
-                        _ => (&[][..], &[][..]),
+                        // Binary numbers, dates and the like hold no text.
+                        (t, _) if SAFE_BINARY.contains(&t) => (&[][..], &[][..]),
+                        // Arrays, records, bytea, extension types: their
+                        // text cannot be looked into here, so it is hidden.
+                        _ => {
+                            changed += 1;
+                            return None;
+                        }
                     };
-                    std::str::from_utf8(text)
-                        .ok()
-                        .and_then(|t| spec.mask_text(t))
-                        .map(|m| {
+                    if text.len() > MAX_MASKED_VALUE {
+                        changed += 1;
+                        return None;
+                    }
+                    match std::str::from_utf8(text) {
+                        Ok(t) => spec.mask_text(t).map(|m| {
                             let mut b = prefix.to_vec();
                             b.extend_from_slice(m.as_bytes());
                             Some(b)
-                        })
+                        }),
+                        // Text in another client encoding: hidden.
+                        Err(_) => Some(None),
+                    }
                 }
             };
             match masked {
@@ -470,6 +521,9 @@ struct Up {
     s: Arc<Session>,
     classifier: Arc<Classifier>,
     masks: Arc<MaskCache>,
+    /// When this session's results are masked: what hides a result the
+    /// agent cannot place (a portal it did not see bound, a FETCH).
+    fallback_mask: Option<Arc<MaskSpec>>,
     shared: Arc<Shared>,
     user: String,
     /// Every schema a search path of this session has named: an
@@ -479,7 +533,7 @@ struct Up {
     prepared: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     /// SQL-level `PREPARE`d statements, by name.
-    sql_prepared: HashMap<String, Statement>,
+    sql_prepared: HashMap<String, (Statement, Option<Arc<MaskSpec>>)>,
     /// Function names by OID (FunctionCall).
     functions: HashMap<u32, String>,
     /// A message was refused: the loop's messages up to `Sync` are dropped.
@@ -533,6 +587,7 @@ impl Up {
         if self.out.is_empty() {
             return Ok(());
         }
+        self.shared.lock().settled = false;
         sw.write_all(&self.out)
             .await
             .map_err(|e| Outcome::UpstreamError(format!("writing to the server: {e}")))?;
@@ -617,13 +672,13 @@ impl Up {
             } => {
                 let prepared = self.prepared.get(statement).cloned().or_else(|| {
                     // A statement prepared with SQL PREPARE, bound by name.
-                    let st = self.sql_prepared.get(statement)?;
+                    let (st, mask) = self.sql_prepared.get(statement)?;
                     Some(Arc::new(Prepared {
                         event: Some(self.event_of(st, "prepared with PREPARE")),
                         query: String::new(),
                         statement: None,
                         schemas: self.schemas.len(),
-                        mask: None,
+                        mask: mask.clone(),
                         fields: Slot::default(),
                     }))
                 });
@@ -678,10 +733,18 @@ impl Up {
                     )
                 });
                 let mut rec = Rec::new(event);
-                if let Some((mask, fields, formats)) = masking {
-                    rec.mask = Some(mask);
-                    rec.fields = Some(fields);
-                    rec.formats = formats;
+                match masking {
+                    Some((mask, fields, formats)) => {
+                        rec.mask = Some(mask);
+                        rec.fields = Some(fields);
+                        rec.formats = formats;
+                    }
+                    // A portal the agent did not see bound (a cursor
+                    // DECLAREd in SQL): every column hidden when masks apply.
+                    None if !self.portals.contains_key(portal) => {
+                        rec.mask = self.fallback_mask.clone();
+                    }
+                    None => {}
                 }
                 self.forward(&frame, Some(Expect::Execute(Some(rec))));
             }
@@ -718,7 +781,11 @@ impl Up {
     /// The compiled mask of a decision, if it masks anything.
     fn mask_of(&self, judged: &Judged) -> Option<Arc<MaskSpec>> {
         let list = &judged.decision.mask;
-        (!list.is_empty()).then(|| self.masks.get(list))
+        let spec = (!list.is_empty()).then(|| self.masks.get(list));
+        if spec.is_some() {
+            self.shared.lock().session_mask = spec.clone();
+        }
+        spec
     }
 
     /// Waits while the queue is full (the loop is not reading).
@@ -840,7 +907,7 @@ impl Up {
     fn effective<'a>(&'a self, st: &'a Statement) -> &'a Statement {
         st.executes
             .as_ref()
-            .and_then(|n| self.sql_prepared.get(n))
+            .and_then(|n| self.sql_prepared.get(n).map(|(st, _)| st))
             .unwrap_or(st)
     }
 
@@ -917,9 +984,9 @@ impl Up {
     }
 
     /// What an allowed statement changes in the agent's view of the session.
-    fn apply(&mut self, st: &Statement) {
+    fn apply(&mut self, st: &Statement, mask: Option<Arc<MaskSpec>>) {
         if let Some(name) = &st.prepares {
-            self.sql_prepared.insert(name.clone(), st.clone());
+            self.sql_prepared.insert(name.clone(), (st.clone(), mask));
         }
         // One namespace on the server: DEALLOCATE (and DISCARD ALL) drop
         // protocol-level statements too.
@@ -993,10 +1060,18 @@ impl Up {
             }
             let mut rec = Rec::new(event);
             rec.mask = self.mask_of(&judged);
+            if rec.mask.is_none() && matches!(st.kind.as_str(), "fetch" | "execute") {
+                // Rows of a cursor or a prepared statement judged earlier.
+                rec.mask = match st.executes.as_ref().and_then(|n| self.sql_prepared.get(n)) {
+                    Some((_, m)) => m.clone(),
+                    None => self.fallback_mask.clone(),
+                };
+            }
             recs.push_back(rec);
         }
-        for st in stmts {
-            self.apply(st);
+        for (st, rec) in stmts.iter().zip(recs.iter()) {
+            let mask = rec.mask.clone();
+            self.apply(st, mask);
         }
         self.forward(frame, Some(Expect::Query(recs)));
     }
@@ -1026,8 +1101,9 @@ impl Up {
                 first = Some((event, st.clone(), self.mask_of(&judged)));
             }
         }
+        let mask = first.as_ref().and_then(|(_, _, m)| m.clone());
         for st in stmts {
-            self.apply(st);
+            self.apply(st, mask.clone());
         }
         Ok(match first {
             Some((e, st, mask)) => (Some(e), Some(st), mask),
@@ -1325,6 +1401,14 @@ fn unanswered(e: Expect, events: &mut Vec<Event>) {
 /// agent's own lookups are not).
 fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>) {
     let kind = f[0];
+    if kind == b'Z' {
+        t.settled = true;
+    }
+    let masked = if matches!(kind, b'E' | b'N' | b'A' | b'S' | b'd' | b'V') {
+        mask_other(t, f)
+    } else {
+        None
+    };
     if matches!(t.pending.front(), Some(Expect::Lookup { .. })) {
         match kind {
             b'D' => {
@@ -1503,7 +1587,105 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
         }
         _ => {}
     }
-    out.extend_from_slice(f);
+    out.extend_from_slice(masked.as_deref().unwrap_or(f));
+}
+
+/// A server message outside result rows with values masked: error and
+/// notice texts, notification payloads, parameter values, COPY data and
+/// function results. `None`: relayed as it is.
+fn mask_other(t: &Track, f: &[u8]) -> Option<Vec<u8>> {
+    let head = match t.pending.front() {
+        Some(Expect::Query(recs)) => recs.front().and_then(|r| r.mask.clone()),
+        Some(Expect::Execute(Some(r))) => r.mask.clone(),
+        _ => None,
+    };
+    let spec = head.or_else(|| t.session_mask.clone())?;
+    let body = f.get(5..)?;
+    let frame = |kind: u8, body: &[u8]| {
+        let mut b = Vec::with_capacity(body.len() + 5);
+        b.push(kind);
+        b.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        b.extend_from_slice(body);
+        b
+    };
+    let text = |v: &[u8]| -> Option<Vec<u8>> {
+        if v.len() > MAX_MASKED_VALUE {
+            return Some(vec![b'*'; 4]);
+        }
+        let s = std::str::from_utf8(v).ok()?;
+        spec.mask_text(s).map(String::into_bytes)
+    };
+    match f[0] {
+        b'E' | b'N' => {
+            let mut out = Vec::with_capacity(body.len());
+            let mut changed = false;
+            let mut rest = body;
+            while let Some((&field, tail)) = rest.split_first() {
+                if field == 0 {
+                    break;
+                }
+                let end = tail.iter().position(|&c| c == 0)?;
+                let value = &tail[..end];
+                out.push(field);
+                // Severity, code, positions and source locations are not data.
+                match (b"SVCPpFLR".contains(&field), text(value)) {
+                    (false, Some(m)) => {
+                        changed = true;
+                        out.extend_from_slice(&m);
+                    }
+                    _ => out.extend_from_slice(value),
+                }
+                out.push(0);
+                rest = &tail[end + 1..];
+            }
+            out.push(0);
+            changed.then(|| frame(f[0], &out))
+        }
+        b'A' => {
+            let (pid, rest) = body.split_at_checked(4)?;
+            let end = rest.iter().position(|&c| c == 0)?;
+            let (channel, payload) = (&rest[..=end], &rest[end + 1..]);
+            let payload = payload.strip_suffix(&[0])?;
+            let m = text(payload)?;
+            let mut out = pid.to_vec();
+            out.extend_from_slice(channel);
+            out.extend_from_slice(&m);
+            out.push(0);
+            Some(frame(b'A', &out))
+        }
+        b'S' => {
+            let end = body.iter().position(|&c| c == 0)?;
+            let (name, value) = (&body[..=end], &body[end + 1..]);
+            let m = text(value.strip_suffix(&[0])?)?;
+            let mut out = name.to_vec();
+            out.extend_from_slice(&m);
+            out.push(0);
+            Some(frame(b'S', &out))
+        }
+        b'd' => {
+            // A COPY row has no column names: a spec that hides columns
+            // hides the whole row (its tabs and newlines kept).
+            let masked = if spec.hides_names() || std::str::from_utf8(body).is_err() {
+                body.iter()
+                    .map(|&c| if c == b'\t' || c == b'\n' { c } else { b'*' })
+                    .collect()
+            } else {
+                text(body)?
+            };
+            Some(frame(b'd', &masked))
+        }
+        b'V' => {
+            let (len, value) = body.split_at_checked(4)?;
+            if i32::from_be_bytes(len.try_into().ok()?) < 0 {
+                return None;
+            }
+            let m = text(value)?;
+            let mut out = (m.len() as i32).to_be_bytes().to_vec();
+            out.extend_from_slice(&m);
+            Some(frame(b'V', &out))
+        }
+        _ => None,
+    }
 }
 
 /// Pops the head when it is what this message answers.
@@ -1518,18 +1700,38 @@ fn pop_if(t: &mut Track, is: impl Fn(&Expect) -> bool) {
 /// the bytes for the loop, how many complete frames `data` held (their
 /// length), and how many records were closed.
 pub(super) fn replay_server(expects: &[u8], data: &[u8]) -> (Vec<u8>, usize, usize) {
-    let rec = || Rec::new(Event::note(EventKind::Op(OpKind::Sql), "x", ""));
-    let mut t = Track::default();
+    // Entries with bit 0x40 mask their rows (names and every value pattern).
+    let spec = Arc::new(
+        MaskSpec::parse(&[
+            "secret*".to_owned(),
+            "value:email".to_owned(),
+            "value:card".to_owned(),
+            "value:iban".to_owned(),
+        ])
+        .unwrap_or_else(|_| MaskSpec::hide_all()),
+    );
+    let masked = |b: &u8| b & 0x40 != 0;
+    let rec = |b: &u8| {
+        let mut r = Rec::new(Event::note(EventKind::Op(OpKind::Sql), "x", ""));
+        if masked(b) {
+            r.mask = Some(spec.clone());
+        }
+        r
+    };
+    let mut t = Track {
+        session_mask: expects.iter().any(masked).then(|| spec.clone()),
+        ..Track::default()
+    };
     for b in expects {
         t.pending.push_back(match b % 10 {
             0 => Expect::Parse,
             1 => Expect::Bind,
             2 => Expect::Describe(None),
             3 => Expect::Close,
-            4 => Expect::Execute(Some(rec())),
+            4 => Expect::Execute(Some(rec(b))),
             5 => Expect::Sync,
-            6 => Expect::Query(VecDeque::from([rec(), rec()])),
-            7 => Expect::Function(rec()),
+            6 => Expect::Query(VecDeque::from([rec(b), rec(b)])),
+            7 => Expect::Function(rec(b)),
             8 => Expect::Lookup {
                 name: None,
                 reply: None,
