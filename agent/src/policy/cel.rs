@@ -76,6 +76,13 @@ pub struct Condition {
     pub reads: Option<OpKind>,
 }
 
+impl Condition {
+    /// Whether its text names `word` (a cheap, conservative "may read").
+    pub fn mentions(&self, word: &str) -> bool {
+        self.source.contains(word)
+    }
+}
+
 impl std::fmt::Debug for Condition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Condition")

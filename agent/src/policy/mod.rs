@@ -331,6 +331,14 @@ impl Policy {
         self.rules.len()
     }
 
+    /// Whether any rule's condition names `word` (`sql.params`): work that
+    /// only such rules need can be skipped otherwise.
+    pub fn conditions_mention(&self, word: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.when.as_ref().is_some_and(|c| c.mentions(word)))
+    }
+
     /// Which workload selectors match: computed once per connection.
     pub fn workload_matches(&self, r: &Request<'_>) -> Vec<bool> {
         self.workloads.iter().map(|w| w.matches(r)).collect()

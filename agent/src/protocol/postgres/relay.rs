@@ -834,7 +834,8 @@ impl Up {
         let Some(st) = &p.statement else {
             return Ok(());
         };
-        if params.is_empty() {
+        // Only rules that read the parameters can decide otherwise now.
+        if params.is_empty() || !self.s.rules_mention("params") {
             return Ok(());
         }
         let values: Vec<String> = params

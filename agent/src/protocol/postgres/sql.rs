@@ -248,6 +248,57 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
     Ok(out)
 }
 
+/// The text with every constant blanked out (a NUL, which no query text
+/// holds), and the text with constants replaced by `$n` as pg_query
+/// normalises it. `None` when the scanner refuses the text. The scanner is
+/// PostgreSQL's own: two texts with the same shape are the same tokens but
+/// for the constants' values, so they parse to the same statement.
+fn shape(sql: &str) -> Option<(String, String)> {
+    use pg_query::protobuf::Token;
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let constant = |t: i32| {
+        [
+            Token::Sconst,
+            Token::Iconst,
+            Token::Fconst,
+            Token::Bconst,
+            Token::Xconst,
+            Token::Usconst,
+        ]
+        .iter()
+        .any(|c| *c as i32 == t)
+    };
+    // New parameters are numbered after the loop's own.
+    let mut n = tokens
+        .iter()
+        .filter(|t| t.token == Token::Param as i32)
+        .filter_map(|t| sql.get(usize::try_from(t.start).ok()? + 1..usize::try_from(t.end).ok()?))
+        .filter_map(|d| d.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0);
+    let (mut key, mut norm) = (
+        String::with_capacity(sql.len()),
+        String::with_capacity(sql.len()),
+    );
+    let mut last = 0;
+    for t in tokens.iter().filter(|t| constant(t.token)) {
+        let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
+        let before = sql.get(last..start)?;
+        key.push_str(before);
+        key.push('\0');
+        n += 1;
+        norm.push_str(before);
+        norm.push('$');
+        norm.push_str(&n.to_string());
+        last = end;
+    }
+    let rest = sql.get(last..)?;
+    key.push_str(rest);
+    norm.push_str(rest);
+    let norm = norm.trim().trim_end_matches(';').trim_end().to_owned();
+    Some((key, norm))
+}
+
 /// Refuses text whose meaning depends on what the loop can set:
 /// `standard_conforming_strings` (a backslash ends a string only when it is
 /// off) and the client encoding (in GBK, SJIS, BIG5 and the like, a byte
@@ -520,10 +571,14 @@ pub const MAX_CACHED_TEXT: usize = 16 * 1024;
 pub struct Classifier {
     capacity: usize,
     inner: Mutex<Cache>,
+    shapes: Mutex<Shapes>,
 }
 
 /// A query string and the search path it was resolved with.
 type Key = (String, Vec<String>);
+/// Single statements by shape (the text with its constants blanked out):
+/// statements that differ only in constants classify alike.
+type Shapes = (HashMap<Key, Statement>, VecDeque<Key>);
 /// A classification, shared by the sessions that sent the same text.
 pub type Classified = Arc<Result<Vec<Statement>, SqlError>>;
 /// Entries, and their keys in the order they were added.
@@ -534,6 +589,7 @@ impl Classifier {
         Classifier {
             capacity: capacity.max(1),
             inner: Mutex::new((HashMap::new(), VecDeque::new())),
+            shapes: Mutex::new((HashMap::new(), VecDeque::new())),
         }
     }
 
@@ -542,10 +598,45 @@ impl Classifier {
         if let Some(hit) = self.inner.lock().ok().and_then(|g| g.0.get(&key).cloned()) {
             return hit;
         }
+        // Long texts, and texts whose backslashes need the two readings
+        // compared, are parsed each time.
+        if sql.len() > MAX_CACHED_TEXT || sql.contains('\\') || sql.contains('\0') {
+            return Arc::new(classify(sql, search_path));
+        }
+        let shaped = shape(sql);
+        if let Some((shape_key, normalized)) = &shaped {
+            let key = (shape_key.clone(), search_path.to_vec());
+            let hit = self.shapes.lock().ok().and_then(|g| g.0.get(&key).cloned());
+            if let Some(mut st) = hit {
+                st.text = statement_text(sql, 0, 0);
+                st.text = st.text.trim_end_matches(';').trim_end().to_owned();
+                st.normalized = normalized.clone();
+                return Arc::new(Ok(vec![st]));
+            }
+        }
         let fresh = Arc::new(classify(sql, search_path));
-        // Long texts are parsed each time: the cache holds what repeats.
-        if sql.len() > MAX_CACHED_TEXT {
-            return fresh;
+        if let (Some((shape_key, _)), Ok(v)) = (shaped, &*fresh) {
+            // One statement whose constants say nothing the rules read
+            // (SET values and set_config arguments do).
+            if let [st] = &v[..] {
+                if st.settings.is_empty() && st.search_path.is_none() {
+                    if let Ok(mut g) = self.shapes.lock() {
+                        let (map, order) = &mut *g;
+                        let key = (shape_key, search_path.to_vec());
+                        if map.insert(key.clone(), st.clone()).is_none() {
+                            order.push_back(key);
+                        }
+                        while map.len() > self.capacity {
+                            match order.pop_front() {
+                                Some(old) => {
+                                    map.remove(&old);
+                                }
+                                None => break,
+                            }
+                        }
+                    }
+                }
+            }
         }
         if let Ok(mut g) = self.inner.lock() {
             let (map, order) = &mut *g;
@@ -772,13 +863,60 @@ mod tests {
     }
 
     #[test]
+    fn statements_that_differ_in_constants_share_a_classification() {
+        let c = Classifier::new(16);
+        let path = ["app".to_owned(), "public".to_owned()];
+        for (a, b) in [
+            (
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 7;",
+            ),
+            (
+                "UPDATE orders SET note = 'x' WHERE id = 1",
+                "UPDATE orders SET note = 'a much longer value' WHERE id = 99",
+            ),
+            (
+                "DELETE FROM orders WHERE id = $1 AND n = 3",
+                "DELETE FROM orders WHERE id = $1 AND n = 4",
+            ),
+        ] {
+            let first = c.classify(a, &path);
+            let shaped = c.classify(b, &path);
+            let full = classify(b, &path);
+            // What the cache gives is what the parser gives, the
+            // normalised text included.
+            let (Ok(s), Ok(f)) = (&*shaped, &full) else {
+                panic!("{a} / {b}");
+            };
+            assert_eq!(s[0].kind, f[0].kind);
+            assert_eq!(s[0].tables, f[0].tables);
+            assert_eq!(s[0].writes, f[0].writes);
+            assert_eq!(s[0].unbounded, f[0].unbounded);
+            assert_eq!(s[0].fingerprint, f[0].fingerprint);
+            assert_eq!(s[0].normalized, f[0].normalized, "{b}");
+            assert_eq!(s[0].text, f[0].text, "{b}");
+            assert!(first.is_ok());
+        }
+        // Constants that matter are never shared by shape.
+        c.classify("SET search_path = 'a'", &path);
+        let v = c.classify("SET search_path = 'secret'", &path);
+        assert_eq!(
+            v.as_ref().as_ref().unwrap()[0].search_path.as_deref(),
+            Some(&["secret".to_owned()][..])
+        );
+        c.classify("SELECT set_config('application_name', 'x', false)", &path);
+        let v = c.classify("SELECT set_config('role', 'x', false)", &path);
+        assert_eq!(v.as_ref().as_ref().unwrap()[0].settings, ["role"]);
+    }
+
+    #[test]
     fn the_cache_parses_each_text_once_and_stays_bounded() {
         let c = Classifier::new(2);
-        let a = c.classify("select 1", &[]);
-        let again = c.classify("select 1", &[]);
+        let a = c.classify("select a", &[]);
+        let again = c.classify("select a", &[]);
         assert!(Arc::ptr_eq(&a, &again));
-        c.classify("select 2", &[]);
-        c.classify("select 3", &[]);
+        c.classify("select b", &[]);
+        c.classify("select c", &[]);
         assert_eq!(c.len(), 2);
     }
 }
