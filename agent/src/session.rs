@@ -440,6 +440,11 @@ impl Session {
         }
     }
 
+    /// The policy in force now (a reload replaces it).
+    pub fn policy_now(&self) -> Arc<crate::policy::Policy> {
+        self.services.policy.current()
+    }
+
     /// Whether a rule of the current policy names `word` in its condition.
     pub fn rules_mention(&self, word: &str) -> bool {
         self.services.policy.current().conditions_mention(word)

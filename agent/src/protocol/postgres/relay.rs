@@ -137,6 +137,7 @@ where
         portals: HashMap::new(),
         sql_prepared: HashMap::new(),
         functions: HashMap::new(),
+        decisions: Mutex::default(),
         discarding: false,
         out: Vec::with_capacity(8192),
         capture: s.capture().map(|c| Captured::new(c, Side::Client)),
@@ -536,6 +537,7 @@ struct Up {
     sql_prepared: HashMap<String, (Statement, Option<Arc<MaskSpec>>)>,
     /// Function names by OID (FunctionCall).
     functions: HashMap<u32, String>,
+    decisions: Mutex<Decisions>,
     /// A message was refused: the loop's messages up to `Sync` are dropped.
     discarding: bool,
     /// Bytes for the server, written once per read.
@@ -975,13 +977,66 @@ impl Up {
             ("statement_kind".to_owned(), eff.kind.clone()),
             ("fingerprint".to_owned(), st.fingerprint.clone()),
         ];
-        let judged = self.s.judge(op, &self.shown(&st.text), &attrs).await;
+        let judged = match self.cached(eff) {
+            Some(j) => j,
+            None => {
+                let judged = self.s.judge(op, &self.shown(&st.text), &attrs).await;
+                self.remember(eff, &judged);
+                judged
+            }
+        };
         let event = judged.event(
             EventKind::Op(OpKind::Sql),
             self.shown(&st.normalized),
             attrs,
         );
         (judged, event)
+    }
+
+    /// A decision made earlier for a statement the rules see the same way
+    /// (same kind, tables, writes, functions, settings, flags), under the
+    /// same policy, when no rule reads the text or the parameters. Holds are
+    /// never reused: each `approve` asks again.
+    fn cached(&self, st: &Statement) -> Option<Judged> {
+        let policy = self.s.policy_now();
+        let mut c = self.decisions.lock().ok()?;
+        if !c.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, &policy)) {
+            c.reusable = !policy.conditions_mention("text") && !policy.conditions_mention("params");
+            c.policy = Some(policy);
+            c.by_shape.clear();
+        }
+        if !c.reusable {
+            return None;
+        }
+        let (seen, decision) = c.by_shape.get(&shape_hash(st))?;
+        if !same_shape(seen, st) {
+            return None;
+        }
+        let decision = decision.clone();
+        drop(c);
+        self.s
+            .metrics()
+            .decision(decision.verdict.as_str(), &decision.rule_id);
+        let refused = (decision.verdict == Verdict::Deny).then(|| crate::kinds::Refusal {
+            rule_id: decision.rule_id.clone(),
+            reason: decision.reason.clone(),
+        });
+        Some(Judged { decision, refused })
+    }
+
+    fn remember(&self, st: &Statement, judged: &Judged) {
+        if judged.decision.verdict == Verdict::Approve {
+            return;
+        }
+        if let Ok(mut c) = self.decisions.lock() {
+            if c.reusable && c.policy.is_some() {
+                if c.by_shape.len() >= 1024 {
+                    c.by_shape.clear();
+                }
+                c.by_shape
+                    .insert(shape_hash(st), (st.clone(), judged.decision.clone()));
+            }
+        }
     }
 
     /// What an allowed statement changes in the agent's view of the session.
@@ -1213,6 +1268,43 @@ impl Up {
         self.forward(frame, Some(Expect::Function(Rec::new(event))));
         Ok(())
     }
+}
+
+/// Decisions of a session by statement shape ([`Up::cached`]).
+#[derive(Default)]
+struct Decisions {
+    policy: Option<Arc<crate::policy::Policy>>,
+    reusable: bool,
+    by_shape: HashMap<u64, (Statement, crate::policy::Decision)>,
+}
+
+/// A hash of what the rules see of a statement (not its text).
+fn shape_hash(st: &Statement) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        &st.kind,
+        &st.tables,
+        &st.writes,
+        st.unbounded,
+        &st.functions,
+        st.program,
+        st.server_file,
+        &st.settings,
+    )
+        .hash(&mut h);
+    h.finish()
+}
+
+fn same_shape(a: &Statement, b: &Statement) -> bool {
+    a.kind == b.kind
+        && a.tables == b.tables
+        && a.writes == b.writes
+        && a.unbounded == b.unbounded
+        && a.functions == b.functions
+        && a.program == b.program
+        && a.server_file == b.server_file
+        && a.settings == b.settings
 }
 
 /// The loop's view of a refusal (SQLSTATE 42501).
