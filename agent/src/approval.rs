@@ -60,6 +60,10 @@ pub struct Held {
     /// sees who; grants are per subject).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_subject: Option<String>,
+    /// What a duration grant covers besides the rule (a SQL statement's
+    /// fingerprint: statements of the same shape); `None`: the rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,8 +85,16 @@ pub enum Outcome {
     },
 }
 
-/// (workload, target, rule, JWT subject, session for `grant = "session"`)
-type GrantKey = (String, String, String, Option<String>, Option<Uuid>);
+/// (workload, target, rule, JWT subject, session for `grant = "session"`,
+/// scope for a duration grant)
+type GrantKey = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<Uuid>,
+    Option<String>,
+);
 
 struct Pending {
     held: Held,
@@ -231,9 +243,11 @@ impl Approvals {
             held.rule_id.clone(),
             held.jwt_subject.clone(),
             None,
+            held.scope.clone(),
         );
         let mut session_key = key.clone();
         session_key.4 = Some(held.session_id);
+        session_key.5 = None;
         if let Some(approver) = self
             .active_grant(&key)
             .or_else(|| self.active_grant(&session_key))
@@ -498,6 +512,7 @@ mod tests {
             expires_at: String::new(),
             approvers: Vec::new(),
             jwt_subject: None,
+            scope: None,
         }
     }
 

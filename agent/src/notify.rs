@@ -196,6 +196,7 @@ mod tests {
             expires_at: "2026-01-01T00:05:00Z".into(),
             approvers: vec!["alice".into()],
             jwt_subject: None,
+            scope: None,
         }
     }
 

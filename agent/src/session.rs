@@ -429,7 +429,7 @@ impl Session {
         let refusal = match decision.verdict {
             Verdict::Allow | Verdict::Mask => None,
             Verdict::Deny => Some(decision.reason.clone()),
-            Verdict::Approve => self.hold(&req, &decision, text, attrs).await,
+            Verdict::Approve => self.hold(&req, &decision, text, attrs, None).await,
         };
         match refusal {
             None => Ok(decision),
@@ -469,14 +469,23 @@ impl Session {
     /// but records no event: the handler records the operation's one event
     /// when its result is known ([`Judged::event`]; a SQL statement's rows,
     /// duration and SQLSTATE).
-    pub async fn judge(&self, op: Operation<'_>, text: &str, attrs: &[(String, String)]) -> Judged {
+    pub async fn judge(
+        &self,
+        op: Operation<'_>,
+        text: &str,
+        attrs: &[(String, String)],
+        scope: Option<&str>,
+    ) -> Judged {
         let claims = self.claims();
         let req = self.request(claims.as_deref(), op);
         let decision = self.evaluate(&req);
         let refused = match decision.verdict {
             Verdict::Allow | Verdict::Mask => None,
             Verdict::Deny => Some(decision.reason.clone()),
-            Verdict::Approve => self.hold(&req, &decision, text, attrs.to_vec()).await,
+            Verdict::Approve => {
+                self.hold(&req, &decision, text, attrs.to_vec(), scope)
+                    .await
+            }
         }
         .map(|reason| Refusal {
             rule_id: decision.rule_id.clone(),
@@ -492,6 +501,7 @@ impl Session {
         decision: &Decision,
         text: &str,
         attrs: Vec<(String, String)>,
+        scope: Option<&str>,
     ) -> Option<String> {
         let s = &self.services;
         let spec = decision.approval.clone().unwrap_or(ApprovalSpec {
@@ -513,6 +523,7 @@ impl Session {
             expires_at: String::new(),
             approvers: Vec::new(),
             jwt_subject: req.jwt_subject().map(str::to_owned),
+            scope: scope.map(str::to_owned),
         };
         // Held requests end early when the loop hangs up (no grant is
         // created for a loop that is gone) or the agent shuts down.

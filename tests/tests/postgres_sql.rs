@@ -43,6 +43,7 @@ fn agent_with(name: &str, pg: &PgServer, extra_policy: &str) -> (Agent, tempfile
                 "[[rules]]\nid = \"no-secret-schema\"\ntargets = [\"orders-db\"]\nwhen = \"sql.tables.exists(t, t.startsWith('secret.'))\"\naction = \"deny\"\nreason = \"the secret schema is off limits\"\n",
             )
             .policy("extra.toml", extra_policy)
+            .raw("\n[[approvers]]\nname = \"ops\"\nuid = 0\n")
             .raw(&format!(
                 "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
                 pg.addr,
@@ -874,4 +875,73 @@ except psycopg2.errors.QueryCanceled:
         &[&pg.addr.ip().to_string(), &pg.addr.port().to_string()],
     );
     assert_eq!(stdout(&out), "cancelled\n", "{}", stderr(&out));
+}
+
+/// `approve` holds one statement: the loop waits, an approver sees the
+/// statement as written, and the session goes on after an approval, a
+/// refusal or a timeout (the refusal is 42501 with the reason). A duration
+/// grant covers statements of the same shape only.
+#[test]
+fn a_held_statement_waits_for_a_person_and_the_session_goes_on() {
+    let pg = server("127.10.6.8");
+    let (agent, _dir) = agent_with(
+        "pghold",
+        &pg,
+        "[[rules]]\nid = \"hold-deletes\"\ntargets = [\"orders-db\"]\nkinds = [\"sql\"]\nwhen = \"sql.kind == 'delete'\"\naction = \"approve\"\napproval_timeout = \"3s\"\ngrant = \"10m\"\nreason = \"deletes need a person\"\n",
+    );
+    let conn = conninfo(&pg);
+    let run = |delete: &str| {
+        agent.spawn_exec(
+            "report-bot",
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "psql -X -w -At -d '{conn}' -c \"{delete}\" -c 'SELECT count(*) FROM orders' 2>&1"
+                ),
+            ],
+        )
+    };
+    let output = |c: std::process::Child| {
+        String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).into_owned()
+    };
+    // Approved: the DELETE runs, then the SELECT.
+    let child = run("DELETE FROM orders WHERE id = 1");
+    let held = agent.wait_approval();
+    assert!(
+        held["rule_id"].as_str().unwrap().ends_with("hold-deletes"),
+        "{held}"
+    );
+    assert_eq!(held["request"], "DELETE FROM orders WHERE id = 1");
+    assert_eq!(count(&pg), "3", "a held statement waits");
+    let id = held["approval_id"].as_str().unwrap().to_owned();
+    assert!(agent.cli(&["approvals", "approve", &id]).status.success());
+    assert_eq!(output(child), "DELETE 1\n2\n");
+    // Within the 10-minute grant: the same shape is not held again.
+    assert_eq!(
+        output(run("DELETE FROM orders WHERE id = 2")),
+        "DELETE 1\n1\n"
+    );
+    // Another shape is: refused by the approver, 42501 with the reason;
+    // the session goes on.
+    let child = run("DELETE FROM orders WHERE id = 3 AND email IS NULL");
+    let id = agent.wait_approval_id();
+    assert!(agent
+        .cli(&["approvals", "deny", &id, "--reason", "not now"])
+        .status
+        .success());
+    let out = output(child);
+    assert!(
+        out.contains("ERROR:  loopgate: statement refused by rule")
+            && out.contains("approval denied by ops: not now")
+            && out.ends_with("1\n"),
+        "{out}"
+    );
+    // Nobody answers: refused when the approval times out.
+    let out = output(run("DELETE FROM orders WHERE id = 3 AND email IS NULL"));
+    assert!(
+        out.contains("no approval within 3s") && out.ends_with("1\n"),
+        "{out}"
+    );
+    assert_eq!(count(&pg), "1");
 }

@@ -844,6 +844,9 @@ impl Bench {
         if let Some(pw) = pw {
             cmd.env("PGPASSWORD", pw);
         }
+        // Plain on every side (the agent would answer TLS, the server and
+        // PgBouncer here would not).
+        cmd.env("PGSSLMODE", "disable");
         let out = cmd.output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {

@@ -980,7 +980,12 @@ impl Up {
         let judged = match self.cached(eff) {
             Some(j) => j,
             None => {
-                let judged = self.s.judge(op, &self.shown(&st.text), &attrs).await;
+                // A duration grant covers statements of this shape only.
+                let scope = format!("fingerprint:{}", st.fingerprint);
+                let judged = self
+                    .s
+                    .judge(op, &self.shown(&st.text), &attrs, Some(&scope))
+                    .await;
                 self.remember(eff, &judged);
                 judged
             }
