@@ -945,3 +945,68 @@ fn a_held_statement_waits_for_a_person_and_the_session_goes_on() {
     );
     assert_eq!(count(&pg), "1");
 }
+
+/// Nothing is dropped: 100,000 statements from pgbench (4 clients,
+/// prepared) are each one `sql` event in ClickHouse.
+#[test]
+fn a_hundred_thousand_statements_are_each_recorded_in_clickhouse() {
+    let ch = ClickHouse::start();
+    let pg = server("127.10.6.9");
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "pgbench", "-i", "-q", "-s", "1"])
+        .args(["-h", &pg.socket_dir(), "-p", &pg.addr.port().to_string()])
+        .arg("postgres")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    pg.admin("GRANT SELECT ON pgbench_accounts, pgbench_branches TO app");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("orders-db");
+    std::fs::write(&pw, format!("{STORED}\n")).unwrap();
+    let agent = Agent::start(
+        AgentSpec::new("pg100k")
+            .policy("default.toml", SHIPPED_DEFAULT)
+            .policy("postgres.toml", SHIPPED_SQL)
+            .raw(&format!(
+                "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
+                pg.addr,
+                pw.display()
+            ))
+            .clickhouse(&ch, ""),
+    );
+    let host = pg.addr.ip().to_string();
+    let port = pg.addr.port().to_string();
+    let out = agent.exec(
+        "report-bot",
+        &[
+            "pgbench",
+            "-n",
+            "-S",
+            "-M",
+            "prepared",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-t",
+            "25000",
+            "-h",
+            &host,
+            "-p",
+            &port,
+            "-U",
+            "loop-user",
+            "postgres",
+        ],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        text.contains("number of transactions actually processed: 100000/100000"),
+        "{text}"
+    );
+    let selects = "SELECT count() FROM loopgate.events FINAL WHERE kind = 'sql' \
+                   AND request = 'SELECT abalance FROM pgbench_accounts WHERE aid = $1' \
+                   AND has(attr_values, 'ok')";
+    ch.wait_count(selects, 100_000, 240);
+    assert_eq!(ch.count(selects), 100_000);
+}
