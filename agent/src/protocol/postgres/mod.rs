@@ -453,14 +453,19 @@ impl Conn {
                     let Some((upstream, (bpid, bsecret))) = self.pool.resolve((pid, secret)) else {
                         return Ok(None);
                     };
-                    let mut up =
-                        crate::session::connect(upstream, self.s.connect_timeout()).await?;
-                    let mut msg = Vec::with_capacity(16);
-                    msg.extend_from_slice(&16i32.to_be_bytes());
-                    msg.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
-                    msg.extend_from_slice(&bpid.to_be_bytes());
-                    msg.extend_from_slice(&bsecret.to_be_bytes());
-                    up.write_all(&msg).await.map_err(up_io)?;
+                    let sent = async {
+                        let mut up =
+                            crate::session::connect(upstream, self.s.connect_timeout()).await?;
+                        let mut msg = Vec::with_capacity(16);
+                        msg.extend_from_slice(&16i32.to_be_bytes());
+                        msg.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
+                        msg.extend_from_slice(&bpid.to_be_bytes());
+                        msg.extend_from_slice(&bsecret.to_be_bytes());
+                        up.write_all(&msg).await.map_err(up_io)
+                    }
+                    .await;
+                    self.pool.cancel_sent((bpid, bsecret));
+                    sent?;
                     return Ok(None);
                 }
                 PROTOCOL_3 => break parse_params(&body[4..])?,

@@ -63,11 +63,20 @@ struct Idle {
     since: Instant,
 }
 
+/// Live loop keys, and the cancels on their way to a server connection
+/// (by its real key): a connection is not reset for the next loop while
+/// one is in flight.
+#[derive(Default)]
+struct Keys {
+    live: HashMap<CancelKey, (SocketAddr, CancelKey)>,
+    cancelling: HashMap<CancelKey, usize>,
+}
+
 /// The pool and the cancel keys of one handler.
 #[derive(Default)]
 pub(super) struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
-    keys: Mutex<HashMap<CancelKey, (SocketAddr, CancelKey)>>,
+    keys: Mutex<Keys>,
 }
 
 /// How long the reset may take.
@@ -100,6 +109,15 @@ impl Pool {
     ) {
         if max == 0 || login.born.elapsed() >= MAX_LIFETIME {
             return;
+        }
+        // A cancel of the last loop's query may still be on its way.
+        let mut waited = Duration::ZERO;
+        while self.cancelling(login.backend) {
+            if waited > RESET_TIMEOUT {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += Duration::from_millis(10);
         }
         let ok = match &mut login.conn {
             ServerConn::Plain(s) => reset(s).await,
@@ -148,7 +166,8 @@ impl Pool {
     /// A cancel key for a loop session holding the server connection whose
     /// real key is `backend` at `upstream`.
     pub fn issue_key(&self, upstream: SocketAddr, backend: (i32, i32)) -> (i32, i32) {
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = &mut guard.live;
         loop {
             let mut b = [0u8; 8];
             if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
@@ -166,14 +185,38 @@ impl Pool {
         }
     }
 
-    /// Where a loop's cancel key leads, if it is live.
-    pub fn resolve(&self, key: (i32, i32)) -> Option<(SocketAddr, (i32, i32))> {
-        self.keys.lock().ok()?.get(&key).copied()
+    /// Where a loop's cancel key leads, if it is live; the cancel counts as
+    /// in flight until [`Pool::cancel_sent`] (checked and counted under one
+    /// lock with [`Pool::retire_key`], so a session that ends meanwhile waits
+    /// for it before its connection is reset for another loop).
+    pub fn resolve(&self, key: CancelKey) -> Option<(SocketAddr, CancelKey)> {
+        let mut k = self.keys.lock().ok()?;
+        let (addr, backend) = *k.live.get(&key)?;
+        *k.cancelling.entry(backend).or_default() += 1;
+        Some((addr, backend))
     }
 
-    pub fn retire_key(&self, key: (i32, i32)) {
-        if let Ok(mut keys) = self.keys.lock() {
-            keys.remove(&key);
+    pub fn cancel_sent(&self, backend: CancelKey) {
+        if let Ok(mut k) = self.keys.lock() {
+            if let Some(n) = k.cancelling.get_mut(&backend) {
+                *n -= 1;
+                if *n == 0 {
+                    k.cancelling.remove(&backend);
+                }
+            }
+        }
+    }
+
+    fn cancelling(&self, backend: CancelKey) -> bool {
+        self.keys
+            .lock()
+            .map(|k| k.cancelling.contains_key(&backend))
+            .unwrap_or(true)
+    }
+
+    pub fn retire_key(&self, key: CancelKey) {
+        if let Ok(mut k) = self.keys.lock() {
+            k.live.remove(&key);
         }
     }
 }
