@@ -580,6 +580,13 @@ s.sendall(parse("SELECT 1/count(*) FROM orders WHERE false") + bind + execute + 
 print(read_until_ready(), end=" ")
 s.sendall(msg(b"Q", cstr("DROP TABLE orders")) + msg(b"Q", cstr("SELECT 2")))
 print(read_until_ready(), read_until_ready())
+# A Parse the server refuses creates nothing: the same name parsed again
+# is the statement that runs (and that the record names).
+s.sendall(msg(b"P", cstr("s") + cstr("SELECT * FROM no_such_table") + struct.pack("!h", 0)) + sync)
+print(read_until_ready(), end=" ")
+s.sendall(msg(b"P", cstr("s") + cstr("SELECT id FROM orders WHERE id = 1") + struct.pack("!h", 0))
+          + msg(b"B", cstr("") + cstr("s") + struct.pack("!hhh", 0, 0, 0)) + execute + sync)
+print(read_until_ready())
 s.sendall(msg(b"p", b"garbage\0"))
 print(read_until_ready())
 "#,
@@ -588,7 +595,7 @@ print(read_until_ready())
     let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
     assert_eq!(
         lines.len(),
-        6,
+        7,
         "{}\n{}\n{}",
         stdout(&out),
         stderr(&out),
@@ -609,7 +616,11 @@ print(read_until_ready())
         lines[4],
         "['1', '2', 'E22012', 'Z'] ['E42501', 'Z'] ['T', 'D', 'C:SELECT 1', 'Z']"
     );
-    assert_eq!(lines[5], "['E08P01', 'EOF']");
+    assert_eq!(
+        lines[5],
+        "['E42P01', 'Z'] ['1', '2', 'D', 'C:SELECT 1', 'Z']"
+    );
+    assert_eq!(lines[6], "['E08P01', 'EOF']");
     assert_eq!(count(&pg), "4");
     // Other sessions are unaffected.
     let (ok, out) = psql(&agent, &pg, "SELECT count(*) FROM orders");
@@ -618,6 +629,11 @@ print(read_until_ready())
         s.len() == 2 && s.iter().all(|r| r["outcome"] != "open")
     });
     assert!(s.iter().any(|r| r["outcome"] == "client_error"), "{s:#?}");
+    let ran = |e: &Value| {
+        e["request"] == "SELECT id FROM orders WHERE id = $1" && e["attrs"]["result"] == "ok"
+    };
+    let ev = agent_events_when(&agent, |ev| ev.iter().any(ran));
+    assert!(ev.iter().any(ran), "{ev:#?}");
 }
 
 /// A loop that asks for TLS gets it, with a certificate for the target's

@@ -237,6 +237,8 @@ struct Track {
     stop: bool,
     /// The server closed its side (or sent a FATAL error).
     server_gone: bool,
+    /// Parses the server refused or skipped, for the loop's half to undo.
+    undo: Vec<Undo>,
     /// The last server message was ReadyForQuery and the loop has sent
     /// nothing since (the connection is idle for certain).
     settled: bool,
@@ -248,7 +250,8 @@ struct Track {
 
 /// What the server owes for one message, or an answer of the agent's own.
 enum Expect {
-    Parse,
+    /// What to undo in the agent's map if the server refuses it.
+    Parse(Option<Undo>),
     Bind,
     /// Fills the described statement's fields (for masking its results).
     Describe(Option<Slot>),
@@ -281,6 +284,14 @@ impl Expect {
             Expect::Sync | Expect::Query(_) | Expect::Function(_) | Expect::Lookup { .. }
         )
     }
+}
+
+/// A Parse the agent entered in its map before the server answered: if the
+/// server refuses (or skips) it, the map goes back to what it was.
+struct Undo {
+    name: String,
+    new: Arc<Prepared>,
+    previous: Option<Arc<Prepared>>,
 }
 
 /// A prepared statement's result fields, once a Describe has answered.
@@ -656,7 +667,23 @@ impl Up {
             Err(e) => return Err(self.fatal(e.sqlstate(), &format!("loopgate: {e}"))),
         };
         self.room().await;
-        let copy_in = self.shared.lock().copy_in;
+        let copy_in = {
+            let mut t = self.shared.lock();
+            // Parses the server refused: the map as it was before them.
+            for u in std::mem::take(&mut t.undo).into_iter().rev() {
+                if self
+                    .prepared
+                    .get(&u.name)
+                    .is_some_and(|p| Arc::ptr_eq(p, &u.new))
+                {
+                    match u.previous {
+                        Some(p) => self.prepared.insert(u.name, p),
+                        None => self.prepared.remove(&u.name),
+                    };
+                }
+            }
+            t.copy_in
+        };
         if copy_in && !matches!(msg, Front::Copy | Front::Sync | Front::Flush) {
             return Err(self.fatal(
                 "08P01",
@@ -714,7 +741,7 @@ impl Up {
             }
             Front::Execute { portal } => {
                 let mut masking = None;
-                let known = self.portals.get(portal).and_then(|p| {
+                let known: Option<Event> = self.portals.get(portal).and_then(|p| {
                     let prepared = p.prepared.as_ref()?;
                     let mut event = prepared.event.clone()?;
                     if !p.params.is_empty() {
@@ -725,6 +752,7 @@ impl Up {
                     }
                     Some(event)
                 });
+                let placed = known.is_some();
                 // Every execution is recorded, even of a portal the agent
                 // does not know (the server will say it does not exist).
                 let event = known.unwrap_or_else(|| {
@@ -742,8 +770,9 @@ impl Up {
                         rec.formats = formats;
                     }
                     // A portal the agent did not see bound (a cursor
-                    // DECLAREd in SQL): every column hidden when masks apply.
-                    None if !self.portals.contains_key(portal) => {
+                    // DECLAREd in SQL), or bound to a statement it cannot
+                    // place: every column hidden when masks apply.
+                    None if !placed => {
                         rec.mask = self.fallback_mask.clone();
                     }
                     None => {}
@@ -1182,20 +1211,24 @@ impl Up {
             }
         };
         // A name in use is the server's error: it keeps the first.
+        let mut undo = None;
         if name.is_empty() || !self.prepared.contains_key(name) {
-            self.prepared.insert(
-                name.to_owned(),
-                Arc::new(Prepared {
-                    event,
-                    query: query.to_owned(),
-                    statement,
-                    schemas: self.schemas.len(),
-                    mask,
-                    fields: Slot::default(),
-                }),
-            );
+            let new = Arc::new(Prepared {
+                event,
+                query: query.to_owned(),
+                statement,
+                schemas: self.schemas.len(),
+                mask,
+                fields: Slot::default(),
+            });
+            let previous = self.prepared.insert(name.to_owned(), new.clone());
+            undo = Some(Undo {
+                name: name.to_owned(),
+                new,
+                previous,
+            });
         }
-        self.forward(frame, Some(Expect::Parse));
+        self.forward(frame, Some(Expect::Parse(undo)));
     }
 
     async fn function_call<W: AsyncWrite + Unpin>(
@@ -1478,8 +1511,9 @@ fn drain(t: &mut Track, out: &mut Vec<u8>) {
 
 /// Takes an entry off the queue that will get no answer: its record says
 /// it did not run, and a lookup learns nothing.
-fn unanswered(e: Expect, events: &mut Vec<Event>) {
+fn unanswered(e: Expect, events: &mut Vec<Event>, undo: &mut Vec<Undo>) {
     match e {
+        Expect::Parse(Some(u)) => undo.push(u),
         Expect::Query(recs) => {
             events.extend(recs.into_iter().map(|r| r.finish("not_run", None, None)))
         }
@@ -1550,7 +1584,11 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
                             None => r.finish("ok", None, None),
                         });
                     }
-                    other => unanswered(other, events),
+                    other => {
+                        let mut undo = std::mem::take(&mut t.undo);
+                        unanswered(other, events, &mut undo);
+                        t.undo = undo;
+                    }
                 }
                 if done {
                     break;
@@ -1595,8 +1633,13 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
                 Some(_) => {
                     // The extended protocol: this message failed, and the
                     // server ignores everything up to the next Sync.
-                    if let Some(Expect::Execute(Some(r))) = t.pending.pop_front() {
-                        events.push(r.finish("error", None, code.as_deref()));
+                    match t.pending.pop_front() {
+                        Some(Expect::Execute(Some(r))) => {
+                            events.push(r.finish("error", None, code.as_deref()))
+                        }
+                        // The server did not create it.
+                        Some(Expect::Parse(Some(u))) => t.undo.push(u),
+                        _ => {}
                     }
                     t.skipping = true;
                     t.copy_in = false;
@@ -1606,14 +1649,16 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
                         .is_some_and(|e| !matches!(e, Expect::Sync))
                     {
                         if let Some(e) = t.pending.pop_front() {
-                            unanswered(e, events);
+                            let mut undo = std::mem::take(&mut t.undo);
+                            unanswered(e, events, &mut undo);
+                            t.undo = undo;
                         }
                     }
                 }
                 None => {}
             }
         }
-        b'1' => pop_if(t, |e| matches!(e, Expect::Parse)),
+        b'1' => pop_if(t, |e| matches!(e, Expect::Parse(_))),
         b'2' => pop_if(t, |e| matches!(e, Expect::Bind)),
         b'3' => pop_if(t, |e| matches!(e, Expect::Close)),
         b'n' => pop_if(t, |e| matches!(e, Expect::Describe(_))),
@@ -1822,7 +1867,7 @@ pub(super) fn replay_server(expects: &[u8], data: &[u8]) -> (Vec<u8>, usize, usi
     };
     for b in expects {
         t.pending.push_back(match b % 10 {
-            0 => Expect::Parse,
+            0 => Expect::Parse(None),
             1 => Expect::Bind,
             2 => Expect::Describe(None),
             3 => Expect::Close,
