@@ -445,11 +445,6 @@ impl Session {
         self.services.policy.current()
     }
 
-    /// Whether a rule of the current policy names `word` in its condition.
-    pub fn rules_mention(&self, word: &str) -> bool {
-        self.services.policy.current().conditions_mention(word)
-    }
-
     /// The policy's decision on `op`, counted but neither recorded nor held
     /// (a second look at an operation already judged, with more attributes).
     pub fn verdict(&self, op: Operation<'_>) -> Decision {

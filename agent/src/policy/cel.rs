@@ -196,18 +196,7 @@ impl Condition {
                 host: Some("sample.invalid"),
                 headers: None,
             }),
-            Some(OpKind::Sql) => Operation::Sql(super::SqlOp {
-                kind: "select",
-                tables: &[],
-                writes: &[],
-                unbounded: false,
-                functions: &[],
-                program: false,
-                server_file: false,
-                settings: &[],
-                text: "select 1",
-                params: &[],
-            }),
+            Some(OpKind::Sql) => Operation::Sql(super::SqlOp::SELECT),
             _ => Operation::Connect,
         };
         let sample = Request {

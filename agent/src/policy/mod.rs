@@ -157,6 +157,23 @@ pub struct SqlOp<'a> {
 /// What a decision is about: the session, or one operation inside it. Each
 /// protocol that inspects its sessions adds its variant (and an
 /// [`OpKind`]).
+impl SqlOp<'static> {
+    /// A plain SELECT with no attributes: a sample for checking
+    /// conditions, and what a session's results are masked with by default.
+    pub const SELECT: SqlOp<'static> = SqlOp {
+        kind: "select",
+        tables: &[],
+        writes: &[],
+        unbounded: false,
+        functions: &[],
+        program: false,
+        server_file: false,
+        settings: &[],
+        text: "select 1",
+        params: &[],
+    };
+}
+
 #[derive(Debug, Clone, Copy)]
 pub enum Operation<'a> {
     /// Opening the session (once per connection).

@@ -698,18 +698,7 @@ fn the_shipped_sql_guardrails_refuse_what_they_name_and_nothing_else() {
             protocol: Protocol::Postgres,
             target: "orders-db",
             workload: "etl",
-            op: Operation::Sql(SqlOp {
-                kind: &st.kind,
-                tables: &st.tables,
-                writes: &st.writes,
-                unbounded: st.unbounded,
-                functions: &st.functions,
-                program: st.program,
-                server_file: st.server_file,
-                settings: &st.settings,
-                text: &st.text,
-                params: &[],
-            }),
+            op: Operation::Sql(st.op(&st.text, &[])),
             ..Default::default()
         };
         let d = p.evaluate(&r, None);

@@ -96,18 +96,7 @@ where
     // The login ended with ReadyForQuery, idle. Whether this session's
     // results are masked at all: the mask of a plain SELECT.
     let default_mask = {
-        let d = s.verdict(Operation::Sql(SqlOp {
-            kind: "select",
-            tables: &[],
-            writes: &[],
-            unbounded: false,
-            functions: &[],
-            program: false,
-            server_file: false,
-            settings: &[],
-            text: "",
-            params: &[],
-        }));
+        let d = s.verdict(Operation::Sql(SqlOp::SELECT));
         (!d.mask.is_empty()).then(|| start.masks.get(&d.mask))
     };
     {
@@ -866,7 +855,7 @@ impl Up {
             return Ok(());
         };
         // Only rules that read the parameters can decide otherwise now.
-        if params.is_empty() || !self.s.rules_mention("params") {
+        if params.is_empty() || !self.decisions_now().is_some_and(|c| c.reads_params) {
             return Ok(());
         }
         let values: Vec<String> = params
@@ -874,18 +863,7 @@ impl Up {
             .map(|v| v.clone().unwrap_or_default())
             .collect();
         let eff = self.effective(st);
-        let op = Operation::Sql(SqlOp {
-            kind: &eff.kind,
-            tables: &eff.tables,
-            writes: &eff.writes,
-            unbounded: eff.unbounded,
-            functions: &eff.functions,
-            program: eff.program,
-            server_file: eff.server_file,
-            settings: &eff.settings,
-            text: &st.text,
-            params: &values,
-        });
+        let op = Operation::Sql(eff.op(&st.text, &values));
         let d = self.s.verdict(op);
         if d.verdict == Verdict::Deny {
             let mut event = self.event_of(st, &d.reason);
@@ -988,18 +966,7 @@ impl Up {
             );
             return (judged, event);
         }
-        let op = Operation::Sql(SqlOp {
-            kind: &eff.kind,
-            tables: &eff.tables,
-            writes: &eff.writes,
-            unbounded: eff.unbounded,
-            functions: &eff.functions,
-            program: eff.program,
-            server_file: eff.server_file,
-            settings: &eff.settings,
-            text: &st.text,
-            params: &[],
-        });
+        let op = Operation::Sql(eff.op(&st.text, &[]));
         // An approver sees the statement as written (secrets masked); the
         // audit gets it with its constants replaced.
         let attrs = vec![
@@ -1027,18 +994,27 @@ impl Up {
         (judged, event)
     }
 
+    /// The session's decisions, emptied when the policy changed, with what
+    /// the policy's conditions read (checked once per policy, not per
+    /// statement).
+    fn decisions_now(&self) -> Option<MutexGuard<'_, Decisions>> {
+        let policy = self.s.policy_now();
+        let mut c = self.decisions.lock().ok()?;
+        if !c.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, &policy)) {
+            c.reads_params = policy.conditions_mention("params");
+            c.reusable = !policy.conditions_mention("text") && !c.reads_params;
+            c.policy = Some(policy);
+            c.by_shape.clear();
+        }
+        Some(c)
+    }
+
     /// A decision made earlier for a statement the rules see the same way
     /// (same kind, tables, writes, functions, settings, flags), under the
     /// same policy, when no rule reads the text or the parameters. Holds are
     /// never reused: each `approve` asks again.
     fn cached(&self, st: &Statement) -> Option<Judged> {
-        let policy = self.s.policy_now();
-        let mut c = self.decisions.lock().ok()?;
-        if !c.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, &policy)) {
-            c.reusable = !policy.conditions_mention("text") && !policy.conditions_mention("params");
-            c.policy = Some(policy);
-            c.by_shape.clear();
-        }
+        let c = self.decisions_now()?;
         if !c.reusable {
             return None;
         }
@@ -1282,17 +1258,7 @@ impl Up {
             kind: "select".into(),
             functions: vec![name.clone()],
             normalized: format!("SELECT {name}(...)"),
-            fingerprint: String::new(),
-            tables: Vec::new(),
-            writes: Vec::new(),
-            unbounded: false,
-            program: false,
-            server_file: false,
-            settings: Vec::new(),
-            search_path: None,
-            prepares: None,
-            executes: None,
-            deallocates: None,
+            ..Statement::default()
         };
         let (judged, mut event) = self.judge(&st).await;
         event.attrs.push(("function_oid".into(), oid.to_string()));
@@ -1313,6 +1279,8 @@ impl Up {
 struct Decisions {
     policy: Option<Arc<crate::policy::Policy>>,
     reusable: bool,
+    /// A condition names the bound parameters.
+    reads_params: bool,
     by_shape: HashMap<u64, (Statement, crate::policy::Decision)>,
 }
 

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 /// One statement of a query string.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Statement {
     /// This statement's text, as the loop wrote it.
     pub text: String,
@@ -76,6 +76,26 @@ pub struct Statement {
     /// What the server would run the same way whatever the constants
     /// (pg_query's fingerprint, hex).
     pub fingerprint: String,
+}
+
+impl Statement {
+    /// The operation the rules judge: this statement's attributes, with
+    /// `text` (the statement as the loop wrote it, or the EXECUTE that runs
+    /// it) and bound `params`.
+    pub fn op<'a>(&'a self, text: &'a str, params: &'a [String]) -> crate::policy::SqlOp<'a> {
+        crate::policy::SqlOp {
+            kind: &self.kind,
+            tables: &self.tables,
+            writes: &self.writes,
+            unbounded: self.unbounded,
+            functions: &self.functions,
+            program: self.program,
+            server_file: self.server_file,
+            settings: &self.settings,
+            text,
+            params,
+        }
+    }
 }
 
 /// Why a query string was not classified.
