@@ -31,11 +31,16 @@ fn agent(name: &str, pg: &PgServer) -> (Agent, tempfile::TempDir) {
 
 /// [`agent`] with one more policy file.
 fn agent_with(name: &str, pg: &PgServer, extra_policy: &str) -> (Agent, tempfile::TempDir) {
+    let (spec, dir) = agent_spec(name, pg, extra_policy);
+    (Agent::start(spec), dir)
+}
+
+/// The spec of [`agent_with`] (the stored password lives in the dir).
+fn agent_spec(name: &str, pg: &PgServer, extra_policy: &str) -> (AgentSpec, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("orders-db");
     std::fs::write(&pw, format!("{STORED}\n")).unwrap();
-    let agent = Agent::start(
-        AgentSpec::new(name)
+    let spec = AgentSpec::new(name)
             .policy("default.toml", SHIPPED_DEFAULT)
             .policy("postgres.toml", SHIPPED_SQL)
             .policy(
@@ -48,9 +53,8 @@ fn agent_with(name: &str, pg: &PgServer, extra_policy: &str) -> (Agent, tempfile
                 "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
                 pg.addr,
                 pw.display()
-            )),
-    );
-    (agent, dir)
+            ));
+    (spec, dir)
 }
 
 fn conninfo(pg: &PgServer) -> String {
@@ -63,11 +67,17 @@ fn conninfo(pg: &PgServer) -> String {
 
 /// psql as the loop: `-c` text, or a script on stdin (`-f -`).
 fn psql(agent: &Agent, pg: &PgServer, sql: &str) -> (bool, String) {
-    let conn = conninfo(pg);
-    let out = agent.exec(
-        "report-bot",
-        &["psql", "-X", "-w", "-At", "-d", &conn, "-c", sql],
-    );
+    psql_conn(agent, &conninfo(pg), &[sql])
+}
+
+/// psql as the loop on `conn`, one `-c` per command (each reaches the
+/// server as it is); whether it succeeded, and stdout then stderr.
+fn psql_conn(agent: &Agent, conn: &str, commands: &[&str]) -> (bool, String) {
+    let mut args = vec!["psql", "-X", "-w", "-At", "-d", conn];
+    for c in commands {
+        args.extend_from_slice(&["-c", c]);
+    }
+    let out = agent.exec("report-bot", &args);
     (
         out.status.success(),
         format!("{}{}", stdout(&out), stderr(&out)),
@@ -205,47 +215,22 @@ fn psql_statements_are_judged_one_by_one_and_refusals_leave_the_session_usable()
         "{out}"
     );
     let conn = format!("{} options='-c search_path=secret'", conninfo(&pg));
-    let o = agent.exec(
-        "report-bot",
-        &[
-            "psql",
-            "-X",
-            "-w",
-            "-At",
-            "-d",
-            &conn,
-            "-c",
-            "SELECT t FROM notes",
-        ],
-    );
-    let out = format!("{}{}", stdout(&o), stderr(&o));
-    assert!(
-        !o.status.success() && out.contains("no-secret-schema"),
-        "{out}"
-    );
+    let (ok, out) = psql_conn(&agent, &conn, &["SELECT t FROM notes"]);
+    assert!(!ok && out.contains("no-secret-schema"), "{out}");
 
     // Text the server could read otherwise than the agent: with
     // standard_conforming_strings off, `\'` ends no string, and the DROP
     // hidden in a literal would run.
     // (psql splits a script itself, knowing the setting; two -c strings
     // reach the server as they are.)
-    let conn = conninfo(&pg);
-    let o = agent.exec(
-        "report-bot",
+    let (_, out) = psql_conn(
+        &agent,
+        &conninfo(&pg),
         &[
-            "psql",
-            "-X",
-            "-w",
-            "-At",
-            "-d",
-            &conn,
-            "-c",
             "SET standard_conforming_strings = off",
-            "-c",
             "SELECT 'a\\' , ' ; DROP TABLE orders; --'",
         ],
     );
-    let out = format!("{}{}", stdout(&o), stderr(&o));
     assert!(
         out.contains("ERROR:  loopgate: this text means different statements"),
         "{out}"
@@ -254,22 +239,9 @@ fn psql_statements_are_judged_one_by_one_and_refusals_leave_the_session_usable()
     // Start-up settings are an allow-list: a role there would start the
     // session as another role.
     let conn = format!("{} options='-c role=postgres'", conninfo(&pg));
-    let o = agent.exec(
-        "report-bot",
-        &[
-            "psql",
-            "-X",
-            "-w",
-            "-At",
-            "-d",
-            &conn,
-            "-c",
-            "SELECT current_user",
-        ],
-    );
-    let out = format!("{}{}", stdout(&o), stderr(&o));
+    let (ok, out) = psql_conn(&agent, &conn, &["SELECT current_user"]);
     assert!(
-        !o.status.success() && out.contains("setting role is not allowed at start-up"),
+        !ok && out.contains("setting role is not allowed at start-up"),
         "{out}"
     );
 
@@ -450,13 +422,7 @@ fn pgbench_runs_in_every_query_mode_and_each_statement_is_recorded() {
     let pg = server("127.10.6.3");
     // Initialised directly: `pgbench -i` drops and truncates, which the
     // guardrails refuse.
-    let out = std::process::Command::new("runuser")
-        .args(["-u", "postgres", "--", "pgbench", "-i", "-q", "-s", "1"])
-        .args(["-h", &pg.socket_dir(), "-p", &pg.addr.port().to_string()])
-        .arg("postgres")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    pg.pgbench_init(1);
     pg.admin(
         "GRANT ALL ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app",
     );
@@ -671,12 +637,7 @@ fn loops_that_ask_for_tls_get_a_certificate_from_the_agents_ca() {
             conninfo(&pg),
             rootcert.display()
         );
-        let mut args = vec!["psql", "-X", "-w", "-At", "-d", conn.as_str()];
-        for s in sql {
-            args.extend_from_slice(&["-c", s]);
-        }
-        let o = agent.exec("report-bot", &args);
-        (o.status.success(), format!("{}{}", stdout(&o), stderr(&o)))
+        psql_conn(&agent, &conn, sql)
     };
     let (ok, out) = run(
         "verify-full",
@@ -968,28 +929,10 @@ fn a_held_statement_waits_for_a_person_and_the_session_goes_on() {
 fn a_hundred_thousand_statements_are_each_recorded_in_clickhouse() {
     let ch = ClickHouse::start();
     let pg = server("127.10.6.9");
-    let out = std::process::Command::new("runuser")
-        .args(["-u", "postgres", "--", "pgbench", "-i", "-q", "-s", "1"])
-        .args(["-h", &pg.socket_dir(), "-p", &pg.addr.port().to_string()])
-        .arg("postgres")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    pg.pgbench_init(1);
     pg.admin("GRANT SELECT ON pgbench_accounts, pgbench_branches TO app");
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("orders-db");
-    std::fs::write(&pw, format!("{STORED}\n")).unwrap();
-    let agent = Agent::start(
-        AgentSpec::new("pg100k")
-            .policy("default.toml", SHIPPED_DEFAULT)
-            .policy("postgres.toml", SHIPPED_SQL)
-            .raw(&format!(
-                "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
-                pg.addr,
-                pw.display()
-            ))
-            .clickhouse(&ch, ""),
-    );
+    let (spec, _dir) = agent_spec("pg100k", &pg, "");
+    let agent = Agent::start(spec.clickhouse(&ch, ""));
     let host = pg.addr.ip().to_string();
     let port = pg.addr.port().to_string();
     let out = agent.exec(

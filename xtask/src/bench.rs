@@ -719,20 +719,7 @@ pub fn postgres(conns: usize) -> Result<()> {
     // simple and prepared, against PgBouncer in transaction pooling (1.18
     // has no prepared statements in that mode: session pooling there).
     let scale = 10;
-    let out = Command::new("runuser")
-        .args(["-u", "postgres", "--", "pgbench", "-i", "-q", "-s"])
-        .arg(scale.to_string())
-        .args([
-            "-h",
-            &pg.socket_dir(),
-            "-p",
-            &server.port().to_string(),
-            "postgres",
-        ])
-        .output()?;
-    if !out.status.success() {
-        bail!("pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    pg.pgbench_init(scale);
     pg.admin(
         "GRANT ALL ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app",
     );

@@ -188,6 +188,28 @@ impl PgServer {
         self.dir.path().display().to_string()
     }
 
+    /// `pgbench -i -s SCALE` as the `postgres` superuser (the tables
+    /// pgbench's scripts use, in database `postgres`).
+    pub fn pgbench_init(&self, scale: u32) {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--", "pgbench", "-i", "-q", "-s"])
+            .arg(scale.to_string())
+            .args([
+                "-h",
+                &self.socket_dir(),
+                "-p",
+                &self.addr.port().to_string(),
+            ])
+            .arg("postgres")
+            .output()
+            .expect("pgbench");
+        assert!(
+            out.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs SQL as the `postgres` superuser over the unix socket.
     pub fn admin(&self, sql: &str) -> String {
         let out = Command::new("runuser")
