@@ -135,7 +135,7 @@ pub fn target_secrets(cfg: &Config) -> Result<Vec<Secret>, SecretError> {
 }
 
 /// A target's stored credential, as its handler uses it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct StoredCredential {
     pub username: Option<String>,
     pub password: Option<Secret>,
@@ -150,6 +150,25 @@ pub struct StoredCredential {
     /// PostgreSQL: logins kept for reuse per key (0: none), and how long.
     pub pool_size: usize,
     pub pool_idle_timeout: std::time::Duration,
+    /// PostgreSQL: the largest message read from the loop and the server.
+    pub max_message: usize,
+    pub max_result_message: usize,
+}
+
+impl Default for StoredCredential {
+    fn default() -> Self {
+        Self {
+            username: None,
+            password: None,
+            authorization: None,
+            auth_methods: Vec::new(),
+            tls: None,
+            pool_size: 0,
+            pool_idle_timeout: std::time::Duration::from_secs(60),
+            max_message: crate::protocol::postgres::messages::MAX_LOOP_MESSAGE,
+            max_result_message: crate::protocol::postgres::messages::MAX_SERVER_MESSAGE,
+        }
+    }
 }
 
 /// The stored credential of every target that has one, by target name.
@@ -169,6 +188,15 @@ pub fn target_credentials(
         };
         let pool_idle_timeout =
             std::time::Duration::from_secs(t.pool_idle_timeout_secs.unwrap_or(60).max(1));
+        let max_message = t
+            .max_message_bytes
+            .map_or(crate::protocol::postgres::messages::MAX_LOOP_MESSAGE, |v| {
+                v as usize
+            });
+        let max_result_message = t.max_result_message_bytes.map_or(
+            crate::protocol::postgres::messages::MAX_SERVER_MESSAGE,
+            |v| v as usize,
+        );
         let Some(c) = &t.credential else {
             out.insert(
                 t.name.clone(),
@@ -176,6 +204,8 @@ pub fn target_credentials(
                     auth_methods,
                     pool_size,
                     pool_idle_timeout,
+                    max_message,
+                    max_result_message,
                     ..Default::default()
                 },
             );
@@ -237,6 +267,8 @@ pub fn target_credentials(
                 tls,
                 pool_size,
                 pool_idle_timeout,
+                max_message,
+                max_result_message,
             },
         );
     }

@@ -199,6 +199,8 @@ mod tests {
                 auth_methods: None,
                 pool_size: None,
                 pool_idle_timeout_secs: None,
+                max_message_bytes: None,
+                max_result_message_bytes: None,
             },
             TargetConfig {
                 name: "local".into(),
@@ -208,6 +210,8 @@ mod tests {
                 auth_methods: None,
                 pool_size: None,
                 pool_idle_timeout_secs: None,
+                max_message_bytes: None,
+                max_result_message_bytes: None,
             },
         ];
         let t = TargetTable::new(&cfg);

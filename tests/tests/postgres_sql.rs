@@ -31,12 +31,18 @@ fn agent(name: &str, pg: &PgServer) -> (Agent, tempfile::TempDir) {
 
 /// [`agent`] with one more policy file.
 fn agent_with(name: &str, pg: &PgServer, extra_policy: &str) -> (Agent, tempfile::TempDir) {
-    let (spec, dir) = agent_spec(name, pg, extra_policy);
+    let (spec, dir) = agent_spec(name, pg, extra_policy, "");
     (Agent::start(spec), dir)
 }
 
-/// The spec of [`agent_with`] (the stored password lives in the dir).
-fn agent_spec(name: &str, pg: &PgServer, extra_policy: &str) -> (AgentSpec, tempfile::TempDir) {
+/// The spec of [`agent_with`], with more lines for the target (the
+/// stored password lives in the dir).
+fn agent_spec(
+    name: &str,
+    pg: &PgServer,
+    extra_policy: &str,
+    target_extra: &str,
+) -> (AgentSpec, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("orders-db");
     std::fs::write(&pw, format!("{STORED}\n")).unwrap();
@@ -50,7 +56,7 @@ fn agent_spec(name: &str, pg: &PgServer, extra_policy: &str) -> (AgentSpec, temp
             .policy("extra.toml", extra_policy)
             .raw("\n[[approvers]]\nname = \"ops\"\nuid = 0\n")
             .raw(&format!(
-                "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
+                "\n[[targets]]\nname = \"orders-db\"\naddress = \"{}\"\nprotocol = \"postgres\"\n{target_extra}[targets.credential]\nusername = \"app\"\npassword_file = \"{}\"\n",
                 pg.addr,
                 pw.display()
             ));
@@ -415,6 +421,76 @@ asyncio.run(main())
         agent.log()
     );
     assert_eq!(count(&pg), "52");
+}
+
+/// tokio-postgres (`src/bin/pg-loop.rs`) as the loop: prepared
+/// statements with binary parameters and results, a refused Parse, a
+/// pipeline with a refused statement in the middle, a refusal inside a
+/// transaction that then commits, a portal read with a row limit, a cancel;
+/// then messages over the target's limits from each side (a FATAL for that
+/// session; the next works).
+#[test]
+fn tokio_postgres_prepared_pipelined_portals_cancel_and_size_limits() {
+    let pg = server("127.10.6.9");
+    let (spec, _dir) = agent_spec(
+        "pgtokio",
+        &pg,
+        "",
+        "max_message_bytes = 1048576\nmax_result_message_bytes = 2097152\n",
+    );
+    let agent = Agent::start(spec);
+    let out = agent.exec(
+        "report-bot",
+        &[
+            env!("CARGO_BIN_EXE_pg-loop"),
+            &pg.addr.ip().to_string(),
+            &pg.addr.port().to_string(),
+        ],
+    );
+    let stars = "*".repeat("ann@example.com".len());
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "simple 1 two\n\
+             prepared 1 {stars}\n\
+             refused 42501 loopgate: statement refused by rule sql-no-unbounded-writes: UPDATE or DELETE without WHERE changes every row\n\
+             pipeline 2 42501 3\n\
+             in transaction 42501\n\
+             portal 1,2 | 3,40\n\
+             committed 4\n\
+             cancel true 57014\n\
+             long query 08P01 loopgate: a message of type 'Q' of 2097167 bytes is over the limit of 1048576 bytes\n\
+             closed true\n\
+             long row 08P01 loopgate: the server sent a message it cannot relay: a message of type 'D' of 3000011 bytes is over the limit of 2097152 bytes\n\
+             after 1\n"
+        ),
+        "{}\n{}",
+        stderr(&out),
+        agent.log()
+    );
+    assert!(out.status.success());
+    // What the refusals protected, and what the transaction committed.
+    assert_eq!(count(&pg), "4");
+    assert_eq!(
+        pg.admin("SELECT email FROM orders WHERE id = 40").trim(),
+        "rust@example.com"
+    );
+    // Every statement recorded, refusals with their rule; the long query's
+    // text is not.
+    let ev = agent_events_when(&agent, |ev| {
+        ev.iter().filter(|e| e["event_kind"] == "sql").count() >= 10
+    });
+    let refused: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["verdict"] == "deny")
+        .filter_map(|e| e["rule_id"].as_str())
+        .collect();
+    assert!(
+        refused.contains(&"sql-no-unbounded-writes")
+            && refused.contains(&"sql-no-drop-or-truncate"),
+        "{ev:#?}"
+    );
+    assert!(!serde_json::to_string(&ev).unwrap().contains("xxxxxxxxxx"));
 }
 
 #[test]
@@ -931,7 +1007,7 @@ fn a_hundred_thousand_statements_are_each_recorded_in_clickhouse() {
     let pg = server("127.10.6.9");
     pg.pgbench_init(1);
     pg.admin("GRANT SELECT ON pgbench_accounts, pgbench_branches TO app");
-    let (spec, _dir) = agent_spec("pg100k", &pg, "");
+    let (spec, _dir) = agent_spec("pg100k", &pg, "", "");
     let agent = Agent::start(spec.clickhouse(&ch, ""));
     let host = pg.addr.ip().to_string();
     let port = pg.addr.port().to_string();

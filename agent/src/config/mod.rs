@@ -194,6 +194,14 @@ mod tests {
             "{e}"
         );
         assert!(t("auth_methods = [\"scram-sha-256\", \"md5\"]\n").is_ok());
+        assert!(t("max_message_bytes = 1048576\nmax_result_message_bytes = 1073741824\n").is_ok());
+        let e = t("max_message_bytes = 1024\n").unwrap_err();
+        assert!(
+            e.contains("targets[0].max_message_bytes") && e.contains("between 65536"),
+            "{e}"
+        );
+        let e = t("max_result_message_bytes = 2147483648\n").unwrap_err();
+        assert!(e.contains("targets[0].max_result_message_bytes"), "{e}");
         let e = t("auth_methods = [\"trust\"]\n").unwrap_err();
         assert!(
             e.contains("`trust` is not scram-sha-256, md5 or password"),

@@ -213,6 +213,15 @@ pub struct TargetConfig {
     /// (default 60).
     #[serde(default)]
     pub pool_idle_timeout_secs: Option<u64>,
+    /// PostgreSQL targets: the largest protocol message the agent reads from
+    /// the loop (default 64 MiB); a larger one ends that session with a
+    /// FATAL.
+    #[serde(default)]
+    pub max_message_bytes: Option<u64>,
+    /// PostgreSQL targets: the largest message the agent reads from the
+    /// server (a row; default 256 MiB).
+    #[serde(default)]
+    pub max_result_message_bytes: Option<u64>,
 }
 
 /// References to a stored credential. Only paths and variable names live here.

@@ -119,6 +119,20 @@ impl Config {
             {
                 return Err(self.invalid(key("pool_size"), "applies to postgres targets only"));
             }
+            for (k, v) in [
+                ("max_message_bytes", t.max_message_bytes),
+                ("max_result_message_bytes", t.max_result_message_bytes),
+            ] {
+                let Some(v) = v else { continue };
+                if t.protocol != Protocol::Postgres {
+                    return Err(self.invalid(key(k), "applies to postgres targets only"));
+                }
+                // PostgreSQL itself allocates no more than 1 GiB for one
+                // message; below 64 KiB ordinary statements and rows fail.
+                if !(64 << 10..=1 << 30).contains(&v) {
+                    return Err(self.invalid(key(k), "between 65536 and 1073741824"));
+                }
+            }
             if t.pool_size.is_some_and(|n| n > 1000) {
                 return Err(self.invalid(key("pool_size"), "at most 1000"));
             }

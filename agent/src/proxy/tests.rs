@@ -169,6 +169,8 @@ fn harness_with(
         auth_methods: None,
         pool_size: None,
         pool_idle_timeout_secs: None,
+        max_message_bytes: None,
+        max_result_message_bytes: None,
     }]));
     targets.resolve();
     let stored = Secret::for_tests(STORED_TOKEN);

@@ -21,6 +21,8 @@ pub const MAX_SERVER_MESSAGE: usize = 256 << 20;
 pub enum FrameError {
     #[error("a message of type {kind:?} declares length {len}")]
     Length { kind: char, len: i64 },
+    #[error("a message of type {kind:?} of {len} bytes is over the limit of {max} bytes")]
+    TooLong { kind: char, len: usize, max: usize },
 }
 
 /// Splits the next complete message (type byte, length, body) off `buf`;
@@ -35,8 +37,15 @@ pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Fr
         len: i64::from(len),
     };
     let len = usize::try_from(len).map_err(|_| bad())?;
-    if len < 4 || len >= max {
+    if len < 4 {
         return Err(bad());
+    }
+    if len >= max {
+        return Err(FrameError::TooLong {
+            kind: char::from(buf[0]),
+            len: len + 1,
+            max,
+        });
     }
     if buf.len() < len + 1 {
         // Room for what is coming, not for what a header claims.

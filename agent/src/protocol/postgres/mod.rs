@@ -657,6 +657,8 @@ impl Conn {
                 user,
                 search_path,
                 masks: self.masks.clone(),
+                max_message: self.credential.max_message,
+                max_result_message: self.credential.max_result_message,
             },
             Pooling {
                 key,

@@ -43,7 +43,7 @@ use tokio::{
 };
 
 use super::{
-    messages::{self, decode, next_frame, Field, Front, MAX_LOOP_MESSAGE, MAX_SERVER_MESSAGE},
+    messages::{self, decode, next_frame, Field, Front, MAX_SERVER_MESSAGE},
     sql::{Classifier, SqlError, Statement},
 };
 use crate::{
@@ -71,6 +71,9 @@ pub(super) struct Start {
     pub search_path: Option<String>,
     /// Compiled `mask` lists, shared by the handler's sessions.
     pub masks: Arc<MaskCache>,
+    /// The largest message read from the loop, and from the server.
+    pub max_message: usize,
+    pub max_result_message: usize,
 }
 
 /// Relays a logged-in session until either side ends it.
@@ -114,8 +117,10 @@ where
     if let Some(p) = start.search_path {
         add_schemas(&mut schemas, &split_path(&p), &start.user);
     }
+    let max_result_message = start.max_result_message;
     let up = Up {
         s: s.clone(),
+        max_message: start.max_message,
         classifier,
         masks: start.masks,
         fallback_mask: default_mask.map(|_| Arc::new(MaskSpec::hide_all())),
@@ -134,7 +139,7 @@ where
     let (mut sr, mut sw) = (sr, sw);
     let outcome = {
         let up = up.run(cr, &mut sw);
-        let down = down(s.clone(), shared.clone(), &mut sr, cw);
+        let down = down(s.clone(), shared.clone(), &mut sr, cw, max_result_message);
         tokio::pin!(up, down);
         let abort = s.closed().clone();
         let (mut up_done, mut down_done) = (false, false);
@@ -520,6 +525,8 @@ struct Portal {
 /// The loop's half.
 struct Up {
     s: Arc<Session>,
+    /// The largest message read from the loop.
+    max_message: usize,
     classifier: Arc<Classifier>,
     masks: Arc<MaskCache>,
     /// When this session's results are masked: what hides a result the
@@ -568,7 +575,7 @@ impl Up {
                 return Ok(());
             }
             loop {
-                let frame = match next_frame(&mut buf, MAX_LOOP_MESSAGE) {
+                let frame = match next_frame(&mut buf, self.max_message) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
                     Err(e) => return Err(self.fatal("08P01", &format!("loopgate: {e}"))),
@@ -1356,6 +1363,7 @@ async fn down<R, W>(
     shared: Arc<Shared>,
     sr: &mut R,
     mut cw: W,
+    max_message: usize,
 ) -> Result<(), Outcome>
 where
     R: AsyncRead + Unpin,
@@ -1388,7 +1396,7 @@ where
             drain(&mut t, &mut out);
             if !woken {
                 loop {
-                    match next_frame(&mut buf, MAX_SERVER_MESSAGE) {
+                    match next_frame(&mut buf, max_message) {
                         Ok(Some(f)) => {
                             on_server(&mut t, &f, &mut out, &mut events);
                             drain(&mut t, &mut out);
@@ -1418,9 +1426,9 @@ where
         if let Some(e) = &bad {
             out.extend_from_slice(&super::wire::error_response(
                 "08P01",
-                "loopgate: the server sent a malformed message",
+                &format!("loopgate: the server sent a message it cannot relay: {e}"),
             ));
-            tracing::warn!(session = %s.id(), error = %e, "malformed message from the PostgreSQL server");
+            tracing::warn!(session = %s.id(), error = %e, "a message from the PostgreSQL server it cannot relay");
         }
         if !out.is_empty() {
             cw.write_all(&out)
@@ -1437,7 +1445,7 @@ where
         if let Some(e) = bad {
             let _ = cw.shutdown().await;
             return Err(Outcome::UpstreamError(format!(
-                "the server sent a malformed message: {e}"
+                "the server sent a message it cannot relay: {e}"
             )));
         }
         if fatal.is_some() {
