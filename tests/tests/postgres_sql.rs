@@ -431,7 +431,7 @@ asyncio.run(main())
 /// session; the next works).
 #[test]
 fn tokio_postgres_prepared_pipelined_portals_cancel_and_size_limits() {
-    let pg = server("127.10.6.9");
+    let pg = server("127.10.6.10");
     let (spec, _dir) = agent_spec(
         "pgtokio",
         &pg,
@@ -491,6 +491,21 @@ fn tokio_postgres_prepared_pipelined_portals_cancel_and_size_limits() {
         "{ev:#?}"
     );
     assert!(!serde_json::to_string(&ev).unwrap().contains("xxxxxxxxxx"));
+    // Binary parameters are recorded as their values (the rules read them
+    // so too).
+    let prepared = ev
+        .iter()
+        .find(|e| e["request"] == "SELECT id, email FROM orders WHERE id = $1")
+        .unwrap_or_else(|| panic!("{ev:#?}"));
+    assert_eq!(prepared["attrs"]["params"], "[\"1\"]");
+    let inserted = ev
+        .iter()
+        .find(|e| e["request"] == "INSERT INTO orders VALUES ($1, $2)")
+        .unwrap_or_else(|| panic!("{ev:#?}"));
+    assert_eq!(
+        inserted["attrs"]["params"],
+        format!("[\"40\",\"{}\"]", "*".repeat("rust@example.com".len()))
+    );
 }
 
 #[test]
@@ -997,6 +1012,109 @@ fn a_held_statement_waits_for_a_person_and_the_session_goes_on() {
         "{out}"
     );
     assert_eq!(count(&pg), "1");
+}
+
+/// A held statement of the extended protocol (asyncpg: binary
+/// parameters) waits at each `Bind`, with its values shown to the approver:
+/// a `once` approval covers that one execution, not the next one with other
+/// values.
+#[test]
+fn a_once_approval_covers_one_execution_with_the_values_the_approver_saw() {
+    let pg = server("127.10.6.11");
+    let (agent, _dir) = agent_with(
+        "pgonce",
+        &pg,
+        "[[rules]]\nid = \"hold-deletes\"\ntargets = [\"orders-db\"]\nkinds = [\"sql\"]\nwhen = \"sql.kind == 'delete'\"\naction = \"approve\"\napproval_timeout = \"20s\"\nreason = \"deletes need a person\"\n",
+    );
+    let script = agent.dir.path().join("once.py");
+    std::fs::write(
+        &script,
+        r#"
+import asyncio, sys, asyncpg
+async def main():
+    c = await asyncpg.connect(host=sys.argv[1], port=int(sys.argv[2]), user="x", database="postgres", ssl=False)
+    stmt = await c.prepare("DELETE FROM orders WHERE id = $1 AND email <> $2")
+    await stmt.fetch(1, "nobody@example.com")
+    print("after approval", await c.fetchval("SELECT count(*) FROM orders"))
+    try:
+        await stmt.fetch(2, "nobody@example.com")
+        print("not held")
+    except asyncpg.exceptions.InsufficientPrivilegeError as e:
+        print("refused", "approval denied by ops: other values" in str(e))
+    print("after refusal", await c.fetchval("SELECT count(*) FROM orders"))
+    await c.close()
+asyncio.run(main())
+"#,
+    )
+    .unwrap();
+    set_mode(&script, 0o644);
+    let child = agent.spawn_exec(
+        "report-bot",
+        &[
+            &loops_python(),
+            &script.display().to_string(),
+            &pg.addr.ip().to_string(),
+            &pg.addr.port().to_string(),
+        ],
+    );
+    // The approver sees the statement and its values (e-mail addresses
+    // masked, as in the record); the Parse alone was not held.
+    let stars = "*".repeat("nobody@example.com".len());
+    let held = agent.wait_approval();
+    assert_eq!(
+        held["request"],
+        format!("DELETE FROM orders WHERE id = $1 AND email <> $2\n-- parameters: [\"1\",\"{stars}\"]"),
+        "{held}"
+    );
+    assert_eq!(count(&pg), "3", "a held statement waits");
+    let id = held["approval_id"].as_str().unwrap().to_owned();
+    assert!(agent.cli(&["approvals", "approve", &id]).status.success());
+    // The same prepared statement with other values: held again.
+    let held = loop {
+        let h = agent.wait_approval();
+        if h["approval_id"] != id.as_str() {
+            break h;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        held["request"],
+        format!("DELETE FROM orders WHERE id = $1 AND email <> $2\n-- parameters: [\"2\",\"{stars}\"]")
+    );
+    let id = held["approval_id"].as_str().unwrap().to_owned();
+    assert!(agent
+        .cli(&["approvals", "deny", &id, "--reason", "other values"])
+        .status
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "after approval 2\nrefused True\nafter refusal 2\n",
+        "{}",
+        agent.log()
+    );
+    assert_eq!(count(&pg), "2");
+    // The record: the approved execution with its values, the refused one.
+    let ev = agent_events_when(&agent, |ev| {
+        ev.iter()
+            .any(|e| e["attrs"]["result"] == "refused" && e["event_kind"] == "sql")
+    });
+    let deletes: Vec<&Value> = ev
+        .iter()
+        .filter(|e| e["event_kind"] == "sql" && e["attrs"]["statement_kind"] == "delete")
+        .collect();
+    let ran = deletes
+        .iter()
+        .find(|e| e["attrs"]["result"] == "ok")
+        .unwrap_or_else(|| panic!("{ev:#?}"));
+    assert_eq!(ran["attrs"]["params"], format!("[\"1\",\"{stars}\"]"));
+    assert_eq!(ran["attrs"]["rows"], "1");
+    let refused = deletes
+        .iter()
+        .find(|e| e["attrs"]["result"] == "refused")
+        .unwrap();
+    assert_eq!(refused["attrs"]["params"], format!("[\"2\",\"{stars}\"]"));
+    assert!(!serde_json::to_string(&ev).unwrap().contains("nobody@"));
 }
 
 /// Nothing is dropped: 100,000 statements from pgbench (4 clients,

@@ -149,7 +149,8 @@ async fn run(host: &str, port: &str) {
         Ok(_) => println!("long query ran"),
         Err(e) => println!("long query {}", failure(&e)),
     }
-    println!("closed {}", c.is_closed());
+    // The session is over: the next statement fails.
+    println!("closed {}", c.simple_query("SELECT 1").await.is_err());
     let c = connect(&conninfo).await;
     match c.simple_query("SELECT repeat('y', 3000000)").await {
         Ok(_) => println!("long row relayed"),

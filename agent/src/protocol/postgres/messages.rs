@@ -9,11 +9,12 @@
 use bytes::{Buf, BufMut, BytesMut};
 
 /// A loop's message longer than this ends its session (COPY data rows and
-/// bound parameters included); `postgres.max_message` in a later version.
+/// bound parameters included): the default of a target's
+/// `max_message_bytes`.
 pub const MAX_LOOP_MESSAGE: usize = 64 << 20;
 /// A server's message longer than this ends the session: a hostile server
 /// must not make the agent buffer without bound (the server's own limit on
-/// a field is 1 GiB).
+/// a field is 1 GiB). The default of `max_result_message_bytes`.
 pub const MAX_SERVER_MESSAGE: usize = 256 << 20;
 
 /// Why a frame could not be read.
@@ -62,13 +63,14 @@ pub enum Front<'a> {
     Parse {
         name: &'a str,
         query: &'a str,
+        /// Parameter types the loop named (0: the server infers it).
+        types: Vec<u32>,
     },
     Bind {
         portal: &'a str,
         statement: &'a str,
-        /// Parameters in text form where the loop sent them so (`None`:
-        /// SQL NULL; binary values are shown as their length).
-        params: Vec<Option<String>>,
+        /// Parameters as sent ([`param_text`] reads them).
+        params: Vec<Param<'a>>,
         /// Result-column formats (none: all text; one: all the same).
         result_formats: Vec<i16>,
     },
@@ -93,6 +95,60 @@ pub enum Front<'a> {
     },
     /// CopyData, CopyDone, CopyFail: relayed as they are.
     Copy,
+}
+
+/// A bound parameter: its format and its bytes (`None`: SQL NULL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Param<'a> {
+    pub binary: bool,
+    pub value: Option<&'a [u8]>,
+}
+
+/// A parameter as the rules, the record and an approver read it (`None`:
+/// SQL NULL): text-format values as sent, binary ones decoded for the
+/// common types (`oid`: its type, from the `Parse` or the server's
+/// `ParameterDescription`; 0 unknown), others shown as their length.
+pub fn param_text(p: &Param<'_>, oid: u32) -> Option<String> {
+    use postgres_protocol::types as t;
+    let v = p.value?;
+    let opaque = || format!("<{} bytes, binary>", v.len());
+    if !p.binary {
+        return Some(match std::str::from_utf8(v) {
+            Ok(s) => s.to_owned(),
+            Err(_) => format!("<{} bytes, not UTF-8>", v.len()),
+        });
+    }
+    let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
+    let shown = match oid {
+        // bool, int8, int2, int4, oid, float4, float8
+        16 => t::bool_from_sql(v).ok().map(|b| b.to_string()),
+        20 => t::int8_from_sql(v).ok().map(|n| n.to_string()),
+        21 => t::int2_from_sql(v).ok().map(|n| n.to_string()),
+        23 => t::int4_from_sql(v).ok().map(|n| n.to_string()),
+        26 => t::oid_from_sql(v).ok().map(|n| n.to_string()),
+        700 => t::float4_from_sql(v).ok().map(|n| n.to_string()),
+        701 => t::float8_from_sql(v).ok().map(|n| n.to_string()),
+        // text, varchar, bpchar, name, json, xml, unknown: the bytes are
+        // the text; jsonb: a version byte, then the text.
+        25 | 1043 | 1042 | 19 | 114 | 142 | 705 => text(v),
+        3802 => match v.split_first() {
+            Some((1, rest)) => text(rest),
+            _ => None,
+        },
+        2950 => t::uuid_from_sql(v).ok().map(|u| {
+            let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+            format!(
+                "{}-{}-{}-{}-{}",
+                &h[..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..]
+            )
+        }),
+        _ => None,
+    };
+    Some(shown.unwrap_or_else(opaque))
 }
 
 /// Why a loop's message was refused (SQLSTATE 08P01 or 22021).
@@ -199,8 +255,11 @@ pub fn decode(frame: &[u8]) -> Result<Front<'_>, FrontError> {
             let name = r.cstr()?;
             let query = r.cstr()?;
             let n = r.count()?;
-            r.bytes(n * 4)?;
-            Front::Parse { name, query }
+            let mut types = Vec::with_capacity(n);
+            for _ in 0..n {
+                types.push(r.i32()? as u32);
+            }
+            Front::Parse { name, query, types }
         }
         b'B' => {
             let portal = r.cstr()?;
@@ -218,7 +277,10 @@ pub fn decode(frame: &[u8]) -> Result<Front<'_>, FrontError> {
             for i in 0..n {
                 let len = r.i32()?;
                 if len == -1 {
-                    params.push(None);
+                    params.push(Param {
+                        binary: false,
+                        value: None,
+                    });
                     continue;
                 }
                 let len = usize::try_from(len).map_err(|_| r.bad())?;
@@ -228,10 +290,10 @@ pub fn decode(frame: &[u8]) -> Result<Front<'_>, FrontError> {
                     1 => formats[0],
                     _ => formats[i],
                 };
-                params.push(Some(match (format, std::str::from_utf8(v)) {
-                    (0, Ok(s)) => s.to_owned(),
-                    _ => format!("<{len} bytes, binary>"),
-                }));
+                params.push(Param {
+                    binary: format != 0,
+                    value: Some(v),
+                });
             }
             let nres = r.count()?;
             let mut result_formats = Vec::with_capacity(nres);
@@ -371,6 +433,20 @@ pub struct Field {
     pub format: i16,
 }
 
+/// The parameter types of a `ParameterDescription` frame (`None`:
+/// malformed).
+pub fn parameter_description(frame: &[u8]) -> Option<Vec<u32>> {
+    let mut b = frame.get(5..)?;
+    if b.len() < 2 {
+        return None;
+    }
+    let n = usize::try_from(b.get_i16()).ok()?;
+    if b.len() != n * 4 {
+        return None;
+    }
+    Some((0..n).map(|_| b.get_u32()).collect())
+}
+
 /// The fields of a `RowDescription` frame (`None`: malformed).
 pub fn row_description(frame: &[u8]) -> Option<Vec<Field>> {
     let mut b = frame.get(5..)?;
@@ -485,13 +561,68 @@ mod tests {
     }
 
     #[test]
+    fn binary_parameters_read_as_their_values_for_common_types() {
+        let bin = |v: &'static [u8]| Param {
+            binary: true,
+            value: Some(v),
+        };
+        assert_eq!(param_text(&bin(&[0, 0, 0, 42]), 23).as_deref(), Some("42"));
+        assert_eq!(param_text(&bin(&[255, 254]), 21).as_deref(), Some("-2"));
+        assert_eq!(
+            param_text(&bin(&[0, 0, 0, 0, 0, 0, 1, 0]), 20).as_deref(),
+            Some("256")
+        );
+        assert_eq!(param_text(&bin(&[1]), 16).as_deref(), Some("true"));
+        assert_eq!(
+            param_text(&bin(b"ann@example.com"), 25).as_deref(),
+            Some("ann@example.com")
+        );
+        assert_eq!(
+            param_text(&bin(b"\x01{\"a\": 1}"), 3802).as_deref(),
+            Some("{\"a\": 1}")
+        );
+        assert_eq!(
+            param_text(&bin(&[0x12; 16]), 2950).as_deref(),
+            Some("12121212-1212-1212-1212-121212121212")
+        );
+        // Unknown types and malformed values: their length, never a guess.
+        assert_eq!(
+            param_text(&bin(&[0, 0, 0, 42]), 0).as_deref(),
+            Some("<4 bytes, binary>")
+        );
+        assert_eq!(
+            param_text(&bin(&[0, 42]), 23).as_deref(),
+            Some("<2 bytes, binary>")
+        );
+        assert_eq!(
+            param_text(&bin(&[2, b'x']), 3802).as_deref(),
+            Some("<2 bytes, binary>")
+        );
+        let text = |v: &'static [u8]| Param {
+            binary: false,
+            value: Some(v),
+        };
+        assert_eq!(param_text(&text(b"42"), 0).as_deref(), Some("42"));
+        assert_eq!(
+            param_text(&text(&[0xff]), 25).as_deref(),
+            Some("<1 bytes, not UTF-8>")
+        );
+        let null = Param {
+            binary: true,
+            value: None,
+        };
+        assert_eq!(param_text(&null, 23), None);
+    }
+
+    #[test]
     fn extended_protocol_messages_decode_and_malformed_ones_are_refused() {
         let p = one(|b| frontend::parse("s1", "select $1", [23], b).unwrap());
         assert_eq!(
             decode(&p),
             Ok(Front::Parse {
                 name: "s1",
-                query: "select $1"
+                query: "select $1",
+                types: vec![23],
             })
         );
         let b = one(|b| {
@@ -518,7 +649,16 @@ mod tests {
             Ok(Front::Bind {
                 portal: "p",
                 statement: "s1",
-                params: vec![Some("42".into()), None],
+                params: vec![
+                    Param {
+                        binary: false,
+                        value: Some(b"42")
+                    },
+                    Param {
+                        binary: false,
+                        value: None
+                    }
+                ],
                 result_formats: vec![1],
             })
         );

@@ -288,8 +288,16 @@ struct Undo {
     previous: Option<Arc<Prepared>>,
 }
 
-/// A prepared statement's result fields, once a Describe has answered.
-type Slot = Arc<Mutex<Option<Vec<Field>>>>;
+/// What a `Describe` of a prepared statement answered.
+type Slot = Arc<Mutex<Described>>;
+
+#[derive(Default)]
+struct Described {
+    /// Its result fields (`RowDescription`).
+    fields: Option<Vec<Field>>,
+    /// Its parameter types (`ParameterDescription`).
+    params: Vec<u32>,
+}
 
 /// A statement's event, completed when its result arrives, and how its
 /// rows are masked.
@@ -513,6 +521,30 @@ struct Prepared {
     /// Its results' mask, and its fields once described.
     mask: Option<Arc<MaskSpec>>,
     fields: Slot,
+    /// An `approve` rule matched it: every `Bind` is held, with its
+    /// parameters, so a `once` approval covers one execution with the
+    /// values the approver saw.
+    hold: bool,
+    /// The parameter types its `Parse` named.
+    types: Vec<u32>,
+}
+
+impl Prepared {
+    /// Its parameter types: those the `Parse` named, else the server's.
+    fn param_types(&self) -> Vec<u32> {
+        let described = self
+            .fields
+            .lock()
+            .map(|g| g.params.clone())
+            .unwrap_or_default();
+        let n = self.types.len().max(described.len());
+        (0..n)
+            .map(|i| match self.types.get(i) {
+                Some(&t) if t != 0 => t,
+                _ => described.get(i).copied().unwrap_or(0),
+            })
+            .collect()
+    }
 }
 
 /// A portal: its statement and parameters.
@@ -521,6 +553,15 @@ struct Portal {
     params: Vec<Option<String>>,
     formats: Vec<i16>,
 }
+
+/// A judged `Parse`: its first statement's event, the statement, its
+/// mask, and whether its executions are held.
+type Parsed = (
+    Option<Event>,
+    Option<Statement>,
+    Option<Arc<MaskSpec>>,
+    bool,
+);
 
 /// The loop's half.
 struct Up {
@@ -688,7 +729,7 @@ impl Up {
         }
         match msg {
             Front::Query(sql) => self.query(sql, &frame).await,
-            Front::Parse { name, query } => self.parse(name, query, &frame).await,
+            Front::Parse { name, query, types } => self.parse(name, query, types, &frame).await,
             Front::Bind {
                 portal,
                 statement,
@@ -698,15 +739,28 @@ impl Up {
                 let prepared = self.prepared.get(statement).cloned().or_else(|| {
                     // A statement prepared with SQL PREPARE, bound by name.
                     let (st, mask) = self.sql_prepared.get(statement)?;
+                    let hold = self.s.verdict(Operation::Sql(st.op(&st.text, &[]))).verdict
+                        == Verdict::Approve;
                     Some(Arc::new(Prepared {
                         event: Some(self.event_of(st, "prepared with PREPARE")),
                         query: String::new(),
-                        statement: None,
+                        statement: Some(st.clone()),
                         schemas: self.schemas.len(),
                         mask: mask.clone(),
                         fields: Slot::default(),
+                        hold,
+                        types: Vec::new(),
                     }))
                 });
+                let types = prepared
+                    .as_ref()
+                    .map(|p| p.param_types())
+                    .unwrap_or_default();
+                let params: Vec<Option<String>> = params
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| messages::param_text(p, types.get(i).copied().unwrap_or(0)))
+                    .collect();
                 if let Some(p) = &prepared {
                     if let Err((code, msg)) = self.bind_judge(p, &params).await {
                         self.discarding = true;
@@ -741,7 +795,8 @@ impl Up {
                     let prepared = p.prepared.as_ref()?;
                     let mut event = prepared.event.clone()?;
                     if !p.params.is_empty() {
-                        event.attrs.push(("params".into(), self.params(&p.params)));
+                        let params = self.params(&p.params, prepared.mask.as_deref());
+                        event.attrs.push(("params".into(), params));
                     }
                     if let Some(m) = &prepared.mask {
                         masking = Some((m.clone(), prepared.fields.clone(), p.formats.clone()));
@@ -847,22 +902,27 @@ impl Up {
     }
 
     /// A `Bind`: the statement judged again when the search path has named
-    /// new schemas since its `Parse`, and rules that read `sql.params`
-    /// evaluated with the bound values (a deny refuses the Bind).
+    /// new schemas since its `Parse`; a statement an `approve` rule matched
+    /// held with the bound values (one approval per execution, unless a
+    /// grant covers it); rules that read `sql.params` evaluated with them
+    /// (a deny refuses the Bind).
     async fn bind_judge(
         &mut self,
         p: &Prepared,
         params: &[Option<String>],
     ) -> Result<(), (&'static str, String)> {
+        let mut hold = p.hold;
         if p.schemas != self.schemas.len() && !p.query.is_empty() {
             let query = p.query.clone();
-            self.parse_judge(&query).await?;
+            hold |= self.parse_judge(&query, false).await?.3;
         }
         let Some(st) = &p.statement else {
             return Ok(());
         };
-        // Only rules that read the parameters can decide otherwise now.
-        if params.is_empty() || !self.decisions_now().is_some_and(|c| c.reads_params) {
+        // Only a hold, or rules that read the parameters, can decide
+        // otherwise now.
+        let reads = !params.is_empty() && self.decisions_now().is_some_and(|c| c.reads_params);
+        if !hold && !reads {
             return Ok(());
         }
         let values: Vec<String> = params
@@ -871,21 +931,41 @@ impl Up {
             .collect();
         let eff = self.effective(st);
         let op = Operation::Sql(eff.op(&st.text, &values));
-        let d = self.s.verdict(op);
-        if d.verdict == Verdict::Deny {
-            let mut event = self.event_of(st, &d.reason);
+        let shown_params = self.params(params, p.mask.as_deref());
+        let refused = if hold {
+            // The approver sees the statement and its values, masked.
+            let mut text = self.shown(&st.text);
+            if !params.is_empty() {
+                text.push_str(&format!("\n-- parameters: {shown_params}"));
+            }
+            let attrs = vec![
+                ("statement_kind".to_owned(), eff.kind.clone()),
+                ("fingerprint".to_owned(), st.fingerprint.clone()),
+                ("params".to_owned(), shown_params.clone()),
+            ];
+            let scope = format!("fingerprint:{}", st.fingerprint);
+            let judged = self.s.judge(op, &text, &attrs, Some(&scope)).await;
+            judged.refused.map(|r| (r.rule_id, r.reason))
+        } else {
+            let d = self.s.verdict(op);
+            (d.verdict == Verdict::Deny).then_some((d.rule_id, d.reason))
+        };
+        if let Some((rule_id, reason)) = refused {
+            let mut event = self.event_of(st, &reason);
             event.verdict = Verdict::Deny;
-            event.rule_id = d.rule_id.clone();
-            event.attrs.push(("params".into(), self.params(params)));
+            event.rule_id = rule_id.clone();
+            event.attrs.push(("params".into(), shown_params));
             event.attrs.push(("result".into(), "refused".into()));
+            event.attrs.push(("sqlstate".into(), "42501".into()));
             self.s.record(event);
-            return Err(("42501", refusal_message(&d.rule_id, &d.reason)));
+            return Err(("42501", refusal_message(&rule_id, &reason)));
         }
         Ok(())
     }
 
-    /// Parameters for the record: masked, as a JSON list.
-    fn params(&self, params: &[Option<String>]) -> String {
+    /// Parameters for the record and an approver: the session's secrets
+    /// and the values the statement's mask matches hidden, as a JSON list.
+    fn params(&self, params: &[Option<String>], mask: Option<&MaskSpec>) -> String {
         let masker = self.s.masker();
         let v: Vec<serde_json::Value> = params
             .iter()
@@ -894,7 +974,11 @@ impl Up {
                 Some(p) => {
                     let mut b = p.clone().into_bytes();
                     masker.mask(&mut b);
-                    serde_json::Value::String(String::from_utf8_lossy(&b).into_owned())
+                    let mut text = String::from_utf8_lossy(&b).into_owned();
+                    if let Some(m) = mask.and_then(|m| m.mask_text(&text)) {
+                        text = m;
+                    }
+                    serde_json::Value::String(text)
                 }
             })
             .collect();
@@ -952,7 +1036,9 @@ impl Up {
         None
     }
 
-    async fn judge(&self, st: &Statement) -> (Judged, Event) {
+    /// Judges a statement. With `hold` false an `approve` verdict is not
+    /// held here: the caller holds it later (at `Bind`, with the values).
+    async fn judge(&self, st: &Statement, hold: bool) -> (Judged, Event) {
         let eff = self.effective(st);
         if let Some(reason) = self.safety(eff) {
             let r = crate::kinds::Refusal::new("sql:safety", reason);
@@ -982,6 +1068,16 @@ impl Up {
         ];
         let judged = match self.cached(eff) {
             Some(j) => j,
+            None if !hold => {
+                let decision = self.s.verdict(op);
+                let refused = (decision.verdict == Verdict::Deny).then(|| crate::kinds::Refusal {
+                    rule_id: decision.rule_id.clone(),
+                    reason: decision.reason.clone(),
+                });
+                let judged = Judged { decision, refused };
+                self.remember(eff, &judged);
+                judged
+            }
             None => {
                 // A duration grant covers statements of this shape only.
                 let scope = format!("fingerprint:{}", st.fingerprint);
@@ -1114,7 +1210,7 @@ impl Up {
         };
         let mut recs = VecDeque::with_capacity(stmts.len());
         for (i, st) in stmts.iter().enumerate() {
-            let (judged, mut event) = self.judge(st).await;
+            let (judged, mut event) = self.judge(st, true).await;
             if let Some(r) = &judged.refused {
                 event.attrs.push(("result".into(), "refused".into()));
                 event.attrs.push(("sqlstate".into(), "42501".into()));
@@ -1150,20 +1246,23 @@ impl Up {
     }
 
     /// Classifies and judges a `Parse` text: the event and statement of
-    /// its first statement, or the refusal for the loop (recorded).
+    /// its first statement, its mask, and whether an `approve` rule holds
+    /// its executions; or the refusal for the loop (recorded).
     async fn parse_judge(
         &mut self,
         query: &str,
-    ) -> Result<(Option<Event>, Option<Statement>, Option<Arc<MaskSpec>>), (&'static str, String)>
-    {
+        hold: bool,
+    ) -> Result<Parsed, (&'static str, String)> {
         let classified = self.classify(query);
         let stmts = match &*classified {
             Ok(v) => v,
             Err(e) => return Err(self.not_classified(query, e)),
         };
         let mut first = None;
+        let mut held = false;
         for st in stmts {
-            let (judged, mut event) = self.judge(st).await;
+            let (judged, mut event) = self.judge(st, hold).await;
+            held |= judged.decision.verdict == Verdict::Approve;
             if let Some(r) = &judged.refused {
                 event.attrs.push(("result".into(), "refused".into()));
                 event.attrs.push(("sqlstate".into(), "42501".into()));
@@ -1179,13 +1278,13 @@ impl Up {
             self.apply(st, mask.clone());
         }
         Ok(match first {
-            Some((e, st, mask)) => (Some(e), Some(st), mask),
-            None => (None, None, None),
+            Some((e, st, mask)) => (Some(e), Some(st), mask, held),
+            None => (None, None, None, held),
         })
     }
 
-    async fn parse(&mut self, name: &str, query: &str, frame: &[u8]) {
-        let (event, statement, mask) = match self.parse_judge(query).await {
+    async fn parse(&mut self, name: &str, query: &str, types: Vec<u32>, frame: &[u8]) {
+        let (event, statement, mask, hold) = match self.parse_judge(query, false).await {
             Ok(v) => v,
             Err((code, message)) => {
                 self.discarding = true;
@@ -1203,6 +1302,8 @@ impl Up {
                 schemas: self.schemas.len(),
                 mask,
                 fields: Slot::default(),
+                hold,
+                types,
             });
             let previous = self.prepared.insert(name.to_owned(), new.clone());
             undo = Some(Undo {
@@ -1267,7 +1368,7 @@ impl Up {
             normalized: format!("SELECT {name}(...)"),
             ..Statement::default()
         };
-        let (judged, mut event) = self.judge(&st).await;
+        let (judged, mut event) = self.judge(&st, true).await;
         event.attrs.push(("function_oid".into(), oid.to_string()));
         if let Some(r) = &judged.refused {
             event.attrs.push(("result".into(), "refused".into()));
@@ -1638,11 +1739,20 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
         b'2' => pop_if(t, |e| matches!(e, Expect::Bind)),
         b'3' => pop_if(t, |e| matches!(e, Expect::Close)),
         b'n' => pop_if(t, |e| matches!(e, Expect::Describe(_))),
+        // A statement's parameter types, before its RowDescription or NoData.
+        b't' => {
+            if let Some(Expect::Describe(Some(slot))) = t.pending.front() {
+                if let (Some(types), Ok(mut g)) = (messages::parameter_description(f), slot.lock())
+                {
+                    g.params = types;
+                }
+            }
+        }
         b'T' => match t.pending.front_mut() {
             Some(Expect::Describe(slot)) => {
                 if let (Some(slot), Some(fields)) = (slot, messages::row_description(f)) {
                     if let Ok(mut g) = slot.lock() {
-                        *g = Some(fields);
+                        g.fields = Some(fields);
                     }
                 }
                 t.pending.pop_front();
@@ -1671,7 +1781,7 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
                         let fields = r
                             .fields
                             .as_ref()
-                            .and_then(|s| s.lock().ok().and_then(|g| g.clone()));
+                            .and_then(|s| s.lock().ok().and_then(|g| g.fields.clone()));
                         r.plan = Some(match fields {
                             Some(fields) => plan(&spec, &fields, Some(&r.formats)),
                             // Never described: every column hidden (fail
