@@ -644,6 +644,13 @@ print(read_until_ready(), end=" ")
 s.sendall(msg(b"P", cstr("s") + cstr("SELECT id FROM orders WHERE id = 1") + struct.pack("!h", 0))
           + msg(b"B", cstr("") + cstr("s") + struct.pack("!hhh", 0, 0, 0)) + execute + sync)
 print(read_until_ready())
+# Inside a transaction block opened in the same batch, a refusal does not
+# abort it: COMMIT keeps the INSERT.
+s.sendall(parse("BEGIN") + bind + execute + parse("INSERT INTO orders (id) VALUES (42)") + bind + execute
+          + parse("DROP TABLE orders") + bind + execute + sync)
+print(read_until_ready(), end=" ")
+s.sendall(msg(b"Q", cstr("COMMIT")))
+print(read_until_ready())
 s.sendall(msg(b"p", b"garbage\0"))
 print(read_until_ready())
 "#,
@@ -652,15 +659,17 @@ print(read_until_ready())
     let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
     assert_eq!(
         lines.len(),
-        7,
+        8,
         "{}\n{}\n{}",
         stdout(&out),
         stderr(&out),
         agent.log()
     );
     assert_eq!(lines[0], "['R', 'Z']");
-    // The INSERT before the refusal ran (the server ends the batch at its
-    // own Sync); the one after was discarded with the rest of the batch.
+    // The INSERT before the refusal ran, and was rolled back with its
+    // batch's implicit transaction, as after a server error (the server got
+    // a failing Parse in the refused one's place); the one after was
+    // discarded with the rest of the batch.
     assert_eq!(lines[1], "['1', '2', 'C:INSERT 0 1', 'E42501', 'Z']");
     assert_eq!(lines[2], "['T', 'D', 'C:SELECT 1', 'Z']");
     // Pipelined simple queries: the refusal comes in its place, and the
@@ -677,7 +686,11 @@ print(read_until_ready())
         lines[5],
         "['E42P01', 'Z'] ['1', '2', 'D', 'C:SELECT 1', 'Z']"
     );
-    assert_eq!(lines[6], "['E08P01', 'EOF']");
+    assert_eq!(
+        lines[6],
+        "['1', '2', 'C:BEGIN', '1', '2', 'C:INSERT 0 1', 'E42501', 'Z'] ['C:COMMIT', 'Z']"
+    );
+    assert_eq!(lines[7], "['E08P01', 'EOF']");
     assert_eq!(count(&pg), "4");
     // Other sessions are unaffected.
     let (ok, out) = psql(&agent, &pg, "SELECT count(*) FROM orders");
@@ -1014,6 +1027,51 @@ fn a_held_statement_waits_for_a_person_and_the_session_goes_on() {
     assert_eq!(count(&pg), "1");
 }
 
+/// pgjdbc (Debian's) as the loop: a statement prepared past pgjdbc's
+/// threshold (named, binary results, masked), a refusal, a batch with a
+/// refused statement (none of it runs), a refusal in a transaction that
+/// commits, a cancel from another thread.
+#[test]
+fn jdbc_prepared_batches_transactions_and_cancel() {
+    let pg = server("127.10.6.12");
+    let (agent, _dir) = agent("pgjdbc", &pg);
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/loops/JdbcLoop.java");
+    let out = agent.exec(
+        "report-bot",
+        &[
+            "java",
+            "-Xshare:off",
+            "-cp",
+            "/usr/share/java/postgresql.jar",
+            src,
+            &pg.addr.ip().to_string(),
+            &pg.addr.port().to_string(),
+        ],
+    );
+    let stars = "*".repeat("ann@example.com".len());
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "prepared 1 {stars}\n\
+             refused 42501 ERROR: loopgate: statement refused by rule sql-no-unbounded-writes: UPDATE or DELETE without WHERE changes every row\n\
+             batch refused 42501\n\
+             in transaction 42501\n\
+             committed 4\n\
+             cancelled 57014\n\
+             after 1\n"
+        ),
+        "{}\n{}",
+        stderr(&out),
+        agent.log()
+    );
+    assert_eq!(count(&pg), "4");
+    assert_eq!(
+        pg.admin("SELECT count(*) FROM orders WHERE id = 50").trim(),
+        "0",
+        "no statement of a refused batch runs"
+    );
+}
+
 /// A held statement of the extended protocol (asyncpg: binary
 /// parameters) waits at each `Bind`, with its values shown to the approver:
 /// a `once` approval covers that one execution, not the next one with other
@@ -1063,7 +1121,9 @@ asyncio.run(main())
     let held = agent.wait_approval();
     assert_eq!(
         held["request"],
-        format!("DELETE FROM orders WHERE id = $1 AND email <> $2\n-- parameters: [\"1\",\"{stars}\"]"),
+        format!(
+            "DELETE FROM orders WHERE id = $1 AND email <> $2\n-- parameters: [\"1\",\"{stars}\"]"
+        ),
         "{held}"
     );
     assert_eq!(count(&pg), "3", "a held statement waits");
@@ -1079,7 +1139,9 @@ asyncio.run(main())
     };
     assert_eq!(
         held["request"],
-        format!("DELETE FROM orders WHERE id = $1 AND email <> $2\n-- parameters: [\"2\",\"{stars}\"]")
+        format!(
+            "DELETE FROM orders WHERE id = $1 AND email <> $2\n-- parameters: [\"2\",\"{stars}\"]"
+        )
     );
     let id = held["approval_id"].as_str().unwrap().to_owned();
     assert!(agent

@@ -338,6 +338,11 @@ pub fn decode(frame: &[u8]) -> Result<Front<'_>, FrontError> {
     Ok(out)
 }
 
+/// A `Parse` of the unnamed statement that the server refuses with a
+/// syntax error (nothing runs): sent in place of a refused message when the
+/// server must fail its batch.
+pub const FAILING_PARSE: [u8; 40] = *b"P\0\0\0\x27\0loopgate refused this statement\0\0\0";
+
 /// An `ErrorResponse` of severity `ERROR` (the statement failed; the
 /// session goes on).
 pub fn error(sqlstate: &str, message: &str) -> Vec<u8> {
@@ -558,6 +563,21 @@ mod tests {
             b.put_i32(len);
             assert!(next_frame(&mut b, MAX_LOOP_MESSAGE).is_err(), "{len}");
         }
+    }
+
+    #[test]
+    fn the_failing_parse_is_one_well_formed_parse() {
+        let mut b = BytesMut::from(&FAILING_PARSE[..]);
+        let f = next_frame(&mut b, MAX_LOOP_MESSAGE).unwrap().unwrap();
+        assert!(b.is_empty());
+        assert_eq!(
+            decode(&f),
+            Ok(Front::Parse {
+                name: "",
+                query: "loopgate refused this statement",
+                types: vec![],
+            })
+        );
     }
 
     #[test]

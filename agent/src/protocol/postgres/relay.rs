@@ -133,6 +133,8 @@ where
         functions: HashMap::new(),
         decisions: Mutex::default(),
         discarding: false,
+        batch_ran: false,
+        in_block: false,
         out: Vec::with_capacity(8192),
         capture: s.capture().map(|c| Captured::new(c, Side::Client)),
     };
@@ -268,6 +270,10 @@ enum Expect {
     /// The loop ended a COPY FROM STDIN here (CopyDone or CopyFail) before
     /// the server said it started one: the Syncs before it were ignored.
     CopyEnd,
+    /// A Parse that fails, sent in place of a refused message so that the
+    /// server rolls back its batch's implicit transaction: its error is
+    /// replaced by the agent's refusal.
+    Refusal(Vec<u8>),
 }
 
 impl Expect {
@@ -588,6 +594,12 @@ struct Up {
     decisions: Mutex<Decisions>,
     /// A message was refused: the loop's messages up to `Sync` are dropped.
     discarding: bool,
+    /// An Execute was forwarded since the last Sync.
+    batch_ran: bool,
+    /// Whether the server is in a transaction block when it reaches the
+    /// loop's current message: its last ReadyForQuery when nothing is owed,
+    /// else as the statements forwarded since open and end blocks.
+    in_block: bool,
     /// Bytes for the server, written once per read.
     out: Vec<u8>,
     capture: Option<Captured>,
@@ -692,6 +704,7 @@ impl Up {
             match frame[0] {
                 b'S' => {
                     self.discarding = false;
+                    self.batch_ran = false;
                     self.forward(&frame, Some(Expect::Sync));
                 }
                 b'X' => return Ok(Flow::Terminate),
@@ -718,6 +731,9 @@ impl Up {
                         None => self.prepared.remove(&u.name),
                     };
                 }
+            }
+            if t.pending.is_empty() && t.settled {
+                self.in_block = t.status.is_some_and(|s| s != b'I');
             }
             t.copy_in
         };
@@ -763,8 +779,7 @@ impl Up {
                     .collect();
                 if let Some(p) = &prepared {
                     if let Err((code, msg)) = self.bind_judge(p, &params).await {
-                        self.discarding = true;
-                        self.answer(messages::error(code, &msg), false);
+                        self.refuse_in_batch(code, &msg);
                         return Ok(Flow::Continue);
                     }
                 }
@@ -828,6 +843,16 @@ impl Up {
                     }
                     None => {}
                 }
+                let block = self
+                    .portals
+                    .get(portal)
+                    .and_then(|p| p.prepared.as_ref())
+                    .and_then(|p| p.statement.as_ref())
+                    .and_then(|st| st.block);
+                if let Some(b) = block {
+                    self.in_block = b;
+                }
+                self.batch_ran = true;
                 self.forward(&frame, Some(Expect::Execute(Some(rec))));
             }
             Front::Close { what, name } => {
@@ -840,7 +865,10 @@ impl Up {
             }
             // The server ignores Sync during COPY FROM STDIN.
             Front::Sync if copy_in => self.forward(&frame, None),
-            Front::Sync => self.forward(&frame, Some(Expect::Sync)),
+            Front::Sync => {
+                self.batch_ran = false;
+                self.forward(&frame, Some(Expect::Sync));
+            }
             Front::Copy if matches!(frame[0], b'c' | b'f') => {
                 let mut t = self.shared.lock();
                 if t.copy_in {
@@ -868,6 +896,23 @@ impl Up {
             self.shared.lock().session_mask = spec.clone();
         }
         spec
+    }
+
+    /// A refused Parse or Bind: the loop gets the refusal in the place of
+    /// the server's answer and its messages up to Sync are dropped, as the
+    /// server does after an error. When statements of this batch already
+    /// ran in an implicit transaction, the server must fail too, or its
+    /// Sync would commit them: it gets a Parse that fails in the refused
+    /// message's place, and the loop gets the refusal in place of that
+    /// error. Inside a transaction block the refusal does not abort it.
+    fn refuse_in_batch(&mut self, code: &str, message: &str) {
+        self.discarding = true;
+        let refusal = messages::error(code, message);
+        if self.batch_ran && !self.in_block {
+            self.forward(&messages::FAILING_PARSE, Some(Expect::Refusal(refusal)));
+        } else {
+            self.answer(refusal, false);
+        }
     }
 
     /// Waits while the queue is full (the loop is not reading).
@@ -1241,6 +1286,9 @@ impl Up {
         for (st, rec) in stmts.iter().zip(recs.iter()) {
             let mask = rec.mask.clone();
             self.apply(st, mask);
+            if let Some(b) = st.block {
+                self.in_block = b;
+            }
         }
         self.forward(frame, Some(Expect::Query(recs)));
     }
@@ -1287,8 +1335,7 @@ impl Up {
         let (event, statement, mask, hold) = match self.parse_judge(query, false).await {
             Ok(v) => v,
             Err((code, message)) => {
-                self.discarding = true;
-                self.answer(messages::error(code, &message), false);
+                self.refuse_in_batch(code, &message);
                 return;
             }
         };
@@ -1700,6 +1747,13 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
             if matches!(messages::error_field(f, b'V'), Some("FATAL" | "PANIC")) {
                 t.server_gone = true;
             }
+            if let Some(Expect::Refusal(_)) = t.pending.front() {
+                if let Some(Expect::Refusal(refusal)) = t.pending.pop_front() {
+                    out.extend_from_slice(&refusal);
+                }
+                skip_to_sync(t, events);
+                return;
+            }
             match t.pending.front_mut() {
                 Some(Expect::Query(recs)) => {
                     if let Some(r) = recs.pop_front() {
@@ -1718,19 +1772,7 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
                         Some(Expect::Parse(Some(u))) => t.undo.push(u),
                         _ => {}
                     }
-                    t.skipping = true;
-                    t.copy_in = false;
-                    while t
-                        .pending
-                        .front()
-                        .is_some_and(|e| !matches!(e, Expect::Sync))
-                    {
-                        if let Some(e) = t.pending.pop_front() {
-                            let mut undo = std::mem::take(&mut t.undo);
-                            unanswered(e, events, &mut undo);
-                            t.undo = undo;
-                        }
-                    }
+                    skip_to_sync(t, events);
                 }
                 None => {}
             }
@@ -1817,6 +1859,24 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
         _ => {}
     }
     out.extend_from_slice(masked.as_deref().unwrap_or(f));
+}
+
+/// After an error in an extended-protocol batch: the server ignores
+/// everything up to the next Sync.
+fn skip_to_sync(t: &mut Track, events: &mut Vec<Event>) {
+    t.skipping = true;
+    t.copy_in = false;
+    while t
+        .pending
+        .front()
+        .is_some_and(|e| !matches!(e, Expect::Sync))
+    {
+        if let Some(e) = t.pending.pop_front() {
+            let mut undo = std::mem::take(&mut t.undo);
+            unanswered(e, events, &mut undo);
+            t.undo = undo;
+        }
+    }
 }
 
 /// A server message outside result rows with values masked: error and
@@ -1952,7 +2012,7 @@ pub(super) fn replay_server(expects: &[u8], data: &[u8]) -> (Vec<u8>, usize, usi
         ..Track::default()
     };
     for b in expects {
-        t.pending.push_back(match b % 10 {
+        t.pending.push_back(match b % 11 {
             0 => Expect::Parse(None),
             1 => Expect::Bind,
             2 => Expect::Describe(None),
@@ -1965,6 +2025,7 @@ pub(super) fn replay_server(expects: &[u8], data: &[u8]) -> (Vec<u8>, usize, usi
                 name: None,
                 reply: None,
             },
+            9 => Expect::Refusal(messages::error("42501", "refused")),
             _ => Expect::Local {
                 msg: messages::error("42501", "refused"),
                 ready: b & 0x80 != 0,

@@ -69,6 +69,10 @@ pub struct Statement {
     pub executes: Option<String>,
     /// `DEALLOCATE name` (`Some(None)`: `DEALLOCATE ALL`).
     pub deallocates: Option<Option<String>>,
+    /// A transaction statement that opens a transaction block (`BEGIN`,
+    /// `START TRANSACTION`, `COMMIT AND CHAIN`: `Some(true)`) or ends one
+    /// (`COMMIT`, `ROLLBACK`, `PREPARE TRANSACTION`: `Some(false)`).
+    pub block: Option<bool>,
     /// The text with its constants replaced by `$n` (pg_query's
     /// normalisation): what the audit records, so literals (e-mail
     /// addresses, tokens) in the text are not stored.
@@ -233,6 +237,22 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
             }
             found.settings.insert(setting);
         }
+        let block = (kind_node == "TransactionStmt")
+            .then(|| {
+                use pg_query::protobuf::TransactionStmtKind as K;
+                let chain = body.get("chain").and_then(Value::as_bool).unwrap_or(false);
+                let k = body.get("kind").and_then(Value::as_i64).unwrap_or(0);
+                if k == K::TransStmtBegin as i64 || k == K::TransStmtStart as i64 {
+                    Some(true)
+                } else if k == K::TransStmtCommit as i64 || k == K::TransStmtRollback as i64 {
+                    Some(chain)
+                } else if k == K::TransStmtPrepare as i64 {
+                    Some(false)
+                } else {
+                    None
+                }
+            })
+            .flatten();
         let qualify = |names: &BTreeSet<Vec<String>>| -> Vec<String> {
             let mut v: BTreeSet<String> = BTreeSet::new();
             for n in names {
@@ -260,6 +280,7 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
             prepares,
             executes,
             deallocates,
+            block,
             normalized: pg_query::normalize(&text).unwrap_or_else(|_| text.clone()),
             fingerprint,
             text,
@@ -771,6 +792,22 @@ mod tests {
             Some(Some("wipe".into()))
         );
         assert_eq!(one("DEALLOCATE ALL").deallocates, Some(None));
+        for (sql, block) in [
+            ("BEGIN", Some(true)),
+            ("start transaction isolation level serializable", Some(true)),
+            ("COMMIT", Some(false)),
+            ("END", Some(false)),
+            ("ABORT", Some(false)),
+            ("ROLLBACK", Some(false)),
+            ("COMMIT AND CHAIN", Some(true)),
+            ("PREPARE TRANSACTION 'x'", Some(false)),
+            ("SAVEPOINT a", None),
+            ("ROLLBACK TO SAVEPOINT a", None),
+            ("COMMIT PREPARED 'x'", None),
+            ("SELECT 1", None),
+        ] {
+            assert_eq!(one(sql).block, block, "{sql}");
+        }
     }
 
     #[test]
