@@ -676,7 +676,7 @@ pub fn http(requests: usize) -> Result<()> {
 /// `cargo xtask bench postgres`: PostgreSQL connections and queries direct
 /// (SCRAM by the client) vs PgBouncer (session pooling) vs loopgate (the
 /// agent logs in upstream with the stored credential; the loop gives none).
-pub fn postgres(conns: usize) -> Result<()> {
+pub fn postgres(conns: usize, pgbench_only: bool) -> Result<()> {
     const PW: &str = "pg-bench-pw-5b1d";
     let mut b = Bench::new()?;
     // The shipped policies: statements parsed, judged by the guardrails,
@@ -707,13 +707,15 @@ pub fn postgres(conns: usize) -> Result<()> {
         Side::Tagged("through loopgate (postgres handler)", config.clone()),
     ];
     let extra = vec![vec![PW], vec![PW], vec![]];
-    println!(
-        "== PostgreSQL: connect, SELECT 1, close: {conns} per side, {ROUNDS} alternating rounds"
-    );
-    b.latency_args(&sides, "pg-conn", conns, server, &extra)?;
-    let queries = conns * 10;
-    println!("\n== PostgreSQL: SELECT 1 on one connection: {queries} per side, {ROUNDS} alternating rounds");
-    b.latency_args(&sides, "pg-query", queries, server, &extra)?;
+    if !pgbench_only {
+        println!(
+            "== PostgreSQL: connect, SELECT 1, close: {conns} per side, {ROUNDS} alternating rounds"
+        );
+        b.latency_args(&sides, "pg-conn", conns, server, &extra)?;
+        let queries = conns * 10;
+        println!("\n== PostgreSQL: SELECT 1 on one connection: {queries} per side, {ROUNDS} alternating rounds");
+        b.latency_args(&sides, "pg-query", queries, server, &extra)?;
+    }
 
     // pgbench: select-only and the TPC-B-like script, 1 and 16 clients,
     // simple and prepared, against PgBouncer in transaction pooling (1.18
@@ -810,10 +812,14 @@ impl Bench {
         let mut cmd = match side {
             Side::Tagged(_, config) => {
                 let mut c = Command::new(&self.lg);
+                // `loopgate exec` clears the environment but for what
+                // `--env` names.
                 c.arg("--config").arg(config).args([
                     "exec",
                     "--workload",
                     "bench",
+                    "--env",
+                    "PGSSLMODE",
                     "--",
                     "pgbench",
                 ]);

@@ -51,6 +51,10 @@ enum Cmd {
         /// Events per recorder run (audit).
         #[arg(long, default_value_t = 2_000_000)]
         events: u64,
+        /// postgres: only the pgbench table (skip the connect and SELECT 1
+        /// latencies).
+        #[arg(long)]
+        pgbench_only: bool,
     },
     /// Fuzz a parser (cargo-fuzz on nightly; installed when missing). New
     /// inputs are added to fuzz/corpus/NAME; a crash fails, naming its input.
@@ -96,11 +100,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             conns,
             mib,
             events,
+            pgbench_only,
         } => match which.as_str() {
             "redirect" => bench::redirect(conns, mib),
             "audit" => bench::audit(conns, events),
             "http" => bench::http(conns),
-            "postgres" => bench::postgres(conns),
+            "postgres" => bench::postgres(conns, pgbench_only),
             "policy" => {
                 setup()?;
                 run(cargo().args(["bench", "-p", "loopgate", "--bench", "policy"]))
