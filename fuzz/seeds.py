@@ -139,9 +139,11 @@ for i, q in enumerate([
     write("pg_sql", f"q{i}", q)
 
 # Sessions after the login: a queue of expected answers (count, then one
-# byte each: 0 Parse, 1 Bind, 2 Describe, 3 Close, 4 Execute, 5 Sync,
-# 6 Query, 7 FunctionCall, 8 the agent's lookup, 9 its own answer), then
-# messages read both as the loop's and as the server's.
+# byte each, modulo 11: 0 Parse, 1 Bind, 2 Describe, 3 Close, 4 Execute,
+# 5 Sync, 6 Query, 7 FunctionCall, 8 the agent's lookup, 9 a failing Parse
+# in place of a refusal, 10 its own answer (bit 0x80: then ReadyForQuery;
+# bit 0x40: masked)), then messages read both as the loop's and as the
+# server's.
 def msg(t, body=b""):
     return t + struct.pack(">i", len(body) + 4) + body
 
@@ -164,8 +166,9 @@ SERVER = (msg(b"1") + msg(b"2") + msg(b"t", struct.pack(">hi", 1, 23))
           + msg(b"S", cstr("TimeZone") + cstr("UTC")) + msg(b"s") + msg(b"I") + msg(b"3")
           + msg(b"n") + msg(b"G", b"\0\0\0") + msg(b"V", struct.pack(">i", -1)) + msg(b"Z", b"I"))
 write("pg_messages", "loop", b"\0" + LOOP)
-write("pg_messages", "server-extended", bytes([7, 0, 1, 2, 4, 3, 5, 9]) + SERVER)
-write("pg_messages", "server-query", bytes([3, 6, 0x89, 6]) + SERVER)
+write("pg_messages", "server-extended", bytes([7, 0, 1, 2, 4, 3, 5, 10]) + SERVER)
+write("pg_messages", "server-query", bytes([3, 6, 0x83, 6]) + SERVER)
+write("pg_messages", "server-refusal", bytes([4, 0, 4, 9, 5]) + SERVER)
 write("pg_messages", "server-lookup", bytes([2, 8, 7]) + SERVER)
 write("pg_messages", "bad-length", b"\0Q\xff\xff\xff\xff")
 ROWS = (msg(b"T", struct.pack(">h", 2) + cstr("email") + struct.pack(">ihihih", 0, 0, 25, -1, -1, 0)

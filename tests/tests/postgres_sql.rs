@@ -307,6 +307,56 @@ fn psql_statements_are_judged_one_by_one_and_refusals_leave_the_session_usable()
     assert!(!all.contains(STORED) && !agent.log().contains(STORED));
 }
 
+/// A raw v3 protocol client for Python loops (`sys.argv[1:3]`: host and
+/// port), logged in; `read_until_ready()` lists the message types up to
+/// ReadyForQuery (`E` with the SQLSTATE, `C:` with the tag).
+const RAW_CLIENT: &str = r#"
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+def msg(t, body=b""):
+    return t + struct.pack("!i", len(body) + 4) + body
+def cstr(x):
+    return x.encode() + b"\0"
+def startup():
+    body = struct.pack("!i", 196608) + cstr("user") + cstr("x") + cstr("database") + cstr("postgres") + b"\0"
+    s.sendall(struct.pack("!i", len(body) + 4) + body)
+buf = b""
+def read_until_ready():
+    global buf
+    types = []
+    while True:
+        while len(buf) < 5 or len(buf) < 1 + struct.unpack("!i", buf[1:5])[0]:
+            chunk = s.recv(65536)
+            if not chunk:
+                types.append("EOF")
+                return types
+            buf += chunk
+        n = struct.unpack("!i", buf[1:5])[0]
+        t, body, buf = buf[:1], buf[5:1 + n], buf[1 + n:]
+        if t == b"E":
+            code = [f[1:] for f in body.split(b"\0") if f[:1] == b"C"][0].decode()
+            types.append("E" + code)
+        elif t == b"C":
+            types.append("C:" + body[:-1].decode())
+        elif t not in (b"S", b"K", b"N"):
+            types.append(t.decode())
+        if t == b"Z":
+            return types
+startup()
+print(read_until_ready())
+def parse(q, name=""): return msg(b"P", cstr(name) + cstr(q) + struct.pack("!h", 0))
+def bind_to(stmt, fmt=0, params=()):
+    body = cstr("") + cstr(stmt) + (struct.pack("!hh", 1, fmt) if params else struct.pack("!h", 0))
+    body += struct.pack("!h", len(params))
+    for p in params:
+        body += struct.pack("!i", len(p)) + p
+    return msg(b"B", body + struct.pack("!h", 0))
+bind = bind_to("")
+execute = msg(b"E", cstr("") + struct.pack("!i", 0))
+sync = msg(b"S")
+def query(q): return msg(b"Q", cstr(q))
+"#;
+
 /// Events, once `pred` holds (records are written asynchronously).
 fn agent_events_when(agent: &Agent, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -585,44 +635,7 @@ fn a_refused_parse_in_a_pipeline_discards_to_sync_and_malformed_messages_end_the
     let (agent, _dir) = agent("pgpipe", &pg);
     let out = agent.python(
         "report-bot",
-        r#"
-import socket, struct, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
-def msg(t, body=b""):
-    return t + struct.pack("!i", len(body) + 4) + body
-def cstr(x):
-    return x.encode() + b"\0"
-def startup():
-    body = struct.pack("!i", 196608) + cstr("user") + cstr("x") + cstr("database") + cstr("postgres") + b"\0"
-    s.sendall(struct.pack("!i", len(body) + 4) + body)
-buf = b""
-def read_until_ready():
-    global buf
-    types = []
-    while True:
-        while len(buf) < 5 or len(buf) < 1 + struct.unpack("!i", buf[1:5])[0]:
-            chunk = s.recv(65536)
-            if not chunk:
-                types.append("EOF")
-                return types
-            buf += chunk
-        n = struct.unpack("!i", buf[1:5])[0]
-        t, body, buf = buf[:1], buf[5:1 + n], buf[1 + n:]
-        if t == b"E":
-            code = [f[1:] for f in body.split(b"\0") if f[:1] == b"C"][0].decode()
-            types.append("E" + code)
-        elif t == b"C":
-            types.append("C:" + body[:-1].decode())
-        elif t not in (b"S", b"K", b"N"):
-            types.append(t.decode())
-        if t == b"Z":
-            return types
-startup()
-print(read_until_ready())
-def parse(q): return msg(b"P", cstr("") + cstr(q) + struct.pack("!h", 0))
-bind = msg(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
-execute = msg(b"E", cstr("") + struct.pack("!i", 0))
-sync = msg(b"S")
+        &format!("{RAW_CLIENT}{}", r#"
 s.sendall(parse("INSERT INTO orders (id) VALUES (40)") + bind + execute
           + parse("DROP TABLE orders") + bind + execute
           + parse("INSERT INTO orders (id) VALUES (41)") + bind + execute + sync)
@@ -644,8 +657,9 @@ print(read_until_ready(), end=" ")
 s.sendall(msg(b"P", cstr("s") + cstr("SELECT id FROM orders WHERE id = 1") + struct.pack("!h", 0))
           + msg(b"B", cstr("") + cstr("s") + struct.pack("!hhh", 0, 0, 0)) + execute + sync)
 print(read_until_ready())
-# Inside a transaction block opened in the same batch, a refusal does not
-# abort it: COMMIT keeps the INSERT.
+# A transaction block opened in the same batch is not the server's word
+# yet: the refusal fails the batch as a server error would, so the block is
+# aborted and COMMIT rolls it back (the safe side).
 s.sendall(parse("BEGIN") + bind + execute + parse("INSERT INTO orders (id) VALUES (42)") + bind + execute
           + parse("DROP TABLE orders") + bind + execute + sync)
 print(read_until_ready(), end=" ")
@@ -653,7 +667,7 @@ s.sendall(msg(b"Q", cstr("COMMIT")))
 print(read_until_ready())
 s.sendall(msg(b"p", b"garbage\0"))
 print(read_until_ready())
-"#,
+"#),
         &[&pg.addr.ip().to_string(), &pg.addr.port().to_string()],
     );
     let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
@@ -688,13 +702,13 @@ print(read_until_ready())
     );
     assert_eq!(
         lines[6],
-        "['1', '2', 'C:BEGIN', '1', '2', 'C:INSERT 0 1', 'E42501', 'Z'] ['C:COMMIT', 'Z']"
+        "['1', '2', 'C:BEGIN', '1', '2', 'C:INSERT 0 1', 'E42501', 'Z'] ['C:ROLLBACK', 'Z']"
     );
     assert_eq!(lines[7], "['E08P01', 'EOF']");
-    assert_eq!(count(&pg), "4");
+    assert_eq!(count(&pg), "3");
     // Other sessions are unaffected.
     let (ok, out) = psql(&agent, &pg, "SELECT count(*) FROM orders");
-    assert!(ok && out == "4\n", "{out}");
+    assert!(ok && out == "3\n", "{out}");
     let s = agent.wait_sessions("the raw session and psql", |s| {
         s.len() == 2 && s.iter().all(|r| r["outcome"] != "open")
     });
@@ -704,6 +718,102 @@ print(read_until_ready())
     };
     let ev = agent_events_when(&agent, |ev| ev.iter().any(ran));
     assert!(ev.iter().any(ran), "{ev:#?}");
+}
+
+/// Attacks on the agent's map of prepared statements and its queue of
+/// answers (a raw protocol client): a statement an `approve` rule holds,
+/// prepared with Parse, run by SQL `EXECUTE`, after a `PREPARE` under the
+/// same name that the server refuses, and bound after a `Close` the server
+/// skipped; a binary parameter of an unknown type when rules read
+/// parameters; messages pipelined after a COPY FROM STDIN.
+#[test]
+fn prepared_statement_names_and_pipelines_cannot_slip_past_the_rules() {
+    let pg = server("127.10.6.13");
+    let (agent, _dir) = agent_with(
+        "pgnames",
+        &pg,
+        "[[rules]]\nid = \"hold-deletes\"\ntargets = [\"orders-db\"]\nkinds = [\"sql\"]\nwhen = \"sql.kind == 'delete'\"\naction = \"approve\"\napproval_timeout = \"1s\"\nreason = \"deletes need a person\"\n\n[[rules]]\nid = \"no-admin\"\ntargets = [\"orders-db\"]\nkinds = [\"sql\"]\nwhen = \"sql.params.exists(p, p == 'admin')\"\naction = \"deny\"\nreason = \"not admin\"\n",
+    );
+    let out = agent.python(
+        "report-bot",
+        &format!("{RAW_CLIENT}{}", r#"
+s.sendall(parse("DELETE FROM orders WHERE id = $1", "s1") + sync)
+print(read_until_ready())
+# SQL EXECUTE of a protocol-level statement: judged as the DELETE (held; no
+# one approves).
+s.sendall(query("EXECUTE s1(1)"))
+print(read_until_ready())
+# A PREPARE under the same name fails on the server; the agent keeps s1.
+s.sendall(parse("PREPARE s1 AS SELECT 1") + bind + execute + sync)
+print(read_until_ready())
+s.sendall(query("EXECUTE s1(2)"))
+print(read_until_ready())
+# A Close the server skips (an error earlier in its batch): the server
+# keeps s1, the agent forgot it; binding it is refused.
+s.sendall(parse("SELECT 1/0") + bind + execute + msg(b"C", b"S" + cstr("s1")) + sync)
+print(read_until_ready())
+s.sendall(bind_to("s1", 0, [b"3"]) + execute + sync)
+print(read_until_ready())
+s.sendall(query("EXECUTE s1(3)"))
+print(read_until_ready())
+# Rules read parameters: a binary value of a type nobody described is
+# refused; the same value as text meets the rule.
+s.sendall(parse("SELECT $1::text") + bind_to("", 1, [b"admin"]) + execute + sync)
+print(read_until_ready())
+s.sendall(parse("SELECT $1::text") + bind_to("", 0, [b"admin"]) + execute + sync)
+print(read_until_ready())
+# Messages pipelined after a COPY FROM STDIN: the agent waits for the
+# server's answer; in COPY mode a Parse ends the session.
+s.sendall(parse("COPY orders (id) FROM STDIN") + bind + execute + parse("SELECT email FROM orders") + sync
+          + parse("SELECT email FROM orders") + bind + execute + sync)
+print(read_until_ready())
+"#),
+        &[&pg.addr.ip().to_string(), &pg.addr.port().to_string()],
+    );
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    let expected = [
+        "['R', 'Z']",
+        "['1', 'Z']",
+        "['E42501', 'Z']",
+        "['1', '2', 'E42P05', 'Z']",
+        "['E42501', 'Z']",
+        "['1', 'E22012', 'Z']",
+        "['E26000', 'Z']",
+        "['E42501', 'Z']",
+        "['1', 'E0A000', 'Z']",
+        "['1', 'E42501', 'Z']",
+        "['1', '2', 'G', 'E08P01', 'EOF']",
+    ];
+    assert_eq!(
+        lines,
+        expected,
+        "{}\n{}\n{}",
+        stdout(&out),
+        stderr(&out),
+        agent.log()
+    );
+    assert_eq!(count(&pg), "3", "no DELETE ran, no COPY row arrived");
+    let refusals: Vec<Value> = agent_events_when(&agent, |ev| {
+        ev.iter().filter(|e| e["verdict"] == "deny").count() >= 6
+    });
+    let rules: Vec<&str> = refusals
+        .iter()
+        .filter(|e| e["verdict"] == "deny")
+        .filter_map(|e| e["rule_id"].as_str())
+        .collect();
+    assert!(
+        rules.contains(&"sql:safety")
+            && rules.contains(&"sql:params")
+            && rules.iter().any(|r| r.ends_with("no-admin")),
+        "{rules:?}"
+    );
+    assert!(
+        refusals.iter().any(|e| e["rule_id"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("hold-deletes"))
+            && e["request"] == "EXECUTE s1($1)"),
+        "{refusals:#?}"
+    );
 }
 
 /// A loop that asks for TLS gets it, with a certificate for the target's

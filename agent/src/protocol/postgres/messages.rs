@@ -104,6 +104,17 @@ pub struct Param<'a> {
     pub value: Option<&'a [u8]>,
 }
 
+/// Whether [`param_text`] shows this parameter's value (not its length).
+pub fn param_readable(p: &Param<'_>, oid: u32) -> bool {
+    let Some(v) = p.value else {
+        return true;
+    };
+    if !p.binary {
+        return std::str::from_utf8(v).is_ok();
+    }
+    !param_text(p, oid).is_some_and(|t| t.starts_with('<') && t.ends_with(" bytes, binary>"))
+}
+
 /// A parameter as the rules, the record and an approver read it (`None`:
 /// SQL NULL): text-format values as sent, binary ones decoded for the
 /// common types (`oid`: its type, from the `Parse` or the server's

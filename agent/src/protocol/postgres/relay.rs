@@ -134,7 +134,8 @@ where
         decisions: Mutex::default(),
         discarding: false,
         batch_ran: false,
-        in_block: false,
+        batch_txn: false,
+        copy_sent: false,
         out: Vec::with_capacity(8192),
         capture: s.capture().map(|c| Captured::new(c, Side::Client)),
     };
@@ -242,6 +243,9 @@ struct Track {
     /// SELECT when it opened): applied to what arrives outside a result
     /// (notifications, parameter changes, errors and notices, COPY data).
     session_mask: Option<Arc<MaskSpec>>,
+    /// The server sent rows no queued message asked for: the agent's view
+    /// of the session is wrong, and the session ends.
+    lost: bool,
 }
 
 /// What the server owes for one message, or an answer of the agent's own.
@@ -319,6 +323,8 @@ struct Rec {
     formats: Vec<i16>,
     plan: Option<Vec<Column>>,
     masked: u64,
+    /// A `COPY ... FROM STDIN`.
+    copy: bool,
 }
 
 /// How one result column is masked.
@@ -461,6 +467,7 @@ impl Rec {
             formats: Vec::new(),
             plan: None,
             masked: 0,
+            copy: false,
         }
     }
 
@@ -596,10 +603,12 @@ struct Up {
     discarding: bool,
     /// An Execute was forwarded since the last Sync.
     batch_ran: bool,
-    /// Whether the server is in a transaction block when it reaches the
-    /// loop's current message: its last ReadyForQuery when nothing is owed,
-    /// else as the statements forwarded since open and end blocks.
-    in_block: bool,
+    /// An Execute of a statement that opens or ends a transaction block
+    /// was forwarded since the last Sync: the server's last ReadyForQuery
+    /// no longer says whether this batch runs in a block.
+    batch_txn: bool,
+    /// A `COPY ... FROM STDIN` was forwarded and may still be unanswered.
+    copy_sent: bool,
     /// Bytes for the server, written once per read.
     out: Vec<u8>,
     capture: Option<Captured>,
@@ -705,6 +714,7 @@ impl Up {
                 b'S' => {
                     self.discarding = false;
                     self.batch_ran = false;
+                    self.batch_txn = false;
                     self.forward(&frame, Some(Expect::Sync));
                 }
                 b'X' => return Ok(Flow::Terminate),
@@ -716,7 +726,11 @@ impl Up {
             Ok(m) => m,
             Err(e) => return Err(self.fatal(e.sqlstate(), &format!("loopgate: {e}"))),
         };
-        self.room().await;
+        if self.shared.lock().pending.len() >= MAX_PENDING {
+            // What is queued for the server must reach it to be answered.
+            self.flush(sw).await?;
+            self.room().await;
+        }
         let copy_in = {
             let mut t = self.shared.lock();
             // Parses the server refused: the map as it was before them.
@@ -732,10 +746,18 @@ impl Up {
                     };
                 }
             }
-            if t.pending.is_empty() && t.settled {
-                self.in_block = t.status.is_some_and(|s| s != b'I');
-            }
             t.copy_in
+        };
+        // A message after a COPY FROM STDIN the server has not answered yet:
+        // whether it arrives during the COPY (an error the server skips
+        // from) is known once the server answers; until then the loop's half
+        // waits.
+        let copy_in = if self.copy_sent && !matches!(msg, Front::Copy | Front::Sync | Front::Flush)
+        {
+            self.flush(sw).await?;
+            self.copy_settled().await
+        } else {
+            copy_in
         };
         if copy_in && !matches!(msg, Front::Copy | Front::Sync | Front::Flush) {
             return Err(self.fatal(
@@ -757,10 +779,13 @@ impl Up {
                     let (st, mask) = self.sql_prepared.get(statement)?;
                     let hold = self.s.verdict(Operation::Sql(st.op(&st.text, &[]))).verdict
                         == Verdict::Approve;
+                    // Running it prepares nothing.
+                    let mut st = st.clone();
+                    st.prepares = None;
                     Some(Arc::new(Prepared {
-                        event: Some(self.event_of(st, "prepared with PREPARE")),
+                        event: Some(self.event_of(&st, "prepared with PREPARE")),
                         query: String::new(),
-                        statement: Some(st.clone()),
+                        statement: Some(st),
                         schemas: self.schemas.len(),
                         mask: mask.clone(),
                         fields: Slot::default(),
@@ -768,21 +793,36 @@ impl Up {
                         types: Vec::new(),
                     }))
                 });
-                let types = prepared
-                    .as_ref()
-                    .map(|p| p.param_types())
-                    .unwrap_or_default();
+                // A statement the agent does not know (never judged, or
+                // closed or deallocated as far as it saw) is not bound:
+                // whatever the server holds under that name, unjudged.
+                let Some(prepared) = prepared else {
+                    let reason = format!(
+                        "prepared statement {statement:?} is not one this session prepared as far as the agent saw"
+                    );
+                    self.refuse_unjudged(
+                        &format!("BIND {statement:?}"),
+                        "sql:safety",
+                        "26000",
+                        &reason,
+                    );
+                    self.refuse_in_batch("26000", &format!("loopgate: {reason}"));
+                    return Ok(Flow::Continue);
+                };
+                let types = prepared.param_types();
+                let opaque = params.iter().enumerate().position(|(i, p)| {
+                    !messages::param_readable(p, types.get(i).copied().unwrap_or(0))
+                });
                 let params: Vec<Option<String>> = params
                     .iter()
                     .enumerate()
                     .map(|(i, p)| messages::param_text(p, types.get(i).copied().unwrap_or(0)))
                     .collect();
-                if let Some(p) = &prepared {
-                    if let Err((code, msg)) = self.bind_judge(p, &params).await {
-                        self.refuse_in_batch(code, &msg);
-                        return Ok(Flow::Continue);
-                    }
+                if let Err((code, msg)) = self.bind_judge(&prepared, &params, opaque).await {
+                    self.refuse_in_batch(code, &msg);
+                    return Ok(Flow::Continue);
                 }
+                let prepared = Some(prepared);
                 self.portals.insert(
                     portal.to_owned(),
                     Portal {
@@ -843,14 +883,22 @@ impl Up {
                     }
                     None => {}
                 }
-                let block = self
+                // What the statement changes in the agent's view (PREPARE,
+                // DEALLOCATE), once it runs.
+                let ran = self
                     .portals
                     .get(portal)
-                    .and_then(|p| p.prepared.as_ref())
-                    .and_then(|p| p.statement.as_ref())
-                    .and_then(|st| st.block);
-                if let Some(b) = block {
-                    self.in_block = b;
+                    .and_then(|p| p.prepared.clone())
+                    .filter(|p| p.statement.is_some());
+                if let Some(p) = ran {
+                    if let Some(st) = &p.statement {
+                        self.apply(st, p.mask.clone());
+                        self.batch_txn |= st.block.is_some();
+                        if st.copy_from_stdin {
+                            self.copy_sent = true;
+                            rec.copy = true;
+                        }
+                    }
                 }
                 self.batch_ran = true;
                 self.forward(&frame, Some(Expect::Execute(Some(rec))));
@@ -867,6 +915,7 @@ impl Up {
             Front::Sync if copy_in => self.forward(&frame, None),
             Front::Sync => {
                 self.batch_ran = false;
+                self.batch_txn = false;
                 self.forward(&frame, Some(Expect::Sync));
             }
             Front::Copy if matches!(frame[0], b'c' | b'f') => {
@@ -908,10 +957,43 @@ impl Up {
     fn refuse_in_batch(&mut self, code: &str, message: &str) {
         self.discarding = true;
         let refusal = messages::error(code, message);
-        if self.batch_ran && !self.in_block {
+        // In a block only by the server's word: its last ReadyForQuery, when
+        // every batch before this one is answered and this one opened or
+        // ended none. When in doubt the batch fails, as after a server
+        // error.
+        let in_block = !self.batch_txn && {
+            let t = self.shared.lock();
+            !t.pending.iter().any(Expect::is_sync_point) && matches!(t.status, Some(b'T' | b'E'))
+        };
+        if self.batch_ran && !in_block {
             self.forward(&messages::FAILING_PARSE, Some(Expect::Refusal(refusal)));
         } else {
             self.answer(refusal, false);
+        }
+    }
+
+    /// Waits until the server has answered the COPY FROM STDIN statements
+    /// forwarded (it started the COPY, or refused or skipped it); whether
+    /// it is now in COPY mode.
+    async fn copy_settled(&mut self) -> bool {
+        loop {
+            let changed = self.shared.room.notified();
+            {
+                let t = self.shared.lock();
+                if t.copy_in {
+                    return true;
+                }
+                let waiting = t.pending.iter().any(|e| match e {
+                    Expect::Execute(Some(r)) => r.copy,
+                    Expect::Query(recs) => recs.iter().any(|r| r.copy),
+                    _ => false,
+                });
+                if !waiting || t.server_gone {
+                    self.copy_sent = false;
+                    return false;
+                }
+            }
+            changed.await;
         }
     }
 
@@ -955,6 +1037,7 @@ impl Up {
         &mut self,
         p: &Prepared,
         params: &[Option<String>],
+        opaque: Option<usize>,
     ) -> Result<(), (&'static str, String)> {
         let mut hold = p.hold;
         if p.schemas != self.schemas.len() && !p.query.is_empty() {
@@ -969,6 +1052,16 @@ impl Up {
         let reads = !params.is_empty() && self.decisions_now().is_some_and(|c| c.reads_params);
         if !hold && !reads {
             return Ok(());
+        }
+        // Rules read the parameters: one the agent cannot read as the server
+        // will is refused, not guessed.
+        if let (true, Some(i)) = (reads, opaque) {
+            let reason = format!(
+                "parameter ${} is in a binary format the agent cannot read, and rules read parameters; send it as text",
+                i + 1
+            );
+            self.refuse_unjudged(&self.shown(&st.normalized), "sql:params", "0A000", &reason);
+            return Err(("0A000", format!("loopgate: {reason}")));
         }
         let values: Vec<String> = params
             .iter()
@@ -1006,6 +1099,20 @@ impl Up {
             return Err(("42501", refusal_message(&rule_id, &reason)));
         }
         Ok(())
+    }
+
+    /// Records a refusal the agent makes before any rule (counted as a
+    /// decision).
+    fn refuse_unjudged(&self, text: &str, rule_id: &str, sqlstate: &str, reason: &str) {
+        self.s.refuse(
+            EventKind::Op(OpKind::Sql),
+            text,
+            &crate::kinds::Refusal::new(rule_id, reason.to_owned()),
+            vec![
+                ("result".into(), "refused".into()),
+                ("sqlstate".into(), sqlstate.into()),
+            ],
+        );
     }
 
     /// Parameters for the record and an approver: the session's secrets
@@ -1053,13 +1160,25 @@ impl Up {
     fn effective<'a>(&'a self, st: &'a Statement) -> &'a Statement {
         st.executes
             .as_ref()
-            .and_then(|n| self.sql_prepared.get(n).map(|(st, _)| st))
+            .and_then(|n| {
+                self.sql_prepared
+                    .get(n)
+                    .map(|(st, _)| st)
+                    .or_else(|| self.prepared.get(n).and_then(|p| p.statement.as_ref()))
+            })
             .unwrap_or(st)
     }
 
     /// The agent's own checks, before any rule: what would make its reading
     /// of later statements wrong.
     fn safety(&self, st: &Statement) -> Option<String> {
+        // `effective` found no statement under this name: one the agent did
+        // not judge (or one it saw go) cannot be run.
+        if let Some(name) = &st.executes {
+            return Some(format!(
+                "EXECUTE of {name:?}, which is not a statement prepared in this session as far as the agent saw"
+            ));
+        }
         if let Some(p) = &st.search_path {
             if p.iter().any(|s| s == "?") {
                 return Some(
@@ -1200,7 +1319,10 @@ impl Up {
     /// What an allowed statement changes in the agent's view of the session.
     fn apply(&mut self, st: &Statement, mask: Option<Arc<MaskSpec>>) {
         if let Some(name) = &st.prepares {
-            self.sql_prepared.insert(name.clone(), (st.clone(), mask));
+            // A name in use is the server's error: it keeps the first.
+            if !self.prepared.contains_key(name) && !self.sql_prepared.contains_key(name) {
+                self.sql_prepared.insert(name.clone(), (st.clone(), mask));
+            }
         }
         // One namespace on the server: DEALLOCATE (and DISCARD ALL) drop
         // protocol-level statements too.
@@ -1276,18 +1398,24 @@ impl Up {
             rec.mask = self.mask_of(&judged);
             if rec.mask.is_none() && matches!(st.kind.as_str(), "fetch" | "execute") {
                 // Rows of a cursor or a prepared statement judged earlier.
-                rec.mask = match st.executes.as_ref().and_then(|n| self.sql_prepared.get(n)) {
-                    Some((_, m)) => m.clone(),
-                    None => self.fallback_mask.clone(),
+                let name = st.executes.as_ref();
+                rec.mask = match (
+                    name.and_then(|n| self.sql_prepared.get(n)),
+                    name.and_then(|n| self.prepared.get(n)),
+                ) {
+                    (Some((_, m)), _) => m.clone(),
+                    (None, Some(p)) => p.mask.clone(),
+                    (None, None) => self.fallback_mask.clone(),
                 };
             }
             recs.push_back(rec);
         }
-        for (st, rec) in stmts.iter().zip(recs.iter()) {
+        for (st, rec) in stmts.iter().zip(recs.iter_mut()) {
             let mask = rec.mask.clone();
             self.apply(st, mask);
-            if let Some(b) = st.block {
-                self.in_block = b;
+            if st.copy_from_stdin {
+                rec.copy = true;
+                self.copy_sent = true;
             }
         }
         self.forward(frame, Some(Expect::Query(recs)));
@@ -1321,10 +1449,6 @@ impl Up {
                 first = Some((event, st.clone(), self.mask_of(&judged)));
             }
         }
-        let mask = first.as_ref().and_then(|(_, _, m)| m.clone());
-        for st in stmts {
-            self.apply(st, mask.clone());
-        }
         Ok(match first {
             Some((e, st, mask)) => (Some(e), Some(st), mask, held),
             None => (None, None, None, held),
@@ -1339,9 +1463,12 @@ impl Up {
                 return;
             }
         };
-        // A name in use is the server's error: it keeps the first.
+        // A name in use (by Parse or by SQL PREPARE: one namespace on the
+        // server) is the server's error: it keeps the first.
         let mut undo = None;
-        if name.is_empty() || !self.prepared.contains_key(name) {
+        if name.is_empty()
+            || !(self.prepared.contains_key(name) || self.sql_prepared.contains_key(name))
+        {
             let new = Arc::new(Prepared {
                 event,
                 query: query.to_owned(),
@@ -1535,6 +1662,7 @@ where
         };
         let mut fatal = None;
         let mut bad = None;
+        let mut lost = false;
         let mut done = false;
         {
             let mut t = shared.lock();
@@ -1559,6 +1687,9 @@ where
             }
             if let Some(f) = t.fatal.take() {
                 fatal = Some(f);
+            }
+            if t.lost && bad.is_none() {
+                lost = true;
             }
             if t.stop && t.pending.is_empty() {
                 done = true;
@@ -1595,6 +1726,19 @@ where
             return Err(Outcome::UpstreamError(format!(
                 "the server sent a message it cannot relay: {e}"
             )));
+        }
+        if lost {
+            tracing::warn!(session = %s.id(), "the PostgreSQL server's answers no longer match the loop's messages; session ended");
+            let _ = cw
+                .write_all(&super::wire::error_response(
+                    "08P01",
+                    "loopgate: the server's answers no longer match this session's messages",
+                ))
+                .await;
+            let _ = cw.shutdown().await;
+            return Err(Outcome::UpstreamError(
+                "the server's answers no longer matched the loop's messages".into(),
+            ));
         }
         if fatal.is_some() {
             let _ = cw.shutdown().await;
@@ -1810,13 +1954,27 @@ fn on_server(t: &mut Track, f: &[u8], out: &mut Vec<u8>, events: &mut Vec<Event>
             }
             _ => {}
         },
+        // COPY data nobody queued: not relayed (it could not be masked).
+        b'd' if !matches!(
+            t.pending.front(),
+            Some(Expect::Execute(_) | Expect::Query(_))
+        ) =>
+        {
+            t.lost = true;
+            return;
+        }
         b'D' => {
             let rec = match t.pending.front_mut() {
                 Some(Expect::Execute(Some(r))) => Some(r),
                 Some(Expect::Query(recs)) => recs.front_mut(),
                 _ => None,
             };
-            if let Some(r) = rec {
+            let Some(r) = rec else {
+                // Rows nobody queued: not relayed (they could not be masked).
+                t.lost = true;
+                return;
+            };
+            {
                 r.rows += 1;
                 if let Some(spec) = r.mask.clone() {
                     if r.plan.is_none() {
@@ -2036,8 +2194,12 @@ pub(super) fn replay_server(expects: &[u8], data: &[u8]) -> (Vec<u8>, usize, usi
     let (mut out, mut events, mut framed) = (Vec::new(), Vec::new(), 0);
     drain(&mut t, &mut out);
     while let Ok(Some(f)) = next_frame(&mut buf, MAX_SERVER_MESSAGE) {
-        framed += f.len();
         on_server(&mut t, &f, &mut out, &mut events);
+        // Rows nobody asked for end the session (not relayed).
+        if t.lost {
+            break;
+        }
+        framed += f.len();
         drain(&mut t, &mut out);
     }
     (out, framed, events.len())

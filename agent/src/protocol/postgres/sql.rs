@@ -73,6 +73,8 @@ pub struct Statement {
     /// `START TRANSACTION`, `COMMIT AND CHAIN`: `Some(true)`) or ends one
     /// (`COMMIT`, `ROLLBACK`, `PREPARE TRANSACTION`: `Some(false)`).
     pub block: Option<bool>,
+    /// `COPY ... FROM STDIN`: the server waits for the loop's data.
+    pub copy_from_stdin: bool,
     /// The text with its constants replaced by `$n` (pg_query's
     /// normalisation): what the audit records, so literals (e-mail
     /// addresses, tokens) in the text are not stored.
@@ -281,6 +283,7 @@ pub fn classify(sql: &str, search_path: &[String]) -> Result<Vec<Statement>, Sql
             executes,
             deallocates,
             block,
+            copy_from_stdin: copy.is_some_and(|(from, program)| from && !program) && !server_file,
             normalized: pg_query::normalize(&text).unwrap_or_else(|_| text.clone()),
             fingerprint,
             text,
@@ -792,6 +795,10 @@ mod tests {
             Some(Some("wipe".into()))
         );
         assert_eq!(one("DEALLOCATE ALL").deallocates, Some(None));
+        assert!(one("COPY t FROM STDIN").copy_from_stdin);
+        assert!(!one("COPY t FROM '/tmp/x'").copy_from_stdin);
+        assert!(!one("COPY t FROM PROGRAM 'cat'").copy_from_stdin);
+        assert!(!one("COPY t TO STDOUT").copy_from_stdin);
         for (sql, block) in [
             ("BEGIN", Some(true)),
             ("start transaction isolation level serializable", Some(true)),
