@@ -16,6 +16,7 @@ PKGS=(
   python3-psycopg2      # a Python PostgreSQL driver as a loop (imports under /usr/bin/python3 only)
   python3-venv          # the chdb-core venv below
   postgresql postgresql-client           # a real PostgreSQL target in tests (tests start their own)
+  openssh-server openssh-client         # a real sshd target and ssh loops in tests (tests start their own sshd)
   openjdk-17-jdk-headless libpostgresql-jdbc-java  # pgjdbc as a loop (Java's source launcher needs the JDK)
   clickhouse-server clickhouse-client   # the audit store (18.16 on Debian 12); tests start their own
   chromium              # the approval page test clicks in headless Chromium

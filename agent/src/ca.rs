@@ -147,20 +147,24 @@ impl AgentCa {
 }
 
 /// Makes a new CA in `state_dir/ca/`.
-fn create(state_dir: &Path) -> Result<(), CaError> {
-    let dir = state_dir.join("ca");
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |err| CaError::Io { path, err }
+/// A directory only the agent can read (0700, an existing one too).
+pub(crate) fn private_dir(dir: &Path) -> Result<(), CaError> {
+    let io = |err| CaError::Io {
+        path: dir.to_owned(),
+        err,
     };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&dir)
-        .map_err(io(&dir))?;
-    // An existing directory too: the key is the agent's alone.
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .map_err(io(&dir))?;
+        .create(dir)
+        .map_err(io)?;
+    // An existing directory too: the keys are the agent's alone.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)
+}
+
+fn create(state_dir: &Path) -> Result<(), CaError> {
+    let dir = state_dir.join("ca");
+    private_dir(&dir)?;
     let invalid = |e: rcgen::Error| CaError::Invalid {
         path: dir.clone(),
         err: e.to_string(),
@@ -189,7 +193,9 @@ fn create(state_dir: &Path) -> Result<(), CaError> {
     Ok(())
 }
 
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+/// Writes `data` to a temporary file of `mode`, syncs it and renames it
+/// over `path` (a crash never leaves half a file).
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     let tmp = path.with_extension("tmp");
     let io = |err| CaError::Io {
         path: path.to_owned(),

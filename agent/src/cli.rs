@@ -127,9 +127,11 @@ pub enum ApprovalsCmd {
 #[derive(Subcommand)]
 pub enum TrustCmd {
     /// Add the agent's CA (state_dir/ca/ca.pem) to the system trust store
-    /// (Debian: /usr/local/share/ca-certificates, update-ca-certificates).
+    /// (Debian: /usr/local/share/ca-certificates, update-ca-certificates),
+    /// and, with SSH targets, its SSH host CA as an `@cert-authority` line
+    /// for their host patterns in /etc/ssh/ssh_known_hosts.
     Install,
-    /// Remove it again.
+    /// Remove them again.
     Uninstall,
 }
 
@@ -262,11 +264,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 TrustCmd::Install => {
                     let path = crate::ca::trust::install(&cfg.agent.state_dir)?;
                     println!("trusted: {} (the agent's CA)", path.display());
+                    let patterns = crate::ssh_ca::host_patterns(&cfg);
+                    if !patterns.is_empty() {
+                        let ca = crate::ssh_ca::SshHostCa::load_or_create(&cfg.agent.state_dir)?;
+                        let file = std::path::Path::new(crate::ssh_ca::known_hosts::SYSTEM);
+                        crate::ssh_ca::known_hosts::install(
+                            file,
+                            &patterns,
+                            &ca.public_line(),
+                            &ca.fingerprint(),
+                        )?;
+                        println!(
+                            "trusted: {} (the agent's SSH host CA for {})",
+                            file.display(),
+                            patterns.join(",")
+                        );
+                    }
                 }
-                TrustCmd::Uninstall => match crate::ca::trust::uninstall(&cfg.agent.state_dir)? {
-                    Some(path) => println!("removed: {}", path.display()),
-                    None => println!("the agent's CA was not in the trust store"),
-                },
+                TrustCmd::Uninstall => {
+                    match crate::ca::trust::uninstall(&cfg.agent.state_dir)? {
+                        Some(path) => println!("removed: {}", path.display()),
+                        None => println!("the agent's CA was not in the trust store"),
+                    }
+                    if crate::ssh_ca::ca_pub_path(&cfg.agent.state_dir).exists() {
+                        let ca = crate::ssh_ca::SshHostCa::load_or_create(&cfg.agent.state_dir)?;
+                        let file = std::path::Path::new(crate::ssh_ca::known_hosts::SYSTEM);
+                        if crate::ssh_ca::known_hosts::uninstall(file, &ca.fingerprint())? {
+                            println!("removed: the agent's SSH host CA from {}", file.display());
+                        }
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

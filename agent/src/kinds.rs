@@ -61,7 +61,8 @@ impl Protocol {
         match self {
             Protocol::Http | Protocol::Https | Protocol::Kubernetes => &[OpKind::Http],
             Protocol::Postgres => &[OpKind::Sql],
-            Protocol::Ssh | Protocol::Tcp | Protocol::Dns => &[],
+            Protocol::Ssh => &[OpKind::Ssh],
+            Protocol::Tcp | Protocol::Dns => &[],
         }
     }
 }
@@ -83,10 +84,12 @@ pub enum OpKind {
     Http,
     /// One SQL statement.
     Sql,
+    /// One SSH channel request (a command run).
+    Ssh,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 3] = [OpKind::Connect, OpKind::Http, OpKind::Sql];
+    pub const ALL: [OpKind; 4] = [OpKind::Connect, OpKind::Http, OpKind::Sql, OpKind::Ssh];
 
     /// The name `kinds` globs match and audit events carry.
     pub fn as_str(self) -> &'static str {
@@ -94,6 +97,7 @@ impl OpKind {
             OpKind::Connect => "connect",
             OpKind::Http => "request",
             OpKind::Sql => "sql",
+            OpKind::Ssh => "ssh",
         }
     }
 
@@ -104,6 +108,7 @@ impl OpKind {
             OpKind::Connect => None,
             OpKind::Http => Some("http"),
             OpKind::Sql => Some("sql"),
+            OpKind::Ssh => Some("ssh"),
         }
     }
 }

@@ -68,5 +68,6 @@ pub mod proxy;
 pub mod secrets;
 pub mod session;
 pub mod sockdiag;
+pub mod ssh_ca;
 pub mod targets;
 pub mod telemetry;

@@ -153,6 +153,10 @@ pub struct StoredCredential {
     /// PostgreSQL: the largest message read from the loop and the server.
     pub max_message: usize,
     pub max_result_message: usize,
+    /// SSH: the private key the agent logs in upstream with, and the
+    /// known_hosts file the upstream's host key is checked against.
+    pub ssh_key: Option<std::sync::Arc<russh::keys::PrivateKey>>,
+    pub known_hosts: Option<PathBuf>,
 }
 
 impl Default for StoredCredential {
@@ -167,6 +171,8 @@ impl Default for StoredCredential {
             pool_idle_timeout: std::time::Duration::from_secs(60),
             max_message: crate::protocol::postgres::messages::MAX_LOOP_MESSAGE,
             max_result_message: crate::protocol::postgres::messages::MAX_SERVER_MESSAGE,
+            ssh_key: None,
+            known_hosts: None,
         }
     }
 }
@@ -257,6 +263,20 @@ pub fn target_credentials(
             )),
             _ => None,
         };
+        let ssh_key = match (&c.key_file, t.protocol) {
+            (Some(p), crate::config::Protocol::Ssh) => {
+                let text = read_file(cfg, &key("key_file"), p)?;
+                let k = russh::keys::PrivateKey::from_openssh(text.expose().as_bytes()).map_err(
+                    |e| SecretError::Ca {
+                        file: cfg.source.clone(),
+                        key: key("key_file"),
+                        reason: format!("not an unencrypted OpenSSH private key ({e})"),
+                    },
+                )?;
+                Some(std::sync::Arc::new(k))
+            }
+            _ => None,
+        };
         out.insert(
             t.name.clone(),
             StoredCredential {
@@ -269,6 +289,8 @@ pub fn target_credentials(
                 pool_idle_timeout,
                 max_message,
                 max_result_message,
+                ssh_key,
+                known_hosts: c.known_hosts_file.clone(),
             },
         );
     }

@@ -13,7 +13,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`agent`] | [`Agent`] (start, CLI, sessions, approvals, tagged loops), [`AgentSpec`] (the config it writes), [`Loop`], cgroups |
-//! | [`servers`] | one module each: [`EchoServer`], [`HttpServer`]/[`RawHttpServer`], [`PgServer`], [`ClickHouse`] |
+//! | [`servers`] | one module each: [`EchoServer`], [`HttpServer`]/[`RawHttpServer`], [`PgServer`], [`SshServer`], [`ClickHouse`] |
 //! | [`idp`] | [`Idp`]: the JWT/JWKS test issuer |
 //! | [`curl`] | [`curl()`] and [`Agent::curl`]: the one curl runner |
 //! | [`util`] | output text, file modes, dev-cache tools |
@@ -42,5 +42,6 @@ pub use servers::{
     free_port,
     http::{gzip, webhook_receiver, zlib, HttpServer, RawHttpServer},
     postgres::PgServer,
+    ssh::{SshServer, SSH_USER},
 };
 pub use util::{loops_python, playwright_core, set_mode, stderr, stdout};

@@ -870,7 +870,7 @@ fn loops_that_ask_for_tls_get_a_certificate_from_the_agents_ca() {
     assert!(!ok && out.contains("certificate verify failed"), "{out}");
 
     // The host's trust store, once.
-    let o = agent.cli(&["trust", "install"]);
+    let o = agent.trust("install");
     assert!(o.status.success(), "{}", stderr(&o));
     let installed = stdout(&o);
     let path = installed
@@ -893,8 +893,8 @@ fn loops_that_ask_for_tls_get_a_certificate_from_the_agents_ca() {
         "the CA is not in the system bundle"
     );
     // Idempotent.
-    assert!(agent.cli(&["trust", "install"]).status.success());
-    let o = agent.cli(&["trust", "uninstall"]);
+    assert!(agent.trust("install").status.success());
+    let o = agent.trust("uninstall");
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!std::path::Path::new(&path).exists());
     assert!(

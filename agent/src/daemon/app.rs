@@ -144,6 +144,23 @@ impl App {
                 None
             }
         };
+        // The SSH host CA, made on the first start when there are SSH
+        // targets: the agent answers as them with certificates it signs.
+        let ssh_ca = if cfg
+            .targets
+            .iter()
+            .any(|t| t.protocol == crate::config::Protocol::Ssh)
+        {
+            match crate::ssh_ca::SshHostCa::load_or_create(&cfg.agent.state_dir) {
+                Ok(ca) => Some(Arc::new(ca)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no SSH host CA: SSH sessions are refused");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let proxy = Arc::new(Proxy {
             services,
             flows: kernel.clone(),
@@ -153,6 +170,7 @@ impl App {
                 dns: dns.clone(),
                 tcp_idle_timeout: Duration::from_secs(cfg.agent.tcp_idle_timeout_secs.max(1)),
                 ca: ca.clone(),
+                ssh_ca,
             }),
             capture_bytes: cfg.audit.capture_bytes,
             capture_budget: crate::limits::CaptureBudget::new(

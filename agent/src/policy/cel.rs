@@ -28,6 +28,9 @@
 //! | `sql.program` | bool | `COPY ... PROGRAM` (a shell command on the server) |
 //! | `sql.server_file` | bool | `COPY ... FROM/TO 'file'` (a file on the database server) |
 //! | `sql.settings` | list of strings | settings it changes: `SET`/`RESET` names, `set_config` names (`?` when computed) |
+//! | `ssh.command` | string | SSH commands only: the command line as sent |
+//! | `ssh.argv` | list of strings | its words as a POSIX shell splits them |
+//! | `ssh.user` | string | the user the loop asked for |
 
 use std::{
     cell::Cell,
@@ -197,6 +200,7 @@ impl Condition {
                 headers: None,
             }),
             Some(OpKind::Sql) => Operation::Sql(super::SqlOp::SELECT),
+            Some(OpKind::Ssh) => Operation::Ssh(super::SshOp::SAMPLE),
             _ => Operation::Connect,
         };
         let sample = Request {
@@ -378,6 +382,24 @@ impl<'f> Vars<'f> {
                     ("settings", list(q.settings)),
                     ("text", s(q.text)),
                     ("params", list(q.params)),
+                ]),
+            );
+        }
+        if let Operation::Ssh(c) = r.op {
+            ctx.add_variable_from_value(
+                "ssh",
+                map([
+                    ("command", s(c.command)),
+                    (
+                        "argv",
+                        Value::List(Arc::new(
+                            c.argv
+                                .iter()
+                                .map(|a| Value::String(Arc::new(a.clone())))
+                                .collect(),
+                        )),
+                    ),
+                    ("user", s(c.user)),
                 ]),
             );
         }

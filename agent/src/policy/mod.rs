@@ -154,6 +154,28 @@ pub struct SqlOp<'a> {
     pub params: &'a [String],
 }
 
+/// A command a loop runs over SSH (an `exec` request), as the rules see it
+/// (`protocol::ssh`).
+#[derive(Debug, Clone, Copy)]
+pub struct SshOp<'a> {
+    /// The command line as sent.
+    pub command: &'a str,
+    /// Its words, split as a POSIX shell splits them (quotes and escapes
+    /// removed; empty when the line does not split).
+    pub argv: &'a [String],
+    /// The user the loop asked for (checked against the target's).
+    pub user: &'a str,
+}
+
+impl SshOp<'static> {
+    /// A sample for checking conditions.
+    pub const SAMPLE: SshOp<'static> = SshOp {
+        command: "true",
+        argv: &[],
+        user: "sample",
+    };
+}
+
 /// What a decision is about: the session, or one operation inside it. Each
 /// protocol that inspects its sessions adds its variant (and an
 /// [`OpKind`]).
@@ -180,6 +202,7 @@ pub enum Operation<'a> {
     Connect,
     Http(HttpOp<'a>),
     Sql(SqlOp<'a>),
+    Ssh(SshOp<'a>),
 }
 
 impl Operation<'_> {
@@ -188,6 +211,7 @@ impl Operation<'_> {
             Operation::Connect => OpKind::Connect,
             Operation::Http(_) => OpKind::Http,
             Operation::Sql(_) => OpKind::Sql,
+            Operation::Ssh(_) => OpKind::Ssh,
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::{kinds::Outcome, session::Session};
 pub mod dns;
 pub mod http;
 pub mod postgres;
+pub mod ssh;
 pub mod tcp;
 
 /// A protocol handler: what it can do (default-bodied hooks) and how it
@@ -71,6 +72,9 @@ pub struct Settings {
     /// The agent's CA (`state_dir/ca`): certificates for loops that ask
     /// for TLS.
     pub ca: Option<Arc<crate::ca::AgentCa>>,
+    /// The agent's SSH host CA (`state_dir/ssh`), when there are SSH
+    /// targets.
+    pub ssh_ca: Option<Arc<crate::ssh_ca::SshHostCa>>,
 }
 
 /// Handlers by protocol; protocols without one are relayed as raw TCP.
@@ -91,6 +95,9 @@ impl Registry {
         r.add(raw);
         r.add(Arc::new(http::Http));
         r.add(Arc::new(postgres::Postgres::new(settings.ca.clone())));
+        r.add(Arc::new(ssh::Ssh {
+            ca: settings.ssh_ca.clone(),
+        }));
         if let Some(resolver) = settings.dns {
             r.add(Arc::new(dns::Dns { resolver }));
         }
@@ -123,17 +130,18 @@ mod tests {
             dns: None,
             tcp_idle_timeout: Duration::from_secs(1),
             ca: None,
+            ssh_ca: None,
         });
-        for p in [Protocol::Http, Protocol::Postgres, Protocol::Tcp] {
+        for p in [
+            Protocol::Http,
+            Protocol::Postgres,
+            Protocol::Ssh,
+            Protocol::Tcp,
+        ] {
             assert!(r.handles(p));
             assert_eq!(r.get(p).protocol(), p);
         }
-        for p in [
-            Protocol::Ssh,
-            Protocol::Https,
-            Protocol::Kubernetes,
-            Protocol::Dns,
-        ] {
+        for p in [Protocol::Https, Protocol::Kubernetes, Protocol::Dns] {
             assert!(!r.handles(p), "{p}");
             assert_eq!(r.get(p).protocol(), Protocol::Tcp);
         }

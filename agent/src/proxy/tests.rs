@@ -191,6 +191,7 @@ fn harness_with(
         dns: None,
         tcp_idle_timeout: Duration::from_secs(60),
         ca: None,
+        ssh_ca: None,
     });
     extra(&mut handlers);
     let rt = tokio::runtime::Builder::new_multi_thread()

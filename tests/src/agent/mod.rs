@@ -276,6 +276,23 @@ impl Agent {
             .to_owned()
     }
 
+    /// `loopgate trust install|uninstall`, one at a time across tests: it
+    /// rewrites host-wide files (`update-ca-certificates`,
+    /// `/etc/ssh/ssh_known_hosts`).
+    pub fn trust(&self, action: &str) -> Output {
+        use std::os::fd::AsRawFd;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/loopgate-e2e-trust.lock")
+            .expect("trust lock");
+        // SAFETY: flock(2) on a descriptor this function owns; the lock
+        // goes with the descriptor when `lock` is dropped.
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        self.cli(&["trust", action])
+    }
+
     /// `loopgate exec --workload W -- ARGS...` (as nobody).
     pub fn exec(&self, workload: &str, args: &[&str]) -> Output {
         let mut a = vec!["exec", "--workload", workload, "--"];

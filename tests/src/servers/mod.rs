@@ -4,6 +4,7 @@ pub mod clickhouse;
 pub mod echo;
 pub mod http;
 pub mod postgres;
+pub mod ssh;
 
 use std::net::TcpListener;
 

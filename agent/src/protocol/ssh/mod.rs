@@ -1,0 +1,483 @@
+//! SSH (`protocol = "ssh"`), with russh on both sides.
+//!
+//! Toward the loop the agent answers as the target: its host key with a
+//! host certificate for the target's name or address, signed by the
+//! agent's SSH host CA (`ssh_ca`; hosts trust it once with `loopgate trust
+//! install`). The loop logs in with `none`: its identity is the kernel's;
+//! the user it asks for must be the target's (`credential.username`).
+//! Toward the target the agent logs in with the stored private key, after
+//! checking the target's host key against `credential.known_hosts_file`
+//! (never trust on first use).
+//!
+//! Every `exec` request is one `ssh` operation (`ssh.command`, `ssh.argv`,
+//! `ssh.user`), judged before it reaches the target: a refusal ends the
+//! channel with exit status 126 and the rule and reason on stderr; an
+//! `approve` holds it. An allowed command runs on its own channel of the
+//! upstream connection (one per loop connection), and its output, exit
+//! status and end are relayed; the event records the exit status and the
+//! duration. Shells, subsystems (sftp), forwards, agent and X11 forwarding
+//! are refused in this version.
+
+use std::{sync::Arc, time::Instant};
+
+use russh::{
+    keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate},
+    server::{self, ChannelOpenHandle, Msg, Session as SshSession},
+    Channel, ChannelId, ChannelMsg,
+};
+use tokio::{net::TcpStream, sync::Mutex};
+
+use super::ProtocolHandler;
+use crate::{
+    kinds::{EventKind, OpKind, Outcome, Protocol},
+    policy::{Operation, SshOp},
+    secrets::StoredCredential,
+    session::Session,
+    ssh_ca::SshHostCa,
+};
+
+/// The exit status of a refused command (as a shell's "cannot execute").
+pub const REFUSED_STATUS: u32 = 126;
+
+/// The SSH handler.
+pub struct Ssh {
+    pub ca: Option<Arc<SshHostCa>>,
+}
+
+#[async_trait::async_trait]
+impl ProtocolHandler for Ssh {
+    fn protocol(&self) -> Protocol {
+        Protocol::Ssh
+    }
+
+    fn sees_requests(&self) -> bool {
+        true
+    }
+
+    fn sends_credential(&self) -> bool {
+        true
+    }
+
+    async fn serve(&self, s: Arc<Session>, client: TcpStream) -> Outcome {
+        let Some(ca) = &self.ca else {
+            return Outcome::Denied("the agent has no SSH host CA (state_dir)".into());
+        };
+        let Some(credential) = s
+            .shared_credential()
+            .filter(|c| c.ssh_key.is_some() && c.username.is_some())
+        else {
+            return Outcome::Denied(
+                "the SSH target has no stored key and username (credential.key_file, credential.username)"
+                    .into(),
+            );
+        };
+        // The names a client may type for this target: its host name, and
+        // the address the loop connected to.
+        let mut names = Vec::new();
+        if let Some(a) = s.address() {
+            names.extend(crate::ssh_ca::principals(a));
+        }
+        names.push(s.upstream().ip().to_string());
+        let cert = match ca.host_cert(&names) {
+            Ok(c) => c,
+            Err(e) => return Outcome::AgentError(e.to_string()),
+        };
+        let config = server::Config {
+            keys: vec![(*ca.host_key()).clone()],
+            certificates: vec![(*cert).clone()],
+            methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
+            auth_rejection_time: std::time::Duration::from_millis(200),
+            auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+            inactivity_timeout: Some(std::time::Duration::from_secs(3600)),
+            nodelay: true,
+            ..Default::default()
+        };
+        let handler = LoopSide {
+            s: s.clone(),
+            credential,
+            upstream: Arc::new(Mutex::new(None)),
+            user: String::new(),
+        };
+        let run = async {
+            match server::run_stream(Arc::new(config), client, handler).await {
+                Ok(running) => running.await,
+                Err(e) => Err(e),
+            }
+        };
+        tokio::select! {
+            r = run => match r {
+                Ok(()) => Outcome::ok(),
+                Err(e) => Outcome::ClientError(e.to_string()),
+            },
+            _ = s.closed().cancelled() => Outcome::Shutdown,
+        }
+    }
+}
+
+/// The upstream connection of one loop connection, once a command needs it.
+type Upstream = Arc<Mutex<Option<russh::client::Handle<UpstreamSide>>>>;
+
+/// The loop's side of one SSH connection.
+struct LoopSide {
+    s: Arc<Session>,
+    credential: Arc<StoredCredential>,
+    upstream: Upstream,
+    /// The user the loop logged in as (checked against the target's).
+    user: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SshError {
+    #[error(transparent)]
+    Russh(#[from] russh::Error),
+}
+
+impl server::Handler for LoopSide {
+    type Error = SshError;
+
+    async fn auth_none(&mut self, user: &str) -> Result<server::Auth, Self::Error> {
+        // The loop's identity is the kernel's; the user it asks for must be
+        // the one the agent logs in as.
+        if self.credential.username.as_deref() != Some(user) {
+            self.s.refuse(
+                EventKind::Op(OpKind::Ssh),
+                &format!("login as {user}"),
+                &crate::kinds::Refusal::new(
+                    "ssh:user",
+                    format!(
+                        "this target is reached as {:?} only",
+                        self.credential.username.as_deref().unwrap_or("")
+                    ),
+                ),
+                Vec::new(),
+            );
+            return Ok(server::Auth::reject());
+        }
+        self.user = user.to_owned();
+        Ok(server::Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        let ctx = ChannelCtx {
+            handle: session.handle(),
+            s: self.s.clone(),
+            credential: self.credential.clone(),
+            upstream: self.upstream.clone(),
+            user: self.user.clone(),
+        };
+        tokio::spawn(ctx.run(channel));
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        // Judged by the channel's task; a refusal is an exit status.
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        // Not relayed in this version (a command runs without a terminal).
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        self.not_supported("an interactive shell");
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        self.not_supported(&format!("the {name} subsystem"));
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+}
+
+impl LoopSide {
+    fn not_supported(&self, what: &str) {
+        self.s.refuse(
+            EventKind::Op(OpKind::Ssh),
+            what,
+            &crate::kinds::Refusal::new(
+                "ssh:unsupported",
+                format!("{what} is not relayed by this version of loopgate"),
+            ),
+            Vec::new(),
+        );
+    }
+}
+
+/// What one channel's task needs.
+struct ChannelCtx {
+    handle: server::Handle,
+    s: Arc<Session>,
+    credential: Arc<StoredCredential>,
+    upstream: Upstream,
+    user: String,
+}
+
+impl ChannelCtx {
+    async fn run(self, mut chan: Channel<Msg>) {
+        // The first request decides what the channel is; only exec runs.
+        let command = loop {
+            match chan.wait().await {
+                Some(ChannelMsg::Exec { command, .. }) => break command,
+                Some(ChannelMsg::RequestShell { .. } | ChannelMsg::RequestSubsystem { .. })
+                | None => return,
+                // Environment variables are not passed on; window sizes
+                // and the like have nothing to apply to yet.
+                Some(_) => {}
+            }
+        };
+        let command = String::from_utf8_lossy(&command).into_owned();
+        let argv = shell_words::split(&command).unwrap_or_default();
+        let op = Operation::Ssh(SshOp {
+            command: &command,
+            argv: &argv,
+            user: &self.user,
+        });
+        let masked = self.shown(&command);
+        let judged = self.s.judge(op, &masked, &[], None).await;
+        let mut event = judged.event(EventKind::Op(OpKind::Ssh), masked, Vec::new());
+        if let Some(r) = &judged.refused {
+            let msg = format!(
+                "loopgate: command refused by rule {}: {}\r\n",
+                r.rule_id, r.reason
+            );
+            let _ = chan.extended_data(1, msg.as_bytes()).await;
+            let _ = chan.exit_status(REFUSED_STATUS).await;
+            let _ = chan.eof().await;
+            let _ = chan.close().await;
+            event.attrs.push(("result".into(), "refused".into()));
+            event
+                .attrs
+                .push(("exit_status".into(), REFUSED_STATUS.to_string()));
+            self.s.record(event);
+            return;
+        }
+        let started = Instant::now();
+        let (result, status) = match self.relay(&command, &mut chan).await {
+            Ok(status) => ("ok", status),
+            Err(e) => {
+                let msg = format!("loopgate: {e}\r\n");
+                let _ = chan.extended_data(1, msg.as_bytes()).await;
+                let _ = chan.exit_status(255).await;
+                let _ = chan.eof().await;
+                let _ = chan.close().await;
+                tracing::warn!(session = %self.s.id(), error = %e, "ssh command failed upstream");
+                event.attrs.push(("error".into(), e));
+                ("error", Some(255))
+            }
+        };
+        event.attrs.push(("result".into(), result.into()));
+        if let Some(st) = status {
+            event.attrs.push(("exit_status".into(), st.to_string()));
+        }
+        event.attrs.push((
+            "duration_us".into(),
+            started.elapsed().as_micros().to_string(),
+        ));
+        self.s.record(event);
+    }
+
+    fn shown(&self, text: &str) -> String {
+        let mut b = text.as_bytes().to_vec();
+        self.s.masker().mask(&mut b);
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    /// Runs `command` on a channel of the upstream connection and relays
+    /// both ways until it ends; its exit status.
+    async fn relay(&self, command: &str, chan: &mut Channel<Msg>) -> Result<Option<u32>, String> {
+        let mut up = {
+            let mut g = self.upstream.lock().await;
+            if g.as_ref().is_none_or(|h| h.is_closed()) {
+                *g = Some(connect(&self.s, &self.credential).await?);
+            }
+            let h = g.as_ref().ok_or("no upstream connection")?;
+            h.channel_open_session()
+                .await
+                .map_err(|e| format!("opening a channel on the target: {e}"))?
+        };
+        up.exec(true, command.as_bytes())
+            .await
+            .map_err(|e| format!("running the command on the target: {e}"))?;
+        let mut status = None;
+        let (mut loop_open, mut up_open) = (true, true);
+        while loop_open || up_open {
+            tokio::select! {
+                m = chan.wait(), if loop_open => match m {
+                    Some(ChannelMsg::Data { data }) => {
+                        self.s.counters().up.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        if up.data(&data[..]).await.is_err() { break; }
+                    }
+                    Some(ChannelMsg::Eof) => { let _ = up.eof().await; }
+                    Some(ChannelMsg::Close) | None => {
+                        loop_open = false;
+                        let _ = up.close().await;
+                    }
+                    Some(_) => {}
+                },
+                m = up.wait(), if up_open => match m {
+                    Some(ChannelMsg::Data { data }) => {
+                        self.s.counters().down.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        if chan.data(&data[..]).await.is_err() { break; }
+                    }
+                    Some(ChannelMsg::ExtendedData { data, ext }) => {
+                        self.s.counters().down.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        if chan.extended_data(ext, &data[..]).await.is_err() { break; }
+                    }
+                    Some(ChannelMsg::ExitStatus { exit_status }) => {
+                        status = Some(exit_status);
+                        let _ = chan.exit_status(exit_status).await;
+                    }
+                    Some(ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag }) => {
+                        let _ = self.handle.exit_signal_request(chan.id(), signal_name, core_dumped, error_message, lang_tag).await;
+                    }
+                    Some(ChannelMsg::Eof) => { let _ = chan.eof().await; }
+                    Some(ChannelMsg::Close) | None => {
+                        up_open = false;
+                        let _ = chan.eof().await;
+                        let _ = chan.close().await;
+                        loop_open = false;
+                    }
+                    Some(_) => {}
+                },
+            }
+        }
+        Ok(status)
+    }
+}
+
+/// Connects and logs in to the target with the stored key, after checking
+/// its host key against the known_hosts file.
+async fn connect(
+    s: &Arc<Session>,
+    credential: &StoredCredential,
+) -> Result<russh::client::Handle<UpstreamSide>, String> {
+    let (Some(key), Some(user)) = (&credential.ssh_key, &credential.username) else {
+        return Err("no stored key".into());
+    };
+    let tcp = s
+        .connect_upstream()
+        .await
+        .map_err(|o| o.detail().to_owned())?;
+    let addr = s.upstream();
+    // known_hosts names the target as configured: its host name, else the
+    // address.
+    let host = match s.address() {
+        Some(crate::config::TargetAddress::Host { host, .. }) => host.clone(),
+        _ => addr.ip().to_string(),
+    };
+    let side = UpstreamSide {
+        host,
+        port: addr.port(),
+        known_hosts: credential.known_hosts.clone(),
+        rejected: Arc::new(std::sync::Mutex::new(None)),
+    };
+    let rejected = side.rejected.clone();
+    let config = russh::client::Config {
+        inactivity_timeout: Some(std::time::Duration::from_secs(3600)),
+        nodelay: true,
+        ..Default::default()
+    };
+    let mut handle = match russh::client::connect_stream(Arc::new(config), tcp, side).await {
+        Ok(h) => h,
+        Err(e) => {
+            let why = rejected
+                .lock()
+                .ok()
+                .and_then(|g| g.clone())
+                .unwrap_or_else(|| e.to_string());
+            return Err(format!("connecting to the target: {why}"));
+        }
+    };
+    let auth = handle
+        .authenticate_publickey(user.clone(), PrivateKeyWithHashAlg::new(key.clone(), None))
+        .await
+        .map_err(|e| format!("logging in to the target: {e}"))?;
+    if !auth.success() {
+        return Err(format!("the target refused the stored key for user {user}"));
+    }
+    Ok(handle)
+}
+
+/// The agent's side toward the target.
+pub struct UpstreamSide {
+    host: String,
+    port: u16,
+    known_hosts: Option<std::path::PathBuf>,
+    /// Why the host key was refused, for the error.
+    rejected: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl russh::client::Handler for UpstreamSide {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let reject = |why: String| {
+            if let Ok(mut g) = self.rejected.lock() {
+                *g = Some(why);
+            }
+            Ok(false)
+        };
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return reject(
+                "the target offered a host certificate; give its host key in known_hosts_file"
+                    .into(),
+            );
+        };
+        let Some(file) = &self.known_hosts else {
+            return reject(
+                "the target has no known_hosts_file: its host key cannot be checked".into(),
+            );
+        };
+        match russh::keys::check_known_hosts_path(&self.host, self.port, key, file) {
+            Ok(true) => Ok(true),
+            Ok(false) => reject(format!(
+                "the target's host key ({}) is not in {}",
+                key.fingerprint(russh::keys::HashAlg::Sha256),
+                file.display()
+            )),
+            Err(e) => reject(format!(
+                "the target's host key ({}) does not match {}: {e}",
+                key.fingerprint(russh::keys::HashAlg::Sha256),
+                file.display()
+            )),
+        }
+    }
+}

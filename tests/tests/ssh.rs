@@ -1,0 +1,227 @@
+//! SSH at layer 7: a real OpenSSH sshd on a loopback alias, the real `ssh`
+//! client as the loop (run as nobody, with no key of its own). The loop
+//! trusts the agent's host certificate through `/etc/ssh/ssh_known_hosts`
+//! as `loopgate trust install` writes it (no per-client host key option);
+//! the agent logs in upstream with the stored key after checking the
+//! server's host key against the target's known_hosts file.
+
+use loopgate_e2e::*;
+
+const POLICY: &str = "[[rules]]\nid = \"ssh-no-power-off\"\ntargets = [\"build-host\"]\nkinds = [\"ssh\"]\nwhen = \"ssh.argv.exists(a, a in ['shutdown', 'reboot', 'halt', 'poweroff'])\"\naction = \"deny\"\nreason = \"power state changes are not for loops\"\n";
+
+fn agent_for(name: &str, target: &str, address: &str, key: &str, known_hosts: &str) -> Agent {
+    let spec = AgentSpec::new(name)
+        .policy("default.toml", include_str!("../../policies/default.toml"))
+        .policy("ssh.toml", POLICY)
+        .raw(&format!(
+            "\n[[targets]]\nname = \"{target}\"\naddress = \"{address}\"\nprotocol = \"ssh\"\n[targets.credential]\nusername = \"{SSH_USER}\"\nkey_file = \"{key}\"\nknown_hosts_file = \"{known_hosts}\"\n"
+        ));
+    Agent::start(spec)
+}
+
+/// `ssh` as the loop (nobody), to `user@ip -p port`.
+fn ssh(
+    agent: &Agent,
+    user: &str,
+    addr: std::net::SocketAddr,
+    command: &str,
+) -> std::process::Output {
+    agent.exec(
+        "deploy-bot",
+        &[
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-p",
+            &addr.port().to_string(),
+            &format!("{user}@{}", addr.ip()),
+            command,
+        ],
+    )
+}
+
+#[test]
+fn ssh_commands_are_judged_relayed_and_recorded() {
+    let server = SshServer::start("127.10.7.1");
+    let agent = agent_for(
+        "sshexec",
+        "build-host",
+        &server.addr.to_string(),
+        &server.stored_key().display().to_string(),
+        &server.known_hosts().display().to_string(),
+    );
+    let trust = agent.trust("install");
+    assert!(trust.status.success(), "{}", stderr(&trust));
+    let known = std::fs::read_to_string("/etc/ssh/ssh_known_hosts").unwrap();
+    assert!(
+        known.contains(&format!(
+            "@cert-authority [127.10.7.1]:{} ssh-ed25519 ",
+            server.addr.port()
+        )),
+        "{known}"
+    );
+
+    // Allowed: output, stderr and exit status as direct.
+    let cmd = "echo hello; echo to-stderr >&2; exit 3";
+    let direct = server.direct(cmd);
+    let out = ssh(&agent, SSH_USER, server.addr, cmd);
+    assert_eq!(
+        stdout(&out),
+        "hello\n",
+        "{}\n{}\n{}",
+        stderr(&out),
+        agent.log(),
+        server.log()
+    );
+    assert_eq!(stdout(&out), stdout(&direct));
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(direct.status.code(), Some(3));
+    assert!(stderr(&out).contains("to-stderr"), "{}", stderr(&out));
+
+    // The loop's stdin reaches the command.
+    let mut child = agent.spawn_exec(
+        "deploy-bot",
+        &[
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-p",
+            &server.addr.port().to_string(),
+            &format!("{SSH_USER}@127.10.7.1"),
+            "wc -c",
+        ],
+    );
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&[b'x'; 100_000]).unwrap();
+    }
+    let wc = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&wc.stdout).trim(), "100000");
+
+    // Refused by a rule: status 126, the rule and reason on stderr; nothing ran.
+    let out = ssh(&agent, SSH_USER, server.addr, "sudo shutdown -h now");
+    assert_eq!(out.status.code(), Some(126));
+    assert!(
+        stderr(&out).contains("loopgate: command refused by rule ssh-no-power-off: power state changes are not for loops"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Another user than the target's: not let in.
+    let out = ssh(&agent, "root", server.addr, "id");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Shells and sftp are not relayed yet: refused, not passed through.
+    let out = agent.exec(
+        "deploy-bot",
+        &[
+            "sftp",
+            "-o",
+            "BatchMode=yes",
+            "-P",
+            &server.addr.port().to_string(),
+            &format!("{SSH_USER}@127.10.7.1"),
+        ],
+    );
+    assert!(!out.status.success());
+
+    // The record: each command with its verdict and exit status; the stored
+    // key nowhere.
+    let sessions = agent.wait_sessions("ssh sessions closed", |s| {
+        s.len() >= 5 && s.iter().all(|r| r["outcome"] != "open")
+    });
+    let mut events = Vec::new();
+    for s in &sessions {
+        let id = s["session_id"].as_str().unwrap();
+        let r = agent.cli(&["replay", "--json", id]);
+        for line in String::from_utf8_lossy(&r.stdout).lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            if v["kind"] == "event" && v["event_kind"] == "ssh" {
+                events.push(v);
+            }
+        }
+    }
+    let ran = events
+        .iter()
+        .find(|e| e["request"] == cmd)
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    assert_eq!(ran["attrs"]["exit_status"], "3");
+    assert_eq!(ran["verdict"], "allow");
+    let refused = events
+        .iter()
+        .find(|e| e["request"] == "sudo shutdown -h now")
+        .unwrap();
+    assert_eq!(refused["verdict"], "deny");
+    assert_eq!(
+        refused["rule_id"]
+            .as_str()
+            .map(|r| r.ends_with("ssh-no-power-off")),
+        Some(true)
+    );
+    assert!(
+        events.iter().any(|e| e["rule_id"] == "ssh:user"),
+        "{events:#?}"
+    );
+    // The key's lines past the first (which every unencrypted OpenSSH key
+    // shares) hold its material.
+    let key = std::fs::read_to_string(server.stored_key()).unwrap();
+    for line in key.lines().skip(2).filter(|l| !l.starts_with("-----")) {
+        assert!(!agent_files_contain(&agent, line), "{line}");
+        assert!(!agent.log().contains(line));
+    }
+
+    let un = agent.trust("uninstall");
+    assert!(un.status.success(), "{}", stderr(&un));
+    let known = std::fs::read_to_string("/etc/ssh/ssh_known_hosts").unwrap_or_default();
+    assert!(
+        !known.contains(&format!("[127.10.7.1]:{}", server.addr.port())),
+        "{known}"
+    );
+}
+
+/// The target's host key must match its known_hosts file: a server with
+/// another key is refused with a clear error, and nothing runs.
+#[test]
+fn a_wrong_upstream_host_key_is_refused() {
+    let real = SshServer::start("127.10.7.2");
+    let other = SshServer::start("127.10.7.3");
+    // The known_hosts of `real`, renamed for `other`'s address.
+    let kh = other.dir.path().join("wrong_known_hosts");
+    let real_line = std::fs::read_to_string(real.known_hosts()).unwrap();
+    let host_key = real_line.split_once(' ').unwrap().1;
+    std::fs::write(
+        &kh,
+        format!("[127.10.7.3]:{} {host_key}", other.addr.port()),
+    )
+    .unwrap();
+    let agent = agent_for(
+        "sshhostkey",
+        "build-host",
+        &other.addr.to_string(),
+        &other.stored_key().display().to_string(),
+        &kh.display().to_string(),
+    );
+    let trust = agent.trust("install");
+    assert!(trust.status.success(), "{}", stderr(&trust));
+    let out = ssh(
+        &agent,
+        SSH_USER,
+        other.addr,
+        "touch /tmp/lgt-should-not-exist",
+    );
+    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not match"),
+        "{}\n{}",
+        stderr(&out),
+        agent.log()
+    );
+    assert!(!std::path::Path::new("/tmp/lgt-should-not-exist").exists());
+    let _ = agent.trust("uninstall");
+}
