@@ -38,6 +38,10 @@ use crate::{
 
 /// The exit status of a refused command (as a shell's "cannot execute").
 pub const REFUSED_STATUS: u32 = 126;
+/// Session channels one loop connection may have open at once.
+const MAX_CHANNELS: usize = 64;
+/// How long connecting and logging in to the target may take.
+const UPSTREAM_LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The SSH handler.
 pub struct Ssh {
@@ -97,6 +101,7 @@ impl ProtocolHandler for Ssh {
             credential,
             upstream: Arc::new(Mutex::new(None)),
             user: String::new(),
+            open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         let run = async {
             match server::run_stream(Arc::new(config), client, handler).await {
@@ -124,6 +129,8 @@ struct LoopSide {
     upstream: Upstream,
     /// The user the loop logged in as (checked against the target's).
     user: String,
+    /// Session channels open now.
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +170,16 @@ impl server::Handler for LoopSide {
         reply: ChannelOpenHandle,
         session: &mut SshSession,
     ) -> Result<(), Self::Error> {
+        use std::sync::atomic::Ordering;
+        if self.open.fetch_add(1, Ordering::AcqRel) >= MAX_CHANNELS {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        }
         reply.accept().await;
+        let open = self.open.clone();
         let ctx = ChannelCtx {
             handle: session.handle(),
             s: self.s.clone(),
@@ -171,7 +187,10 @@ impl server::Handler for LoopSide {
             upstream: self.upstream.clone(),
             user: self.user.clone(),
         };
-        tokio::spawn(ctx.run(channel));
+        tokio::spawn(async move {
+            ctx.run(channel).await;
+            open.fetch_sub(1, Ordering::AcqRel);
+        });
         Ok(())
     }
 
@@ -323,7 +342,17 @@ impl ChannelCtx {
         let mut up = {
             let mut g = self.upstream.lock().await;
             if g.as_ref().is_none_or(|h| h.is_closed()) {
-                *g = Some(connect(&self.s, &self.credential).await?);
+                let login = connect(&self.s, &self.credential);
+                *g = Some(
+                    tokio::time::timeout(UPSTREAM_LOGIN_TIMEOUT, login)
+                        .await
+                        .map_err(|_| {
+                            format!(
+                                "the target did not complete the login within {}s",
+                                UPSTREAM_LOGIN_TIMEOUT.as_secs()
+                            )
+                        })??,
+                );
             }
             let h = g.as_ref().ok_or("no upstream connection")?;
             h.channel_open_session()
