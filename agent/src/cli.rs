@@ -265,9 +265,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let path = crate::ca::trust::install(&cfg.agent.state_dir)?;
                     println!("trusted: {} (the agent's CA)", path.display());
                     let patterns = crate::ssh_ca::host_patterns(&cfg);
-                    if !patterns.is_empty() {
+                    let file = std::path::Path::new(crate::ssh_ca::known_hosts::SYSTEM);
+                    if patterns.is_empty() {
+                        // No SSH targets (any more): no line of this agent's.
+                        if crate::ssh_ca::ca_pub_path(&cfg.agent.state_dir).exists() {
+                            let ca =
+                                crate::ssh_ca::SshHostCa::load_or_create(&cfg.agent.state_dir)?;
+                            crate::ssh_ca::known_hosts::uninstall(file, &ca.fingerprint())?;
+                        }
+                    } else {
                         let ca = crate::ssh_ca::SshHostCa::load_or_create(&cfg.agent.state_dir)?;
-                        let file = std::path::Path::new(crate::ssh_ca::known_hosts::SYSTEM);
                         crate::ssh_ca::known_hosts::install(
                             file,
                             &patterns,

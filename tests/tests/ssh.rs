@@ -86,16 +86,21 @@ fn ssh_commands_are_judged_relayed_and_recorded() {
             "-p",
             &server.addr.port().to_string(),
             &format!("{SSH_USER}@127.10.7.1"),
-            "wc -c",
+            "cat",
         ],
     );
-    {
+    // Both directions at once: 4 MB in while the command writes it back.
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
         use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(&[b'x'; 100_000]).unwrap();
-    }
-    let wc = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&wc.stdout).trim(), "100000");
+        for _ in 0..64 {
+            stdin.write_all(&[b'x'; 65536]).unwrap();
+        }
+    });
+    let echoed = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert_eq!(echoed.stdout.len(), 64 * 65536);
+    assert!(echoed.status.success());
 
     // Refused by the shipped guardrails: status 126, the rule and reason on
     // stderr; nothing ran.
@@ -166,6 +171,16 @@ fn ssh_commands_are_judged_relayed_and_recorded() {
         ],
     );
     assert!(!out.status.success());
+    // A line with an unclosed quote does not split into words: refused,
+    // not run (it could hide a word from the rules).
+    let out = ssh(&agent, SSH_USER, server.addr, "touch /tmp/lgt-ran\n\"");
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("by rule ssh:parse:"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!std::path::Path::new("/tmp/lgt-ran").exists());
 
     // The record: each command with its verdict and exit status; the stored
     // key nowhere.
@@ -202,6 +217,12 @@ fn ssh_commands_are_judged_relayed_and_recorded() {
     );
     assert!(
         events.iter().any(|e| e["rule_id"] == "ssh:user"),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["rule_id"] == "ssh:unsupported" && e["request"] == "the sftp subsystem"),
         "{events:#?}"
     );
     // The key's lines past the first (which every unencrypted OpenSSH key
@@ -259,5 +280,57 @@ fn a_wrong_upstream_host_key_is_refused() {
         agent.log()
     );
     assert!(!std::path::Path::new("/tmp/lgt-should-not-exist").exists());
+    let _ = agent.trust("uninstall");
+}
+
+/// A policy reload that withdraws the target ends an open SSH connection
+/// and the command running over it.
+#[test]
+fn a_reload_that_withdraws_the_target_ends_the_ssh_connection() {
+    let server = SshServer::start("127.10.7.4");
+    let agent = agent_for(
+        "sshrevoke",
+        "build-host",
+        &server.addr.to_string(),
+        &server.stored_key().display().to_string(),
+        &server.known_hosts().display().to_string(),
+    );
+    let trust = agent.trust("install");
+    assert!(trust.status.success(), "{}", stderr(&trust));
+    let started = std::time::Instant::now();
+    let child = agent.spawn_exec(
+        "deploy-bot",
+        &[
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-p",
+            &server.addr.port().to_string(),
+            &format!("{SSH_USER}@127.10.7.4"),
+            "echo started; sleep 30; echo late",
+        ],
+    );
+    agent.wait_sessions("the ssh session open", |s| {
+        s.iter().any(|r| r["outcome"] == "open")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::write(
+        agent.path("policies/revoke.toml"),
+        "[[targets]]\nname = \"build-host\"\ndefault = \"deny\"\nreason = \"build host in maintenance\"\n",
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("late"));
+    let rows = agent.wait_sessions("revoked ssh session", |s| {
+        s.iter().any(|r| r["outcome"] == "revoked")
+    });
+    assert!(
+        rows.iter().any(|r| r["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("build host in maintenance"))),
+        "{rows:#?}"
+    );
     let _ = agent.trust("uninstall");
 }

@@ -103,18 +103,29 @@ impl ProtocolHandler for Ssh {
             user: String::new(),
             open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
-        let run = async {
-            match server::run_stream(Arc::new(config), client, handler).await {
-                Ok(running) => running.await,
-                Err(e) => Err(e),
-            }
+        let running = match server::run_stream(Arc::new(config), client, handler).await {
+            Ok(r) => r,
+            Err(e) => return Outcome::ClientError(e.to_string()),
         };
+        let handle = running.handle();
         tokio::select! {
-            r = run => match r {
+            r = running => match r {
                 Ok(()) => Outcome::ok(),
                 Err(e) => Outcome::ClientError(e.to_string()),
             },
-            _ = s.closed().cancelled() => Outcome::Shutdown,
+            // A reload that withdrew the permission, or the agent's
+            // shutdown: the connection ends (its channels' tasks end with
+            // the session's token).
+            _ = s.closed().cancelled() => {
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "loopgate: session closed".into(),
+                        String::new(),
+                    )
+                    .await;
+                Outcome::Shutdown
+            }
         }
     }
 }
@@ -187,8 +198,12 @@ impl server::Handler for LoopSide {
             upstream: self.upstream.clone(),
             user: self.user.clone(),
         };
+        let closed = self.s.closed().clone();
         tokio::spawn(async move {
-            ctx.run(channel).await;
+            tokio::select! {
+                () = ctx.run(channel) => {}
+                () = closed.cancelled() => {}
+            }
             open.fetch_sub(1, Ordering::AcqRel);
         });
         Ok(())
@@ -272,23 +287,50 @@ impl ChannelCtx {
         let command = loop {
             match chan.wait().await {
                 Some(ChannelMsg::Exec { command, .. }) => break command,
-                Some(ChannelMsg::RequestShell { .. } | ChannelMsg::RequestSubsystem { .. })
-                | None => return,
+                Some(ChannelMsg::RequestShell { .. } | ChannelMsg::RequestSubsystem { .. }) => {
+                    let _ = chan.close().await;
+                    return;
+                }
+                None => return,
                 // Environment variables are not passed on; window sizes
                 // and the like have nothing to apply to yet.
                 Some(_) => {}
             }
         };
         let command = String::from_utf8_lossy(&command).into_owned();
-        let argv = shell_words::split(&command).unwrap_or_default();
-        let op = Operation::Ssh(SshOp {
-            command: &command,
-            argv: &argv,
-            user: &self.user,
-        });
         let masked = self.shown(&command);
-        let judged = self.s.judge(op, &masked, &[], None).await;
-        let mut event = judged.event(EventKind::Op(OpKind::Ssh), masked, Vec::new());
+        // A line that does not split into words (an unclosed quote) could
+        // hide words from the rules: refused.
+        let (judged, mut event) = match shell_words::split(&command) {
+            Ok(argv) => {
+                let op = Operation::Ssh(SshOp {
+                    command: &command,
+                    argv: &argv,
+                    user: &self.user,
+                });
+                let judged = self.s.judge(op, &masked, &[], None).await;
+                let event = judged.event(EventKind::Op(OpKind::Ssh), masked, Vec::new());
+                (judged, event)
+            }
+            Err(e) => {
+                let r = crate::kinds::Refusal::new(
+                    "ssh:parse",
+                    format!("the command line does not split into words ({e})"),
+                );
+                let judged = crate::session::Judged {
+                    decision: crate::policy::Decision {
+                        verdict: crate::policy::Verdict::Deny,
+                        rule_id: r.rule_id.clone(),
+                        reason: r.reason.clone(),
+                        approval: None,
+                        mask: Vec::new(),
+                    },
+                    refused: Some(r),
+                };
+                let event = judged.event(EventKind::Op(OpKind::Ssh), masked, Vec::new());
+                (judged, event)
+            }
+        };
         if let Some(r) = &judged.refused {
             let msg = format!(
                 "loopgate: command refused by rule {}: {}\r\n",
@@ -306,8 +348,8 @@ impl ChannelCtx {
             return;
         }
         let started = Instant::now();
-        let (result, status) = match self.relay(&command, &mut chan).await {
-            Ok(status) => ("ok", status),
+        let (result, status) = match self.open_upstream(&command).await {
+            Ok(up) => ("ok", self.relay(chan, up).await),
             Err(e) => {
                 let msg = format!("loopgate: {e}\r\n");
                 let _ = chan.extended_data(1, msg.as_bytes()).await;
@@ -336,10 +378,10 @@ impl ChannelCtx {
         String::from_utf8_lossy(&b).into_owned()
     }
 
-    /// Runs `command` on a channel of the upstream connection and relays
-    /// both ways until it ends; its exit status.
-    async fn relay(&self, command: &str, chan: &mut Channel<Msg>) -> Result<Option<u32>, String> {
-        let mut up = {
+    /// A channel of the upstream connection (connected and logged in on
+    /// first use) running `command`.
+    async fn open_upstream(&self, command: &str) -> Result<Channel<russh::client::Msg>, String> {
+        let up = {
             let mut g = self.upstream.lock().await;
             if g.as_ref().is_none_or(|h| h.is_closed()) {
                 let login = connect(&self.s, &self.credential);
@@ -362,50 +404,93 @@ impl ChannelCtx {
         up.exec(true, command.as_bytes())
             .await
             .map_err(|e| format!("running the command on the target: {e}"))?;
-        let mut status = None;
-        let (mut loop_open, mut up_open) = (true, true);
-        while loop_open || up_open {
-            tokio::select! {
-                m = chan.wait(), if loop_open => match m {
-                    Some(ChannelMsg::Data { data }) => {
-                        self.s.counters().up.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        if up.data(&data[..]).await.is_err() { break; }
+        Ok(up)
+    }
+
+    /// Relays both ways until the command ends; its exit status.
+    async fn relay(&self, chan: Channel<Msg>, up: Channel<russh::client::Msg>) -> Option<u32> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counters = self.s.counters().clone();
+        let (mut loop_rx, loop_tx) = chan.split();
+        let (mut up_rx, up_tx) = up.split();
+        // Two directions, each on its own: one that waits for the other
+        // side's window never stops the other.
+        let to_target = async {
+            while let Some(m) = loop_rx.wait().await {
+                match m {
+                    ChannelMsg::Data { data } => {
+                        counters.up.fetch_add(data.len() as u64, Relaxed);
+                        if up_tx.data(&data[..]).await.is_err() {
+                            break;
+                        }
                     }
-                    Some(ChannelMsg::Eof) => { let _ = up.eof().await; }
-                    Some(ChannelMsg::Close) | None => {
-                        loop_open = false;
-                        let _ = up.close().await;
+                    ChannelMsg::Eof => {
+                        let _ = up_tx.eof().await;
                     }
-                    Some(_) => {}
-                },
-                m = up.wait(), if up_open => match m {
-                    Some(ChannelMsg::Data { data }) => {
-                        self.s.counters().down.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        if chan.data(&data[..]).await.is_err() { break; }
-                    }
-                    Some(ChannelMsg::ExtendedData { data, ext }) => {
-                        self.s.counters().down.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        if chan.extended_data(ext, &data[..]).await.is_err() { break; }
-                    }
-                    Some(ChannelMsg::ExitStatus { exit_status }) => {
-                        status = Some(exit_status);
-                        let _ = chan.exit_status(exit_status).await;
-                    }
-                    Some(ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag }) => {
-                        let _ = self.handle.exit_signal_request(chan.id(), signal_name, core_dumped, error_message, lang_tag).await;
-                    }
-                    Some(ChannelMsg::Eof) => { let _ = chan.eof().await; }
-                    Some(ChannelMsg::Close) | None => {
-                        up_open = false;
-                        let _ = chan.eof().await;
-                        let _ = chan.close().await;
-                        loop_open = false;
-                    }
-                    Some(_) => {}
-                },
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
             }
-        }
-        Ok(status)
+            let _ = up_tx.close().await;
+        };
+        let to_loop = async {
+            let mut status = None;
+            while let Some(m) = up_rx.wait().await {
+                match m {
+                    ChannelMsg::Data { data } => {
+                        counters.down.fetch_add(data.len() as u64, Relaxed);
+                        if loop_tx.data(&data[..]).await.is_err() {
+                            break;
+                        }
+                    }
+                    ChannelMsg::ExtendedData { data, ext } => {
+                        counters.down.fetch_add(data.len() as u64, Relaxed);
+                        if loop_tx.extended_data(ext, &data[..]).await.is_err() {
+                            break;
+                        }
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => {
+                        status = Some(exit_status);
+                        let _ = loop_tx.exit_status(exit_status).await;
+                    }
+                    ChannelMsg::ExitSignal {
+                        signal_name,
+                        core_dumped,
+                        error_message,
+                        lang_tag,
+                    } => {
+                        let _ = self
+                            .handle
+                            .exit_signal_request(
+                                loop_tx.id(),
+                                signal_name,
+                                core_dumped,
+                                error_message,
+                                lang_tag,
+                            )
+                            .await;
+                    }
+                    ChannelMsg::Eof => {
+                        let _ = loop_tx.eof().await;
+                    }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            let _ = loop_tx.eof().await;
+            let _ = loop_tx.close().await;
+            status
+        };
+        // The command's end (the target closed its channel) ends both.
+        tokio::pin!(to_target);
+        let status = tokio::select! {
+            st = to_loop => st,
+            () = &mut to_target => {
+                // The loop closed its channel: the target's answer is moot.
+                None
+            }
+        };
+        status
     }
 }
 
@@ -473,6 +558,92 @@ pub struct UpstreamSide {
 
 impl russh::client::Handler for UpstreamSide {
     type Error = russh::Error;
+
+    // Channels the target opens toward the agent are refused, whatever
+    // kind (dropping the reply refuses).
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<russh::client::Msg>,
+        _reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    async fn server_channel_open_unknown(
+        &mut self,
+        _channel: Channel<russh::client::Msg>,
+        _reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: Channel<russh::client::Msg>,
+        _reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: Channel<russh::client::Msg>,
+        _socket_path: &str,
+        _reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<russh::client::Msg>,
+        _socket_path: &str,
+        _reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: Channel<russh::client::Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: Channel<russh::client::Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<russh::client::Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
