@@ -76,6 +76,16 @@ fn ssh_commands_are_judged_relayed_and_recorded() {
     assert_eq!(direct.status.code(), Some(3));
     assert!(stderr(&out).contains("to-stderr"), "{}", stderr(&out));
 
+    // Loop connections share the agent's upstream login: five more `ssh`
+    // runs, no new login at the server.
+    let logins = |log: &str| log.matches("Accepted publickey for").count();
+    let before = logins(&server.log());
+    for _ in 0..5 {
+        let out = ssh(&agent, SSH_USER, server.addr, "true");
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert_eq!(logins(&server.log()), before, "{}", server.log());
+
     // The loop's stdin reaches the command.
     let mut child = agent.spawn_exec(
         "deploy-bot",

@@ -31,7 +31,7 @@ const ROUNDS: usize = 5;
 pub fn client(args: &[String]) -> Result<()> {
     let (mode, addr, n, rest) = match args {
         [m, a, n, rest @ ..] => (m.as_str(), a.parse::<SocketAddr>()?, n.parse::<usize>()?, rest),
-        _ => bail!("usage: xtask bench-client short|bulk|http|http-conn|pg-conn|pg-query ADDR N [PGPASSWORD]"),
+        _ => bail!("usage: xtask bench-client short|bulk|http|http-conn|pg-conn|pg-query|ssh-exec ADDR N [PGPASSWORD | SSH OPTIONS...]"),
     };
     let mut out = std::io::stdout().lock();
     match mode {
@@ -120,6 +120,25 @@ pub fn client(args: &[String]) -> Result<()> {
                     if let Some(c) = conn.take() {
                         c.close()?;
                     }
+                }
+                writeln!(out, "{}", t.elapsed().as_nanos())?;
+            }
+        }
+        // `ssh ... true` per operation (the rest of the arguments are ssh's
+        // options: a key and known_hosts, or a config with a jump host).
+        "ssh-exec" => {
+            for _ in 0..n {
+                let t = Instant::now();
+                let o = std::process::Command::new("ssh")
+                    .args(["-o", "BatchMode=yes"])
+                    .args(rest)
+                    .args(["-p", &addr.port().to_string()])
+                    .arg(format!("{}@{}", loopgate_e2e::SSH_USER, addr.ip()))
+                    .arg("true")
+                    .stdin(std::process::Stdio::null())
+                    .output()?;
+                if !o.status.success() {
+                    bail!("ssh failed: {}", String::from_utf8_lossy(&o.stderr));
                 }
                 writeln!(out, "{}", t.elapsed().as_nanos())?;
             }
@@ -640,6 +659,71 @@ pub fn audit(conns: usize, events: u64) -> Result<()> {
     }
     println!("\nsessions of the ClickHouse side delivered to ClickHouse: {shipped} of {want}");
     Ok(())
+}
+
+/// `cargo xtask bench ssh`: `ssh host true` direct (the client holds the
+/// key), through an OpenSSH bastion (`ProxyJump` through a second sshd),
+/// and through loopgate (no key; the agent's host certificate trusted
+/// through `/etc/ssh/ssh_known_hosts`).
+pub fn ssh(n: usize) -> Result<()> {
+    let mut b = Bench::new()?;
+    let target = loopgate_e2e::SshServer::start("127.10.0.93");
+    let bastion = loopgate_e2e::SshServer::start("127.10.0.94");
+    let config = b.agent_with(
+        ROOT,
+        &format!(
+            "[[targets]]\nname = \"bench-ssh\"\naddress = \"{}\"\nprotocol = \"ssh\"\n[targets.credential]\nusername = \"{}\"\nkey_file = \"{}\"\nknown_hosts_file = \"{}\"\n",
+            target.addr,
+            loopgate_e2e::SSH_USER,
+            target.stored_key().display(),
+            target.known_hosts().display()
+        ),
+        "",
+    )?;
+    run(Command::new(&b.lg)
+        .arg("--config")
+        .arg(&config)
+        .args(["trust", "install"]))?;
+    // The client's own config for the direct and bastion sides (a jump
+    // host's ssh reads -F too).
+    let cfg = b.dir.join("ssh_config");
+    let host = |s: &loopgate_e2e::SshServer, alias: &str| {
+        format!(
+            "Host {alias}\n  HostName {}\n  Port {}\n  User {}\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n  GlobalKnownHostsFile /dev/null\n  BatchMode yes\n",
+            s.addr.ip(),
+            s.addr.port(),
+            loopgate_e2e::SSH_USER,
+            s.stored_key().display(),
+            s.known_hosts().display()
+        )
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}",
+            host(&bastion, "bench-bastion"),
+            host(&target, &target.addr.ip().to_string())
+        ),
+    )?;
+    let cfg_s = cfg.display().to_string();
+    let sides = [
+        Side::Direct,
+        Side::Relay("openssh bastion (ProxyJump)", target.addr),
+        Side::Tagged("through loopgate (ssh handler)", config.clone()),
+    ];
+    let extra = vec![
+        vec!["-F", cfg_s.as_str()],
+        vec!["-F", cfg_s.as_str(), "-J", "bench-bastion"],
+        vec![],
+    ];
+    println!("== ssh host true: {n} per side, {ROUNDS} alternating rounds");
+    let r = b.latency_args(&sides, "ssh-exec", n, target.addr, &extra);
+    let _ = Command::new(&b.lg)
+        .arg("--config")
+        .arg(&config)
+        .args(["trust", "uninstall"])
+        .output();
+    r
 }
 
 /// `cargo xtask bench http`: HTTP/1.1 requests direct vs HAProxy (http mode)

@@ -40,7 +40,7 @@ enum Cmd {
     Demo,
     /// Benchmarks (figures in BENCHMARKS.md).
     Bench {
-        #[arg(value_parser = ["redirect", "audit", "policy", "http", "postgres"])]
+        #[arg(value_parser = ["redirect", "audit", "policy", "http", "postgres", "ssh"])]
         which: String,
         /// Short connections (HTTP: requests) per side.
         #[arg(long, default_value_t = 5000)]
@@ -106,6 +106,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             "audit" => bench::audit(conns, events),
             "http" => bench::http(conns),
             "postgres" => bench::postgres(conns, pgbench_only),
+            "ssh" => bench::ssh(conns),
             "policy" => {
                 setup()?;
                 run(cargo().args(["bench", "-p", "loopgate", "--bench", "policy"]))

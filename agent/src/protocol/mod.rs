@@ -97,6 +97,7 @@ impl Registry {
         r.add(Arc::new(postgres::Postgres::new(settings.ca.clone())));
         r.add(Arc::new(ssh::Ssh {
             ca: settings.ssh_ca.clone(),
+            pool: Arc::default(),
         }));
         if let Some(resolver) = settings.dns {
             r.add(Arc::new(dns::Dns { resolver }));

@@ -12,20 +12,23 @@
 //! Every `exec` request is one `ssh` operation (`ssh.command`, `ssh.argv`,
 //! `ssh.user`), judged before it reaches the target: a refusal ends the
 //! channel with exit status 126 and the rule and reason on stderr; an
-//! `approve` holds it. An allowed command runs on its own channel of the
-//! upstream connection (one per loop connection), and its output, exit
-//! status and end are relayed; the event records the exit status and the
+//! `approve` holds it. An allowed command runs on its own channel of a
+//! logged-in upstream connection, shared by the loop connections to the
+//! same target (at most 8 channels each, under sshd's default MaxSessions of
+//! 10; a connection idle for a minute is closed): a loop that runs `ssh host
+//! cmd` a thousand times logs in upstream once. Its output, exit status and
+//! end are relayed; the event records the exit status and the
 //! duration. Shells, subsystems (sftp), forwards, agent and X11 forwarding
 //! are refused in this version.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use russh::{
     keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate},
     server::{self, ChannelOpenHandle, Msg, Session as SshSession},
     Channel, ChannelId, ChannelMsg,
 };
-use tokio::{net::TcpStream, sync::Mutex};
+use tokio::net::TcpStream;
 
 use super::ProtocolHandler;
 use crate::{
@@ -46,6 +49,96 @@ const UPSTREAM_LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// The SSH handler.
 pub struct Ssh {
     pub ca: Option<Arc<SshHostCa>>,
+    pub pool: Arc<UpstreamPool>,
+}
+
+/// Channels one upstream connection carries at once (sshd's MaxSessions
+/// is 10 by default).
+const CHANNELS_PER_UPSTREAM: usize = 8;
+/// An upstream connection with no channel for this long is closed.
+const UPSTREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Logged-in upstream connections, by target address, shared by the loop
+/// connections to that target.
+#[derive(Default)]
+pub struct UpstreamPool {
+    conns: std::sync::Mutex<HashMap<std::net::SocketAddr, Vec<Arc<Pooled>>>>,
+}
+
+struct Pooled {
+    handle: russh::client::Handle<UpstreamSide>,
+    /// Channels open on it now.
+    channels: std::sync::atomic::AtomicUsize,
+    /// When its last channel closed.
+    idle_since: std::sync::Mutex<Instant>,
+}
+
+/// A channel's claim on its upstream connection, given back on drop.
+struct Lease(Arc<Pooled>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.channels.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut t) = self.0.idle_since.lock() {
+                *t = Instant::now();
+            }
+        }
+    }
+}
+
+impl UpstreamPool {
+    /// A connection to `addr` with room for a channel, claimed; `None` when
+    /// a new one is needed. Closed and long-idle connections go.
+    fn claim(&self, addr: std::net::SocketAddr) -> Option<Lease> {
+        use std::sync::atomic::Ordering;
+        let mut g = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = g.entry(addr).or_default();
+        list.retain(|p| {
+            let idle = p.channels.load(Ordering::Acquire) == 0
+                && p.idle_since
+                    .lock()
+                    .map(|t| t.elapsed() > UPSTREAM_IDLE)
+                    .unwrap_or(true);
+            !p.handle.is_closed() && !idle
+        });
+        for p in list.iter() {
+            let n = p.channels.load(Ordering::Acquire);
+            if n < CHANNELS_PER_UPSTREAM
+                && p.channels
+                    .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Some(Lease(p.clone()));
+            }
+        }
+        None
+    }
+
+    /// Adds a new connection with one channel claimed.
+    fn add(
+        &self,
+        addr: std::net::SocketAddr,
+        handle: russh::client::Handle<UpstreamSide>,
+    ) -> Lease {
+        let p = Arc::new(Pooled {
+            handle,
+            channels: std::sync::atomic::AtomicUsize::new(1),
+            idle_since: std::sync::Mutex::new(Instant::now()),
+        });
+        let mut g = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        g.entry(addr).or_default().push(p.clone());
+        Lease(p)
+    }
+
+    /// Connections open now (for `status` and tests).
+    pub fn open(&self) -> usize {
+        let g = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        g.values()
+            .flatten()
+            .filter(|p| !p.handle.is_closed())
+            .count()
+    }
 }
 
 #[async_trait::async_trait]
@@ -99,7 +192,7 @@ impl ProtocolHandler for Ssh {
         let handler = LoopSide {
             s: s.clone(),
             credential,
-            upstream: Arc::new(Mutex::new(None)),
+            pool: self.pool.clone(),
             user: String::new(),
             open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
@@ -130,14 +223,11 @@ impl ProtocolHandler for Ssh {
     }
 }
 
-/// The upstream connection of one loop connection, once a command needs it.
-type Upstream = Arc<Mutex<Option<russh::client::Handle<UpstreamSide>>>>;
-
 /// The loop's side of one SSH connection.
 struct LoopSide {
     s: Arc<Session>,
     credential: Arc<StoredCredential>,
-    upstream: Upstream,
+    pool: Arc<UpstreamPool>,
     /// The user the loop logged in as (checked against the target's).
     user: String,
     /// Session channels open now.
@@ -195,7 +285,7 @@ impl server::Handler for LoopSide {
             handle: session.handle(),
             s: self.s.clone(),
             credential: self.credential.clone(),
-            upstream: self.upstream.clone(),
+            pool: self.pool.clone(),
             user: self.user.clone(),
         };
         let closed = self.s.closed().clone();
@@ -277,7 +367,7 @@ struct ChannelCtx {
     handle: server::Handle,
     s: Arc<Session>,
     credential: Arc<StoredCredential>,
-    upstream: Upstream,
+    pool: Arc<UpstreamPool>,
     user: String,
 }
 
@@ -349,7 +439,11 @@ impl ChannelCtx {
         }
         let started = Instant::now();
         let (result, status) = match self.open_upstream(&command).await {
-            Ok(up) => ("ok", self.relay(chan, up).await),
+            Ok((up, lease)) => {
+                let status = self.relay(chan, up).await;
+                drop(lease);
+                ("ok", status)
+            }
             Err(e) => {
                 let msg = format!("loopgate: {e}\r\n");
                 let _ = chan.extended_data(1, msg.as_bytes()).await;
@@ -378,33 +472,39 @@ impl ChannelCtx {
         String::from_utf8_lossy(&b).into_owned()
     }
 
-    /// A channel of the upstream connection (connected and logged in on
-    /// first use) running `command`.
-    async fn open_upstream(&self, command: &str) -> Result<Channel<russh::client::Msg>, String> {
-        let up = {
-            let mut g = self.upstream.lock().await;
-            if g.as_ref().is_none_or(|h| h.is_closed()) {
+    /// A channel of a logged-in upstream connection (a pooled one with
+    /// room, else a new one) running `command`, and its claim on it.
+    async fn open_upstream(
+        &self,
+        command: &str,
+    ) -> Result<(Channel<russh::client::Msg>, Lease), String> {
+        let addr = self.s.upstream();
+        let lease = match self.pool.claim(addr) {
+            Some(l) => l,
+            None => {
                 let login = connect(&self.s, &self.credential);
-                *g = Some(
-                    tokio::time::timeout(UPSTREAM_LOGIN_TIMEOUT, login)
-                        .await
-                        .map_err(|_| {
-                            format!(
-                                "the target did not complete the login within {}s",
-                                UPSTREAM_LOGIN_TIMEOUT.as_secs()
-                            )
-                        })??,
-                );
+                let handle = tokio::time::timeout(UPSTREAM_LOGIN_TIMEOUT, login)
+                    .await
+                    .map_err(|_| {
+                        format!(
+                            "the target did not complete the login within {}s",
+                            UPSTREAM_LOGIN_TIMEOUT.as_secs()
+                        )
+                    })??;
+                self.pool.add(addr, handle)
             }
-            let h = g.as_ref().ok_or("no upstream connection")?;
-            h.channel_open_session()
-                .await
-                .map_err(|e| format!("opening a channel on the target: {e}"))?
         };
+        let up = tokio::time::timeout(
+            UPSTREAM_LOGIN_TIMEOUT,
+            lease.0.handle.channel_open_session(),
+        )
+        .await
+        .map_err(|_| "the target did not open a channel in time".to_owned())?
+        .map_err(|e| format!("opening a channel on the target: {e}"))?;
         up.exec(true, command.as_bytes())
             .await
             .map_err(|e| format!("running the command on the target: {e}"))?;
-        Ok(up)
+        Ok((up, lease))
     }
 
     /// Relays both ways until the command ends; its exit status.
