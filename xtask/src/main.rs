@@ -77,7 +77,10 @@ enum Cmd {
     Deny,
     /// The benchmark client (run by `bench`, tagged and untagged).
     #[command(hide = true)]
-    BenchClient { args: Vec<String> },
+    BenchClient {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
