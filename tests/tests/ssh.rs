@@ -198,16 +198,29 @@ fn ssh_commands_are_judged_relayed_and_recorded() {
         s.len() >= 5 && s.iter().all(|r| r["outcome"] != "open")
     });
     let mut events = Vec::new();
+    let mut recorded = Vec::new();
     for s in &sessions {
         let id = s["session_id"].as_str().unwrap();
         let r = agent.cli(&["replay", "--json", id]);
+        let mut down = String::new();
         for line in String::from_utf8_lossy(&r.stdout).lines() {
             let v: Value = serde_json::from_str(line).unwrap();
             if v["kind"] == "event" && v["event_kind"] == "ssh" {
-                events.push(v);
+                events.push(v.clone());
+            }
+            if v["kind"] == "chunk" && v["direction"] == "down" {
+                down.push_str(v["data"].as_str().unwrap_or(""));
             }
         }
+        recorded.push(down);
     }
+    // What the commands wrote, decrypted, is in the replay.
+    assert!(
+        recorded
+            .iter()
+            .any(|d| d.contains("hello\n") && d.contains("to-stderr")),
+        "{recorded:?}"
+    );
     let ran = events
         .iter()
         .find(|e| e["request"] == cmd)

@@ -31,6 +31,7 @@ use russh::{
 use tokio::net::TcpStream;
 
 use super::ProtocolHandler;
+use crate::audit::capture::{CaptureStream, Side as CaptureSide};
 use crate::{
     kinds::{EventKind, OpKind, Outcome, Protocol},
     policy::{Operation, SshOp},
@@ -45,6 +46,35 @@ pub const REFUSED_STATUS: u32 = 126;
 const MAX_CHANNELS: usize = 64;
 /// How long connecting and logging in to the target may take.
 const UPSTREAM_LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The session's payload capture, decrypted: what the loop sent to its
+/// commands and what they wrote back (all channels, in arrival order; the
+/// first `audit.capture_bytes` of each direction, secrets masked), for
+/// `loopgate replay`.
+struct Recording {
+    up: std::sync::Mutex<(CaptureStream, u64)>,
+    down: std::sync::Mutex<(CaptureStream, u64)>,
+}
+
+impl Recording {
+    fn new(c: crate::audit::capture::Capture) -> Self {
+        let left = c.limit;
+        Recording {
+            up: std::sync::Mutex::new((CaptureStream::new(c.clone(), CaptureSide::Client), left)),
+            down: std::sync::Mutex::new((CaptureStream::new(c, CaptureSide::Upstream), left)),
+        }
+    }
+
+    fn push(side: &std::sync::Mutex<(CaptureStream, u64)>, b: &[u8]) {
+        let mut g = side.lock().unwrap_or_else(|e| e.into_inner());
+        let (stream, left) = &mut *g;
+        if *left > 0 {
+            let n = b.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+            stream.push(&b[..n]);
+            *left -= n as u64;
+        }
+    }
+}
 
 /// The SSH handler.
 pub struct Ssh {
@@ -195,6 +225,7 @@ impl ProtocolHandler for Ssh {
             pool: self.pool.clone(),
             user: String::new(),
             open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            recording: s.capture().map(|c| Arc::new(Recording::new(c))),
         };
         let running = match server::run_stream(Arc::new(config), client, handler).await {
             Ok(r) => r,
@@ -232,6 +263,7 @@ struct LoopSide {
     user: String,
     /// Session channels open now.
     open: Arc<std::sync::atomic::AtomicUsize>,
+    recording: Option<Arc<Recording>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +319,7 @@ impl server::Handler for LoopSide {
             credential: self.credential.clone(),
             pool: self.pool.clone(),
             user: self.user.clone(),
+            recording: self.recording.clone(),
         };
         let closed = self.s.closed().clone();
         tokio::spawn(async move {
@@ -369,6 +402,7 @@ struct ChannelCtx {
     credential: Arc<StoredCredential>,
     pool: Arc<UpstreamPool>,
     user: String,
+    recording: Option<Arc<Recording>>,
 }
 
 impl ChannelCtx {
@@ -520,6 +554,9 @@ impl ChannelCtx {
                 match m {
                     ChannelMsg::Data { data } => {
                         counters.up.fetch_add(data.len() as u64, Relaxed);
+                        if let Some(r) = &self.recording {
+                            Recording::push(&r.up, &data);
+                        }
                         if up_tx.data(&data[..]).await.is_err() {
                             break;
                         }
@@ -539,12 +576,18 @@ impl ChannelCtx {
                 match m {
                     ChannelMsg::Data { data } => {
                         counters.down.fetch_add(data.len() as u64, Relaxed);
+                        if let Some(r) = &self.recording {
+                            Recording::push(&r.down, &data);
+                        }
                         if loop_tx.data(&data[..]).await.is_err() {
                             break;
                         }
                     }
                     ChannelMsg::ExtendedData { data, ext } => {
                         counters.down.fetch_add(data.len() as u64, Relaxed);
+                        if let Some(r) = &self.recording {
+                            Recording::push(&r.down, &data);
+                        }
                         if loop_tx.extended_data(ext, &data[..]).await.is_err() {
                             break;
                         }
