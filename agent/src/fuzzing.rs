@@ -540,7 +540,9 @@ pub fn dns_query(data: &[u8]) {
 /// entries of the next bytes make the relay's queue of expected answers;
 /// the rest is read both as the loop's messages and as the server's.
 pub fn pg_messages(data: &[u8]) {
-    use crate::protocol::postgres::messages::{decode, next_frame, MAX_LOOP_MESSAGE};
+    use crate::protocol::postgres::messages::{
+        decode, next_frame, parameter_description, read_param, Front, MAX_LOOP_MESSAGE,
+    };
     let Some((&n, rest)) = data.split_first() else {
         return;
     };
@@ -552,7 +554,18 @@ pub fn pg_messages(data: &[u8]) {
     let mut taken = 0;
     while let Ok(Some(f)) = next_frame(&mut buf, MAX_LOOP_MESSAGE) {
         taken += f.len();
-        let _ = decode(&f);
+        // Bound parameters read under every type the agent decodes (and an
+        // unknown one): a stand-in, never a panic.
+        if let Ok(Front::Bind { params, .. }) = decode(&f) {
+            for p in &params {
+                for oid in [0, 16, 19, 20, 21, 23, 25, 26, 700, 701, 2950, 3802] {
+                    let (text, readable) = read_param(p, oid);
+                    assert!(readable || text.is_some(), "a stand-in names the length");
+                }
+            }
+        }
+        // The same bytes as the server's ParameterDescription.
+        let _ = parameter_description(&f);
     }
     assert_eq!(taken + buf.len(), stream.len(), "bytes lost between frames");
     // The server's side: relayed unchanged up to where the agent would end

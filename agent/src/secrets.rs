@@ -26,8 +26,10 @@ pub enum SecretError {
     },
     #[error("config {file}: key `{key}`: the value cannot be sent in an HTTP header (control characters or non-ASCII)")]
     NotAHeader { file: PathBuf, key: String },
+    /// The file is read but not usable as that key says (a CA bundle, an
+    /// SSH private key).
     #[error("config {file}: key `{key}`: {reason}")]
-    Ca {
+    Unusable {
         file: PathBuf,
         key: String,
         reason: String,
@@ -255,7 +257,7 @@ pub fn target_credentials(
         }
         let tls = match (&c.ca_file, t.protocol) {
             (Some(ca), crate::config::Protocol::Postgres) => Some(std::sync::Arc::new(
-                crate::http_client::tls_config(Some(ca)).map_err(|e| SecretError::Ca {
+                crate::http_client::tls_config(Some(ca)).map_err(|e| SecretError::Unusable {
                     file: cfg.source.clone(),
                     key: key("ca_file"),
                     reason: e.to_string(),
@@ -267,7 +269,7 @@ pub fn target_credentials(
             (Some(p), crate::config::Protocol::Ssh) => {
                 let text = read_file(cfg, &key("key_file"), p)?;
                 let k = russh::keys::PrivateKey::from_openssh(text.expose().as_bytes()).map_err(
-                    |e| SecretError::Ca {
+                    |e| SecretError::Unusable {
                         file: cfg.source.clone(),
                         key: key("key_file"),
                         reason: format!("not an unencrypted OpenSSH private key ({e})"),

@@ -110,6 +110,31 @@ pub struct Judged {
 }
 
 impl Judged {
+    /// A decision made without holding it: refused when it denies (an
+    /// `approve` is left for the caller to hold).
+    pub fn unheld(decision: Decision) -> Self {
+        let refused = (decision.verdict == Verdict::Deny).then(|| Refusal {
+            rule_id: decision.rule_id.clone(),
+            reason: decision.reason.clone(),
+        });
+        Judged { decision, refused }
+    }
+
+    /// A refusal the handler makes itself, before any rule (a protocol
+    /// check), as a deny decision.
+    pub fn refusal(r: Refusal) -> Self {
+        Judged {
+            decision: Decision {
+                verdict: Verdict::Deny,
+                rule_id: r.rule_id.clone(),
+                reason: r.reason.clone(),
+                approval: None,
+                mask: Vec::new(),
+            },
+            refused: Some(r),
+        }
+    }
+
     /// The operation's event: the verdict (`deny` when refused, whatever
     /// the rule's action), the rule, and the reason.
     pub fn event(&self, kind: EventKind, text: String, attrs: Vec<(String, String)>) -> Event {
@@ -239,6 +264,18 @@ impl Session {
 
     pub fn address(&self) -> Option<&TargetAddress> {
         self.address.as_ref()
+    }
+
+    /// The names a loop may use for this target, for the certificates the
+    /// agent answers with: its host name (if it has one), then the address
+    /// the loop connected to.
+    pub fn target_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if let Some(TargetAddress::Host { host, .. }) = self.address() {
+            names.push(host.clone());
+        }
+        names.push(self.upstream.ip().to_string());
+        names
     }
 
     /// Where upstream connections go (the loop's original destination).

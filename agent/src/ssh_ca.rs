@@ -165,15 +165,6 @@ pub fn host_patterns(cfg: &crate::config::Config) -> Vec<String> {
     out
 }
 
-/// The names a host certificate for a target holds: what a client may type
-/// to reach it (its host name or address).
-pub fn principals(address: &crate::config::TargetAddress) -> Vec<String> {
-    match address {
-        crate::config::TargetAddress::Ip(a) => vec![a.ip().to_string()],
-        crate::config::TargetAddress::Host { host, .. } => vec![host.clone()],
-    }
-}
-
 /// An Ed25519 key in OpenSSH format at `path` (mode 0600), made if absent.
 fn load_or_make_key(path: &Path) -> Result<PrivateKey, CaError> {
     let invalid = |err: String| CaError::Invalid {

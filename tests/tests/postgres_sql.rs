@@ -116,14 +116,13 @@ fn psql_script(agent: &Agent, pg: &PgServer, script: &str) -> String {
 fn events(agent: &Agent) -> Vec<Value> {
     let mut out = Vec::new();
     for s in agent.sessions() {
-        let id = s["session_id"].as_str().unwrap().to_owned();
-        let r = agent.cli(&["replay", "--json", &id]);
-        for line in String::from_utf8_lossy(&r.stdout).lines() {
-            let v: Value = serde_json::from_str(line).unwrap();
-            if v["kind"] == "event" {
-                out.push(v);
-            }
-        }
+        let id = s["session_id"].as_str().unwrap();
+        out.extend(
+            agent
+                .replay_json(id)
+                .into_iter()
+                .filter(|v| v["kind"] == "event"),
+        );
     }
     out
 }

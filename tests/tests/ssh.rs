@@ -7,49 +7,63 @@
 
 use loopgate_e2e::*;
 
-fn agent_for(name: &str, target: &str, address: &str, key: &str, known_hosts: &str) -> Agent {
+/// An agent with the shipped policies and `server` as the SSH target
+/// `build-host` (its stored key; the server's host key checked against
+/// `known_hosts`), whose SSH host CA this host trusts (`trust install`).
+fn trusted_agent(name: &str, server: &SshServer, known_hosts: &std::path::Path) -> Agent {
     let spec = AgentSpec::new(name)
         .policy("default.toml", include_str!("../../policies/default.toml"))
         .policy("ssh.toml", include_str!("../../policies/ssh.toml"))
         .raw(&format!(
-            "\n[[targets]]\nname = \"{target}\"\naddress = \"{address}\"\nprotocol = \"ssh\"\n[targets.credential]\nusername = \"{SSH_USER}\"\nkey_file = \"{key}\"\nknown_hosts_file = \"{known_hosts}\"\n"
+            "\n[[targets]]\nname = \"build-host\"\naddress = \"{}\"\nprotocol = \"ssh\"\n[targets.credential]\nusername = \"{SSH_USER}\"\nkey_file = \"{}\"\nknown_hosts_file = \"{}\"\n",
+            server.addr,
+            server.stored_key().display(),
+            known_hosts.display()
         ));
-    Agent::start(spec)
+    let agent = Agent::start(spec);
+    let trust = agent.trust("install");
+    assert!(trust.status.success(), "{}", stderr(&trust));
+    agent
 }
 
-/// `ssh` as the loop (nobody), to `user@ip -p port`.
+/// The arguments of `ssh` to `user@ip -p port` running `command`.
+fn ssh_args(user: &str, addr: std::net::SocketAddr, command: &str) -> Vec<String> {
+    [
+        "ssh",
+        "-o",
+        "BatchMode=yes",
+        "-p",
+        &addr.port().to_string(),
+        &format!("{user}@{}", addr.ip()),
+        command,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// `ssh` as the loop (nobody).
 fn ssh(
     agent: &Agent,
     user: &str,
     addr: std::net::SocketAddr,
     command: &str,
 ) -> std::process::Output {
-    agent.exec(
-        "deploy-bot",
-        &[
-            "ssh",
-            "-o",
-            "BatchMode=yes",
-            "-p",
-            &addr.port().to_string(),
-            &format!("{user}@{}", addr.ip()),
-            command,
-        ],
-    )
+    let args = ssh_args(user, addr, command);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    agent.exec("deploy-bot", &args)
+}
+
+/// `ssh` as a long-running loop (stdin and stdout piped).
+fn spawn_ssh(agent: &Agent, addr: std::net::SocketAddr, command: &str) -> std::process::Child {
+    let args = ssh_args(SSH_USER, addr, command);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    agent.spawn_exec("deploy-bot", &args)
 }
 
 #[test]
 fn ssh_commands_are_judged_relayed_and_recorded() {
     let server = SshServer::start("127.10.7.1");
-    let agent = agent_for(
-        "sshexec",
-        "build-host",
-        &server.addr.to_string(),
-        &server.stored_key().display().to_string(),
-        &server.known_hosts().display().to_string(),
-    );
-    let trust = agent.trust("install");
-    assert!(trust.status.success(), "{}", stderr(&trust));
+    let agent = trusted_agent("sshexec", &server, &server.known_hosts());
     let known = std::fs::read_to_string("/etc/ssh/ssh_known_hosts").unwrap();
     assert!(
         known.contains(&format!(
@@ -87,18 +101,7 @@ fn ssh_commands_are_judged_relayed_and_recorded() {
     assert_eq!(logins(&server.log()), before, "{}", server.log());
 
     // The loop's stdin reaches the command.
-    let mut child = agent.spawn_exec(
-        "deploy-bot",
-        &[
-            "ssh",
-            "-o",
-            "BatchMode=yes",
-            "-p",
-            &server.addr.port().to_string(),
-            &format!("{SSH_USER}@127.10.7.1"),
-            "cat",
-        ],
-    );
+    let mut child = spawn_ssh(&agent, server.addr, "cat");
     // Both directions at once: 4 MB in while the command writes it back.
     let mut stdin = child.stdin.take().unwrap();
     let writer = std::thread::spawn(move || {
@@ -200,11 +203,8 @@ fn ssh_commands_are_judged_relayed_and_recorded() {
     let mut events = Vec::new();
     let mut recorded = Vec::new();
     for s in &sessions {
-        let id = s["session_id"].as_str().unwrap();
-        let r = agent.cli(&["replay", "--json", id]);
         let mut down = String::new();
-        for line in String::from_utf8_lossy(&r.stdout).lines() {
-            let v: Value = serde_json::from_str(line).unwrap();
+        for v in agent.replay_json(s["session_id"].as_str().unwrap()) {
             if v["kind"] == "event" && v["event_kind"] == "ssh" {
                 events.push(v.clone());
             }
@@ -280,15 +280,7 @@ fn a_wrong_upstream_host_key_is_refused() {
         format!("[127.10.7.3]:{} {host_key}", other.addr.port()),
     )
     .unwrap();
-    let agent = agent_for(
-        "sshhostkey",
-        "build-host",
-        &other.addr.to_string(),
-        &other.stored_key().display().to_string(),
-        &kh.display().to_string(),
-    );
-    let trust = agent.trust("install");
-    assert!(trust.status.success(), "{}", stderr(&trust));
+    let agent = trusted_agent("sshhostkey", &other, &kh);
     let out = ssh(
         &agent,
         SSH_USER,
@@ -311,28 +303,9 @@ fn a_wrong_upstream_host_key_is_refused() {
 #[test]
 fn a_reload_that_withdraws_the_target_ends_the_ssh_connection() {
     let server = SshServer::start("127.10.7.4");
-    let agent = agent_for(
-        "sshrevoke",
-        "build-host",
-        &server.addr.to_string(),
-        &server.stored_key().display().to_string(),
-        &server.known_hosts().display().to_string(),
-    );
-    let trust = agent.trust("install");
-    assert!(trust.status.success(), "{}", stderr(&trust));
+    let agent = trusted_agent("sshrevoke", &server, &server.known_hosts());
     let started = std::time::Instant::now();
-    let child = agent.spawn_exec(
-        "deploy-bot",
-        &[
-            "ssh",
-            "-o",
-            "BatchMode=yes",
-            "-p",
-            &server.addr.port().to_string(),
-            &format!("{SSH_USER}@127.10.7.4"),
-            "echo started; sleep 30; echo late",
-        ],
-    );
+    let child = spawn_ssh(&agent, server.addr, "echo started; sleep 30; echo late");
     agent.wait_sessions("the ssh session open", |s| {
         s.iter().any(|r| r["outcome"] == "open")
     });

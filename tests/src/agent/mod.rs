@@ -276,6 +276,16 @@ impl Agent {
             .to_owned()
     }
 
+    /// The records of session `id` as `loopgate replay --json` prints
+    /// them (the session, events, chunks), one JSON value each.
+    pub fn replay_json(&self, id: &str) -> Vec<Value> {
+        let r = self.cli(&["replay", "--json", id]);
+        String::from_utf8_lossy(&r.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("replay --json prints JSON lines"))
+            .collect()
+    }
+
     /// `loopgate trust install|uninstall`, one at a time across tests: it
     /// rewrites host-wide files (`update-ca-certificates`,
     /// `/etc/ssh/ssh_known_hosts`).

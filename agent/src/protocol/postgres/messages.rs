@@ -69,7 +69,7 @@ pub enum Front<'a> {
     Bind {
         portal: &'a str,
         statement: &'a str,
-        /// Parameters as sent ([`param_text`] reads them).
+        /// Parameters as sent ([`read_param`] reads them).
         params: Vec<Param<'a>>,
         /// Result-column formats (none: all text; one: all the same).
         result_formats: Vec<i16>,
@@ -104,30 +104,21 @@ pub struct Param<'a> {
     pub value: Option<&'a [u8]>,
 }
 
-/// Whether [`param_text`] shows this parameter's value (not its length).
-pub fn param_readable(p: &Param<'_>, oid: u32) -> bool {
-    let Some(v) = p.value else {
-        return true;
-    };
-    if !p.binary {
-        return std::str::from_utf8(v).is_ok();
-    }
-    !param_text(p, oid).is_some_and(|t| t.starts_with('<') && t.ends_with(" bytes, binary>"))
-}
-
 /// A parameter as the rules, the record and an approver read it (`None`:
 /// SQL NULL): text-format values as sent, binary ones decoded for the
 /// common types (`oid`: its type, from the `Parse` or the server's
-/// `ParameterDescription`; 0 unknown), others shown as their length.
-pub fn param_text(p: &Param<'_>, oid: u32) -> Option<String> {
+/// `ParameterDescription`; 0 unknown), others shown as their length; and
+/// whether that text is the value (not a stand-in showing its length).
+pub fn read_param(p: &Param<'_>, oid: u32) -> (Option<String>, bool) {
     use postgres_protocol::types as t;
-    let v = p.value?;
-    let opaque = || format!("<{} bytes, binary>", v.len());
+    let Some(v) = p.value else {
+        return (None, true);
+    };
     if !p.binary {
-        return Some(match std::str::from_utf8(v) {
-            Ok(s) => s.to_owned(),
-            Err(_) => format!("<{} bytes, not UTF-8>", v.len()),
-        });
+        return match std::str::from_utf8(v) {
+            Ok(s) => (Some(s.to_owned()), true),
+            Err(_) => (Some(format!("<{} bytes, not UTF-8>", v.len())), false),
+        };
     }
     let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
     let shown = match oid {
@@ -159,7 +150,10 @@ pub fn param_text(p: &Param<'_>, oid: u32) -> Option<String> {
         }),
         _ => None,
     };
-    Some(shown.unwrap_or_else(opaque))
+    match shown {
+        Some(s) => (Some(s), true),
+        None => (Some(format!("<{} bytes, binary>", v.len())), false),
+    }
 }
 
 /// Why a loop's message was refused (SQLSTATE 08P01 or 22021).
@@ -593,6 +587,7 @@ mod tests {
 
     #[test]
     fn binary_parameters_read_as_their_values_for_common_types() {
+        let param_text = |p: &Param<'_>, oid: u32| read_param(p, oid).0;
         let bin = |v: &'static [u8]| Param {
             binary: true,
             value: Some(v),
@@ -643,6 +638,11 @@ mod tests {
             value: None,
         };
         assert_eq!(param_text(&null, 23), None);
+        // Which of these are the values themselves.
+        assert!(read_param(&bin(&[0, 0, 0, 42]), 23).1 && read_param(&null, 23).1);
+        assert!(!read_param(&bin(&[0, 0, 0, 42]), 0).1);
+        assert!(!read_param(&bin(&[0, 42]), 23).1);
+        assert!(!read_param(&text(&[0xff]), 25).1);
     }
 
     #[test]

@@ -331,12 +331,7 @@ impl Conn {
     /// the address the loop connected to), from the agent's CA.
     fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         let ca = self.ca.as_ref()?;
-        let mut names = Vec::new();
-        if let Some(crate::config::TargetAddress::Host { host, .. }) = self.s.address() {
-            names.push(host.clone());
-        }
-        names.push(self.s.upstream().ip().to_string());
-        match ca.server_config(&names) {
+        match ca.server_config(&self.s.target_names()) {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(error = %e, "no TLS certificate for the loop; answering its TLS request with N");

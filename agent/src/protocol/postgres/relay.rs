@@ -810,14 +810,13 @@ impl Up {
                     return Ok(Flow::Continue);
                 };
                 let types = prepared.param_types();
-                let opaque = params.iter().enumerate().position(|(i, p)| {
-                    !messages::param_readable(p, types.get(i).copied().unwrap_or(0))
-                });
-                let params: Vec<Option<String>> = params
+                let read: Vec<(Option<String>, bool)> = params
                     .iter()
                     .enumerate()
-                    .map(|(i, p)| messages::param_text(p, types.get(i).copied().unwrap_or(0)))
+                    .map(|(i, p)| messages::read_param(p, types.get(i).copied().unwrap_or(0)))
                     .collect();
+                let opaque = read.iter().position(|(_, readable)| !readable);
+                let params: Vec<Option<String>> = read.into_iter().map(|(text, _)| text).collect();
                 if let Err((code, msg)) = self.bind_judge(&prepared, &params, opaque).await {
                     self.refuse_in_batch(code, &msg);
                     return Ok(Flow::Continue);
@@ -1205,17 +1204,7 @@ impl Up {
     async fn judge(&self, st: &Statement, hold: bool) -> (Judged, Event) {
         let eff = self.effective(st);
         if let Some(reason) = self.safety(eff) {
-            let r = crate::kinds::Refusal::new("sql:safety", reason);
-            let judged = Judged {
-                decision: crate::policy::Decision {
-                    verdict: Verdict::Deny,
-                    rule_id: r.rule_id.clone(),
-                    reason: r.reason.clone(),
-                    approval: None,
-                    mask: Vec::new(),
-                },
-                refused: Some(r),
-            };
+            let judged = Judged::refusal(crate::kinds::Refusal::new("sql:safety", reason));
             let event = judged.event(
                 EventKind::Op(OpKind::Sql),
                 self.shown(&st.normalized),
@@ -1233,12 +1222,7 @@ impl Up {
         let judged = match self.cached(eff) {
             Some(j) => j,
             None if !hold => {
-                let decision = self.s.verdict(op);
-                let refused = (decision.verdict == Verdict::Deny).then(|| crate::kinds::Refusal {
-                    rule_id: decision.rule_id.clone(),
-                    reason: decision.reason.clone(),
-                });
-                let judged = Judged { decision, refused };
+                let judged = Judged::unheld(self.s.verdict(op));
                 self.remember(eff, &judged);
                 judged
             }
@@ -1294,11 +1278,7 @@ impl Up {
         self.s
             .metrics()
             .decision(decision.verdict.as_str(), &decision.rule_id);
-        let refused = (decision.verdict == Verdict::Deny).then(|| crate::kinds::Refusal {
-            rule_id: decision.rule_id.clone(),
-            reason: decision.reason.clone(),
-        });
-        Some(Judged { decision, refused })
+        Some(Judged::unheld(decision))
     }
 
     fn remember(&self, st: &Statement, judged: &Judged) {

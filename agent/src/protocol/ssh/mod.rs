@@ -160,15 +160,6 @@ impl UpstreamPool {
         g.entry(addr).or_default().push(p.clone());
         Lease(p)
     }
-
-    /// Connections open now (for `status` and tests).
-    pub fn open(&self) -> usize {
-        let g = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        g.values()
-            .flatten()
-            .filter(|p| !p.handle.is_closed())
-            .count()
-    }
 }
 
 #[async_trait::async_trait]
@@ -198,14 +189,7 @@ impl ProtocolHandler for Ssh {
                     .into(),
             );
         };
-        // The names a client may type for this target: its host name, and
-        // the address the loop connected to.
-        let mut names = Vec::new();
-        if let Some(a) = s.address() {
-            names.extend(crate::ssh_ca::principals(a));
-        }
-        names.push(s.upstream().ip().to_string());
-        let cert = match ca.host_cert(&names) {
+        let cert = match ca.host_cert(&s.target_names()) {
             Ok(c) => c,
             Err(e) => return Outcome::AgentError(e.to_string()),
         };
@@ -437,20 +421,10 @@ impl ChannelCtx {
                 (judged, event)
             }
             Err(e) => {
-                let r = crate::kinds::Refusal::new(
+                let judged = crate::session::Judged::refusal(crate::kinds::Refusal::new(
                     "ssh:parse",
                     format!("the command line does not split into words ({e})"),
-                );
-                let judged = crate::session::Judged {
-                    decision: crate::policy::Decision {
-                        verdict: crate::policy::Verdict::Deny,
-                        rule_id: r.rule_id.clone(),
-                        reason: r.reason.clone(),
-                        approval: None,
-                        mask: Vec::new(),
-                    },
-                    refused: Some(r),
-                };
+                ));
                 let event = judged.event(EventKind::Op(OpKind::Ssh), masked, Vec::new());
                 (judged, event)
             }
@@ -460,10 +434,7 @@ impl ChannelCtx {
                 "loopgate: command refused by rule {}: {}\r\n",
                 r.rule_id, r.reason
             );
-            let _ = chan.extended_data(1, msg.as_bytes()).await;
-            let _ = chan.exit_status(REFUSED_STATUS).await;
-            let _ = chan.eof().await;
-            let _ = chan.close().await;
+            end_with(&chan, &msg, REFUSED_STATUS).await;
             event.attrs.push(("result".into(), "refused".into()));
             event
                 .attrs
@@ -479,11 +450,7 @@ impl ChannelCtx {
                 ("ok", status)
             }
             Err(e) => {
-                let msg = format!("loopgate: {e}\r\n");
-                let _ = chan.extended_data(1, msg.as_bytes()).await;
-                let _ = chan.exit_status(255).await;
-                let _ = chan.eof().await;
-                let _ = chan.close().await;
+                end_with(&chan, &format!("loopgate: {e}\r\n"), 255).await;
                 tracing::warn!(session = %self.s.id(), error = %e, "ssh command failed upstream");
                 event.attrs.push(("error".into(), e));
                 ("error", Some(255))
@@ -635,6 +602,15 @@ impl ChannelCtx {
         };
         status
     }
+}
+
+/// Ends a loop's channel the agent answers itself: `msg` on stderr, then
+/// `status`.
+async fn end_with(chan: &Channel<Msg>, msg: &str, status: u32) {
+    let _ = chan.extended_data(1, msg.as_bytes()).await;
+    let _ = chan.exit_status(status).await;
+    let _ = chan.eof().await;
+    let _ = chan.close().await;
 }
 
 /// Connects and logs in to the target with the stored key, after checking
